@@ -1,0 +1,596 @@
+//! The main configuration file (`cistern.toml`).
+//!
+//! Parsed strictly into [`Config`], then validated as a whole; every error
+//! names the file, line and field. `examples/cistern.toml` documents every
+//! field. Trusted issuers come only from here: no URL is ever built from
+//! token content.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use url::Url;
+
+use crate::source::{Source, SourceError};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// HTTP listener and public identity.
+    pub server: ServerConfig,
+    /// Where records are kept.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// Keys for cistern's own tokens.
+    pub signing: SigningConfig,
+    /// Trusted OIDC issuers by name.
+    pub issuers: BTreeMap<String, IssuerConfig>,
+    /// Where trust policies live.
+    pub policy: PolicyConfig,
+    /// The operator's ceiling over every policy.
+    pub ceiling: CeilingConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Socket address to listen on.
+    pub listen: SocketAddr,
+    /// cistern's own issuer URL: the `iss` of minted tokens and the base of
+    /// its metadata. Must be https unless it is a loopback address.
+    pub issuer: Url,
+    /// PEM certificate chain; TLS is served when both `tls_cert` and `tls_key` are set.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// Largest accepted request body.
+    #[serde(default = "defaults::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Deadline for one request.
+    #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Clients allowed to call the introspection endpoint, as `name = "sha256 hex of the secret"`.
+    #[serde(default)]
+    pub clients: BTreeMap<String, ClientConfig>,
+}
+
+/// A confidential client of cistern's own endpoints (introspection).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Hex SHA-256 of the client secret; the secret itself is never stored.
+    pub secret_sha256: String,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum StoreConfig {
+    /// Embedded SQLite (default).
+    Sqlite {
+        /// Database file; created with owner-only permissions.
+        #[serde(default = "defaults::sqlite_path")]
+        path: PathBuf,
+        /// `normal` (durable across process crashes) or `full` (also across power loss).
+        #[serde(default)]
+        synchronous: Synchronous,
+    },
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig::Sqlite {
+            path: defaults::sqlite_path(),
+            synchronous: Synchronous::default(),
+        }
+    }
+}
+
+/// SQLite `synchronous` pragma.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    /// WAL + NORMAL: survives process crashes; may lose the last commits on power loss.
+    #[default]
+    Normal,
+    /// WAL + FULL: fsync on every commit.
+    Full,
+}
+
+/// `[signing]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// Directory for signing keys (created 0700; key files 0600).
+    pub key_dir: PathBuf,
+    /// `ES256` (default) or `EdDSA`.
+    #[serde(default)]
+    pub algorithm: SigningAlgorithm,
+    /// A new key becomes current after this long.
+    #[serde(default = "defaults::rotation_period", with = "humantime_serde")]
+    pub rotation_period: Duration,
+}
+
+/// The algorithm of cistern's own tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum SigningAlgorithm {
+    /// ECDSA P-256 / SHA-256.
+    #[default]
+    ES256,
+    /// Ed25519.
+    EdDSA,
+}
+
+impl SigningAlgorithm {
+    /// The JOSE `alg` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningAlgorithm::ES256 => "ES256",
+            SigningAlgorithm::EdDSA => "EdDSA",
+        }
+    }
+}
+
+/// `[issuers.NAME]`: one trusted OIDC issuer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuerConfig {
+    /// Issuer kind; only `gitlab` for now.
+    #[serde(default)]
+    pub kind: IssuerKind,
+    /// The issuer URL, compared to `iss` and to the discovery document's
+    /// `issuer` by exact string equality.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must carry at least one.
+    pub audiences: Vec<String>,
+    /// Allow plain http; only for loopback issuers (tests, dev mode).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// Hosts other than the issuer's that `jwks_uri` may point at.
+    #[serde(default)]
+    pub allowed_jwks_hosts: Vec<String>,
+    /// Lower bound on how long a fetched JWKS is used before refreshing.
+    #[serde(default = "defaults::jwks_min_ttl", with = "humantime_serde")]
+    pub jwks_min_ttl: Duration,
+    /// Upper bound on the same (GitLab sends max-age=86400).
+    #[serde(default = "defaults::jwks_max_ttl", with = "humantime_serde")]
+    pub jwks_max_ttl: Duration,
+    /// Minimum time between refetches triggered by an unknown `kid`.
+    #[serde(default = "defaults::unknown_kid_cooldown", with = "humantime_serde")]
+    pub unknown_kid_cooldown: Duration,
+    /// How long the last good key set keeps serving while the issuer is unreachable.
+    #[serde(default = "defaults::max_stale", with = "humantime_serde")]
+    pub max_stale: Duration,
+    /// Deadline for one discovery or JWKS fetch.
+    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    pub fetch_timeout: Duration,
+    /// Largest accepted discovery or JWKS body.
+    #[serde(default = "defaults::max_response_bytes")]
+    pub max_response_bytes: usize,
+    /// Clock skew tolerated on `exp`, `nbf` and `iat`.
+    #[serde(default = "defaults::leeway", with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Oldest acceptable token, measured from `iat`.
+    #[serde(default = "defaults::max_token_age", with = "humantime_serde")]
+    pub max_token_age: Duration,
+    /// Refuse a second exchange of the same ID token (`jti`). On by default.
+    #[serde(default = "defaults::yes")]
+    pub replay_protection: bool,
+    /// Largest accepted ID token, in bytes.
+    #[serde(default = "defaults::max_token_bytes")]
+    pub max_token_bytes: usize,
+}
+
+/// Which claim schema an issuer's tokens follow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IssuerKind {
+    /// GitLab CI ID tokens.
+    #[default]
+    Gitlab,
+}
+
+/// `[policy]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Directory of policy files (`*.toml`, one role each). Relative paths
+    /// are resolved against the config file's directory.
+    pub dir: PathBuf,
+    /// How often the directory is checked for changes (SIGHUP reloads at once).
+    #[serde(default = "defaults::reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+/// `[ceiling]`: bounds every policy, whatever it says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CeilingConfig {
+    /// Issuer names policies may trust.
+    pub issuers: Vec<String>,
+    /// Longest TTL any grant may have.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Scopes that may be granted; `*` matches within one `:`-separated segment.
+    pub scopes: Vec<String>,
+    /// Audiences grants may name; same glob rules as `scopes`. Empty means any.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Whether a policy may opt into fork merge-request pipelines
+    /// (`project_id` ≠ `job_project_id`). Off: such opt-ins are refused at load.
+    #[serde(default)]
+    pub allow_fork_opt_in: bool,
+}
+
+/// `[log]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `cistern=debug`, …); `RUST_LOG` overrides it.
+    #[serde(default = "defaults::log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: defaults::log_level(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+mod defaults {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    pub(super) fn yes() -> bool {
+        true
+    }
+    pub(super) fn max_body_bytes() -> usize {
+        64 * 1024
+    }
+    pub(super) fn request_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn sqlite_path() -> PathBuf {
+        PathBuf::from("cistern-data/cistern.db")
+    }
+    pub(super) fn rotation_period() -> Duration {
+        Duration::from_secs(30 * 86400)
+    }
+    pub(super) fn jwks_min_ttl() -> Duration {
+        Duration::from_secs(300)
+    }
+    pub(super) fn jwks_max_ttl() -> Duration {
+        Duration::from_secs(86400)
+    }
+    pub(super) fn unknown_kid_cooldown() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn max_stale() -> Duration {
+        Duration::from_secs(86400)
+    }
+    pub(super) fn fetch_timeout() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(super) fn max_response_bytes() -> usize {
+        256 * 1024
+    }
+    pub(super) fn leeway() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn max_token_age() -> Duration {
+        Duration::from_secs(8 * 3600)
+    }
+    pub(super) fn max_token_bytes() -> usize {
+        16 * 1024
+    }
+    pub(super) fn reload_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub(super) fn log_level() -> String {
+        "info".to_owned()
+    }
+}
+
+/// True for `localhost` and loopback IP literals.
+pub fn is_loopback_host(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    }
+}
+
+/// Checks an issuer URL's shape: https (or http on loopback when allowed),
+/// a host, no userinfo, query or fragment, no `.`/`..` or empty path segments.
+pub fn check_issuer_url(raw: &str, allow_insecure_http: bool) -> Result<Url, String> {
+    let url = Url::parse(raw).map_err(|e| format!("not a URL: {e}"))?;
+    match url.scheme() {
+        "https" => {}
+        "http" if allow_insecure_http && is_loopback_host(&url) => {}
+        "http" if allow_insecure_http => {
+            return Err("plain http is allowed only for loopback issuers".into());
+        }
+        "http" => {
+            return Err("must be https (set allow_insecure_http for a loopback test issuer)".into());
+        }
+        s => return Err(format!("unsupported scheme {s:?}")),
+    }
+    if url.host().is_none() {
+        return Err("has no host".into());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not contain userinfo".into());
+    }
+    if url.query().is_some() || url.fragment().is_some() || raw.contains(['?', '#']) {
+        return Err("must not contain a query or fragment".into());
+    }
+    // `Url` normalises dot segments away, so look at the raw text.
+    let path = raw
+        .split_once("://")
+        .map_or("", |(_, rest)| rest.split_once('/').map_or("", |(_, p)| p));
+    if !path.is_empty()
+        && path
+            .trim_end_matches('/')
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err("path must not contain empty, `.` or `..` segments".into());
+    }
+    Ok(url)
+}
+
+impl Config {
+    /// Reads, parses and validates a config file. Relative paths in it are
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Self, SourceError> {
+        let source = Source::read(path)?;
+        let mut config: Config = source.parse()?;
+        config.validate(&source)?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        config.resolve_paths(&base);
+        Ok(config)
+    }
+
+    /// Parses and validates config text (paths stay as written).
+    pub fn from_source(source: &Source) -> Result<Self, SourceError> {
+        let config: Config = source.parse()?;
+        config.validate(source)?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.signing.key_dir);
+        join(&mut self.policy.dir);
+        if let Some(p) = &mut self.server.tls_cert {
+            join(p);
+        }
+        if let Some(p) = &mut self.server.tls_key {
+            join(p);
+        }
+        match &mut self.store {
+            StoreConfig::Sqlite { path, .. } => join(path),
+        }
+    }
+
+    /// Cross-field checks that serde cannot express.
+    pub fn validate(&self, src: &Source) -> Result<(), SourceError> {
+        let s = &self.server;
+        if s.issuer.scheme() != "https"
+            && !(s.issuer.scheme() == "http" && is_loopback_host(&s.issuer))
+        {
+            return Err(src.error("server.issuer", "must be https (http only on loopback)"));
+        }
+        if s.issuer.query().is_some() || s.issuer.fragment().is_some() {
+            return Err(src.error("server.issuer", "must not contain a query or fragment"));
+        }
+        if s.tls_cert.is_some() != s.tls_key.is_some() {
+            return Err(src.error(
+                "server.tls_cert",
+                "tls_cert and tls_key must be set together",
+            ));
+        }
+        if s.max_body_bytes < 4096 {
+            return Err(src.error("server.max_body_bytes", "must be at least 4096"));
+        }
+        for (name, c) in &s.clients {
+            if c.secret_sha256.len() != 64 || hex::decode(&c.secret_sha256).is_err() {
+                return Err(src.error(
+                    &format!("server.clients.{name}.secret_sha256"),
+                    "must be 64 hex digits (sha256 of the secret)",
+                ));
+            }
+        }
+        if self.signing.rotation_period < Duration::from_secs(3600) {
+            return Err(src.error("signing.rotation_period", "must be at least 1h"));
+        }
+        if self.issuers.is_empty() {
+            return Err(src.error("issuers", "at least one issuer must be configured"));
+        }
+        for (name, i) in &self.issuers {
+            let at = |f: &str| format!("issuers.{name}.{f}");
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(src.error(
+                    &format!("issuers.{name}"),
+                    "issuer names use letters, digits, - and _",
+                ));
+            }
+            check_issuer_url(&i.issuer, i.allow_insecure_http)
+                .map_err(|m| src.error(&at("issuer"), m))?;
+            if i.audiences.is_empty() || i.audiences.iter().any(String::is_empty) {
+                return Err(src.error(&at("audiences"), "list at least one non-empty audience"));
+            }
+            if i.jwks_min_ttl > i.jwks_max_ttl {
+                return Err(src.error(&at("jwks_min_ttl"), "must not exceed jwks_max_ttl"));
+            }
+            if i.leeway > Duration::from_secs(300) {
+                return Err(src.error(&at("leeway"), "must be at most 5m"));
+            }
+            if i.max_token_age.is_zero() {
+                return Err(src.error(&at("max_token_age"), "must be positive"));
+            }
+            if i.fetch_timeout.is_zero() || i.fetch_timeout > Duration::from_secs(60) {
+                return Err(src.error(&at("fetch_timeout"), "must be between 1ms and 60s"));
+            }
+            if i.max_response_bytes < 1024 || i.max_response_bytes > 16 * 1024 * 1024 {
+                return Err(src.error(
+                    &at("max_response_bytes"),
+                    "must be between 1 KiB and 16 MiB",
+                ));
+            }
+            if i.max_token_bytes < 1024 || i.max_token_bytes > 1024 * 1024 {
+                return Err(src.error(&at("max_token_bytes"), "must be between 1 KiB and 1 MiB"));
+            }
+        }
+        let c = &self.ceiling;
+        for (n, name) in c.issuers.iter().enumerate() {
+            if !self.issuers.contains_key(name) {
+                return Err(src.error(
+                    "ceiling.issuers",
+                    format!("entry {n} names unknown issuer {name:?}"),
+                ));
+            }
+        }
+        if c.max_ttl < Duration::from_secs(1) || c.max_ttl > Duration::from_secs(24 * 3600) {
+            return Err(src.error("ceiling.max_ttl", "must be between 1s and 24h"));
+        }
+        if c.scopes
+            .iter()
+            .any(|s| s.is_empty() || s.contains(char::is_whitespace))
+        {
+            return Err(src.error(
+                "ceiling.scopes",
+                "scopes are non-empty and contain no whitespace",
+            ));
+        }
+        if self.signing.rotation_period < c.max_ttl * 2 {
+            return Err(src.error(
+                "signing.rotation_period",
+                "must be at least twice ceiling.max_ttl",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[server]
+listen = "127.0.0.1:0"
+issuer = "http://127.0.0.1:8080"
+
+[signing]
+key_dir = "keys"
+
+[issuers.gitlab]
+issuer = "https://gitlab.example.com"
+audiences = ["https://cistern.example.com"]
+
+[policy]
+dir = "policies"
+
+[ceiling]
+issuers = ["gitlab"]
+max_ttl = "1h"
+scopes = ["deploy:*"]
+"#;
+
+    fn load(text: &str) -> Result<Config, SourceError> {
+        Config::from_source(&Source::from_text(
+            Path::new("cistern.toml"),
+            text.to_owned(),
+        ))
+    }
+
+    #[test]
+    fn the_minimal_config_loads_with_documented_defaults() {
+        let c = load(MINIMAL).unwrap();
+        let g = &c.issuers["gitlab"];
+        assert!(g.replay_protection);
+        assert_eq!(g.leeway, Duration::from_secs(30));
+        assert_eq!(c.signing.algorithm, SigningAlgorithm::ES256);
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let text = include_str!("../examples/cistern.toml");
+        load(text).unwrap();
+    }
+
+    #[test]
+    fn an_http_issuer_is_refused_with_file_line_and_field() {
+        let text = MINIMAL.replace("https://gitlab.example.com", "http://gitlab.example.com");
+        let e = load(&text).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("issuers.gitlab.issuer"));
+        assert_eq!(e.line, Some(10), "{e}");
+    }
+
+    #[test]
+    fn a_ceiling_naming_an_unknown_issuer_is_refused() {
+        let e =
+            load(&MINIMAL.replace("issuers = [\"gitlab\"]", "issuers = [\"github\"]")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("ceiling.issuers"));
+    }
+
+    #[test]
+    fn issuer_urls_with_tricks_are_refused() {
+        for bad in [
+            "https://gitlab.example.com/controllablepath#",
+            "https://gitlab.example.com?x=1",
+            "https://user@gitlab.example.com",
+            "https://gitlab.example.com/a/../b",
+            "https://gitlab.example.com//a",
+            "ftp://gitlab.example.com",
+            "http://gitlab.example.com",
+        ] {
+            assert!(check_issuer_url(bad, false).is_err(), "{bad}");
+        }
+        assert!(check_issuer_url("http://127.0.0.1:9000", true).is_ok());
+        assert!(check_issuer_url("http://10.0.0.1:9000", true).is_err());
+        assert!(check_issuer_url("https://gitlab.example.com/gitlab", false).is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let e = load(&MINIMAL.replace("[policy]", "[policy]\nbogus = 1")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("bogus"));
+    }
+}

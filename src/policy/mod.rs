@@ -1,0 +1,62 @@
+//! Stage 2 — decide: a [`VerifiedIdToken`](crate::oidc::VerifiedIdToken) and
+//! the job's request in, a [`Grant`] or a [`Denial`] out.
+//!
+//! Policy files (one role per file) are parsed strictly into a `PolicySpec`,
+//! checked against the operator's ceiling and compiled once (globs and CEL)
+//! into a `CompiledPolicy`; requests only ever run compiled policies.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What kind of credential a grant issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialKind {
+    /// cistern's own signed JWT access token (RFC 9068).
+    AccessToken,
+}
+
+impl CredentialKind {
+    /// The policy-file spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialKind::AccessToken => "access_token",
+        }
+    }
+}
+
+/// One binding that matched, for the audit record ("the claims that decided").
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MatchedBinding {
+    /// Claim name.
+    pub claim: &'static str,
+    /// The token's value, as text.
+    pub value: String,
+    /// The policy's pattern that matched it.
+    pub pattern: String,
+}
+
+/// Proof that a policy allowed a request. Only `policy` can build one, so
+/// minting without a decision does not compile.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The role granted.
+    pub role: Arc<str>,
+    /// The owner of the role (team or person).
+    pub owner: Arc<str>,
+    /// The policy file it came from.
+    pub policy_file: Arc<str>,
+    /// Credential kind to mint.
+    pub kind: CredentialKind,
+    /// Audience of the minted token.
+    pub audience: Arc<str>,
+    /// Scopes granted: the role's scopes, narrowed to the request's.
+    pub scopes: Vec<String>,
+    /// Lifetime of the minted credential (already bounded by the ceiling).
+    pub ttl: Duration,
+    /// The bindings that matched, for the audit record.
+    pub matched: Vec<MatchedBinding>,
+    /// Whether a CEL condition was evaluated (and was true).
+    pub condition_checked: bool,
+    pub(crate) _proof: (),
+}

@@ -1,0 +1,213 @@
+//! Stage 4 — record: durable records behind a small [`Store`] trait.
+//!
+//! The domain speaks in whole records ([`ExchangeRecord`], [`AuditEvent`]);
+//! each backend decides how to make them durable. Nothing here assumes
+//! SQLite: times are integer milliseconds, ids are text, and the replay rule
+//! is "insert (issuer, jti) once", which any store with a unique key can keep.
+//! `sqlite.rs` is the embedded default; a PostgreSQL store is one more file.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+/// Why the store refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The ID token's `jti` was already exchanged (replay).
+    #[error("subject token already used")]
+    Replay,
+    /// The store is shutting down or its writer has stopped.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The database failed.
+    #[error("database error: {0}")]
+    Database(String),
+}
+
+/// A consumed ID token: kept until it expires so it cannot be exchanged twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayEntry {
+    /// Configured issuer name.
+    pub issuer: String,
+    /// The ID token's `jti`.
+    pub jti: String,
+    /// When the ID token expires (ms); the entry can be pruned after.
+    pub expires_at_ms: i64,
+}
+
+/// The pipeline identity behind a credential: issuer + immutable ids + role.
+/// Paths are recorded for display, never trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// Configured issuer name.
+    pub issuer: String,
+    /// The project the job runs in (`job_project_id`, else `project_id`).
+    pub project_id: String,
+    /// Its namespace id.
+    pub namespace_id: String,
+    /// The role granted.
+    pub role: String,
+    /// Project path as last seen.
+    pub project_path: String,
+    /// Namespace path as last seen.
+    pub namespace_path: String,
+    /// Owner of the role's policy.
+    pub owner: String,
+}
+
+/// One credential cistern issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct IssuedToken {
+    /// The access token's `jti` (never the token itself).
+    pub jti: String,
+    /// Credential kind (`access_token`).
+    pub kind: String,
+    /// Audience of the credential.
+    pub audience: String,
+    /// Scopes granted, space-separated.
+    pub scope: String,
+    /// Issue time (ms).
+    pub issued_at_ms: i64,
+    /// Expiry (ms).
+    pub expires_at_ms: i64,
+    /// The ID token's `jti`, linking the credential to the job's token.
+    pub subject_jti: String,
+    /// Pipeline id.
+    pub pipeline_id: String,
+    /// Job id.
+    pub job_id: String,
+    /// Git ref the job ran for.
+    pub git_ref: String,
+}
+
+/// Kinds of audit events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditKind {
+    /// An exchange was granted and a credential issued.
+    ExchangeGranted,
+    /// An exchange was denied.
+    ExchangeDenied,
+    /// A dry run was evaluated (nothing issued).
+    ExchangeDryRun,
+    /// A policy set was loaded and put in force.
+    PolicyLoaded,
+    /// A new policy set was rejected; the old one stays in force.
+    PolicyRejected,
+    /// A signing key was generated or rotated.
+    KeyRotated,
+}
+
+impl AuditKind {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditKind::ExchangeGranted => "exchange_granted",
+            AuditKind::ExchangeDenied => "exchange_denied",
+            AuditKind::ExchangeDryRun => "exchange_dry_run",
+            AuditKind::PolicyLoaded => "policy_loaded",
+            AuditKind::PolicyRejected => "policy_rejected",
+            AuditKind::KeyRotated => "key_rotated",
+        }
+    }
+}
+
+/// One audit record. `detail` carries the reason and the claims that
+/// decided; it never holds a token or a secret (hashes and `jti`s only).
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEvent {
+    /// When it happened (ms).
+    pub at_ms: i64,
+    /// What happened.
+    pub kind: AuditKind,
+    /// Configured issuer name, when a token was involved.
+    pub issuer: Option<String>,
+    /// Role requested or granted.
+    pub role: Option<String>,
+    /// Project id the token named (`job_project_id`, else `project_id`).
+    pub project_id: Option<String>,
+    /// Machine-readable reason code for denials (`bad_signature`, `binding_mismatch`, …).
+    pub reason: Option<String>,
+    /// Structured detail: the deciding claims, the trace, the error.
+    pub detail: serde_json::Value,
+}
+
+/// A granted exchange, recorded atomically: the replay entry (if replay
+/// protection is on), the credential, the identity sighting and the audit
+/// event all land, or none does.
+#[derive(Debug, Clone)]
+pub struct ExchangeRecord {
+    /// The consumed ID token; `None` when the issuer has replay protection off.
+    pub replay: Option<ReplayEntry>,
+    /// The pipeline identity.
+    pub identity: Identity,
+    /// The credential issued.
+    pub token: IssuedToken,
+    /// The audit event (`exchange_granted`).
+    pub audit: AuditEvent,
+}
+
+/// A row of the audit log as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredAudit {
+    /// Sequence number, strictly increasing.
+    pub seq: i64,
+    /// When it happened (ms).
+    pub at_ms: i64,
+    /// Kind, as stored.
+    pub kind: String,
+    /// Issuer name.
+    pub issuer: Option<String>,
+    /// Role.
+    pub role: Option<String>,
+    /// Project id.
+    pub project_id: Option<String>,
+    /// Reason code.
+    pub reason: Option<String>,
+    /// Detail JSON.
+    pub detail: serde_json::Value,
+}
+
+/// A row of the identity inventory as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StoredIdentity {
+    /// The identity.
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// First exchange (ms).
+    pub first_seen_ms: i64,
+    /// Last exchange (ms).
+    pub last_used_ms: i64,
+    /// Credentials issued to it so far.
+    pub exchanges: i64,
+}
+
+/// Where records go. All writes are durable when the future resolves
+/// (cistern answers the client only after that).
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Records a granted exchange atomically. Returns [`StoreError::Replay`]
+    /// when `record.replay` names an ID token already consumed (and then
+    /// writes nothing).
+    async fn commit_exchange(&self, record: ExchangeRecord) -> Result<(), StoreError>;
+
+    /// Appends one audit event (denials, dry runs, policy loads, key rotation).
+    async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
+
+    /// Deletes replay entries that expired before `now_ms`; returns how many.
+    async fn prune_replay(&self, now_ms: i64) -> Result<u64, StoreError>;
+
+    /// Checks the store answers (for `/readyz`).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// The most recent audit events, newest last, at most `limit`.
+    async fn recent_audit(&self, limit: usize) -> Result<Vec<StoredAudit>, StoreError>;
+
+    /// Issued credentials, newest last, at most `limit`.
+    async fn issued_tokens(&self, limit: usize)
+    -> Result<Vec<(Identity, IssuedToken)>, StoreError>;
+
+    /// The identity inventory.
+    async fn identities(&self) -> Result<Vec<StoredIdentity>, StoreError>;
+}

@@ -1,0 +1,1 @@
+//! Embedded SQLite store (written by the store stage).
