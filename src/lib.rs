@@ -7,7 +7,11 @@
 //! [`policy::Grant`], [`mint::MintedToken`]. Read `docs/architecture.md` first.
 
 pub mod clock;
+pub mod cli;
 pub mod config;
+pub mod dev;
+pub mod exchange;
+pub mod http;
 pub mod metrics;
 pub mod mint;
 pub mod oidc;

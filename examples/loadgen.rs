@@ -1,0 +1,376 @@
+//! Load generator for BENCHMARKS.md: drives a real `cistern serve` over
+//! loopback with unique, validly signed GitLab-shaped ID tokens.
+//!
+//! It serves its own issuer (discovery + JWKS) on 127.0.0.1, writes a config
+//! and a policy for cistern, starts the release binary pinned to core 0
+//! (`taskset`), and runs on one thread itself (run it pinned to core 1, see
+//! `scripts/bench.sh`). Every request uses a fresh token, so replay
+//! protection, the durable records and the audit log are all on the measured
+//! path. In the same run it measures the crypto-only ceiling (RS256 verify +
+//! ES256 sign, keys pre-parsed) on one core, so the ratio is comparable.
+//!
+//! All traffic is loopback; every phase is bounded in count and time.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, ParsedPublicKey};
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use clap::Parser;
+use cistern::dev::{DevIssuer, DevMode};
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// The cistern binary to run.
+    #[arg(long, default_value = "target/release/cistern")]
+    cistern: PathBuf,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// Seconds of the peak (closed-loop) phase.
+    #[arg(long, default_value_t = 5)]
+    peak_secs: u64,
+    /// Seconds of the half-rate (open-loop) phase.
+    #[arg(long, default_value_t = 5)]
+    half_secs: u64,
+    /// Tokens to pre-mint (upper bound on requests).
+    #[arg(long, default_value_t = 150_000)]
+    tokens: usize,
+    /// CPU core for the server (`taskset -c`); empty to not pin.
+    #[arg(long, default_value = "0")]
+    server_core: String,
+    /// Signing algorithm of cistern's tokens.
+    #[arg(long, default_value = "ES256")]
+    algorithm: String,
+}
+
+const AUD: &str = "https://cistern.bench";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let ceiling = crypto_ceiling()?;
+    eprintln!("crypto ceiling (RS256 verify + ES256 sign, one core): {ceiling:.0} exchanges/s");
+
+    // The issuer: a dev-issuer key, served on loopback with GitLab's paths.
+    let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
+    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
+    let (jwks, disc) = (dev.jwks_json(), dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")));
+    let issuer_app = Router::new()
+        .route("/.well-known/openid-configuration", get(move || async move { ([("content-type", "application/json")], disc) }))
+        .route("/oauth/discovery/keys", get(move || async move { ([("content-type", "application/json")], jwks) }));
+    tokio::spawn(async move { axum::serve(issuer_listener, issuer_app).await });
+
+    let started = Instant::now();
+    let tokens = Arc::new(premint(&dev, &issuer_url, args.tokens)?);
+    eprintln!("pre-minted {} ID tokens in {:.1}s", tokens.len(), started.elapsed().as_secs_f64());
+
+    // cistern, in a temp dir.
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    std::fs::create_dir(dir.path().join("policies"))?;
+    std::fs::write(
+        dir.path().join("policies/bench.toml"),
+        "role = \"bench\"\nowner = \"team-bench\"\ndescription = \"benchmark role\"\nissuer = \"gitlab\"\n\
+         [bindings]\nproject_id = \"42\"\nref = \"main\"\nref_protected = true\n\
+         [grant]\nkind = \"access_token\"\naudience = \"https://api.bench\"\nscopes = [\"deploy:read\"]\nttl = \"10m\"\n",
+    )?;
+    std::fs::write(
+        dir.path().join("cistern.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"{base}\"\n[store]\nkind = \"sqlite\"\npath = \"db/cistern.db\"\n\
+             [signing]\nkey_dir = \"keys\"\nalgorithm = \"{alg}\"\n\
+             [issuers.gitlab]\nissuer = \"{issuer_url}\"\naudiences = [\"{AUD}\"]\nallow_insecure_http = true\n\
+             [policy]\ndir = \"policies\"\n[ceiling]\nissuers = [\"gitlab\"]\nmax_ttl = \"1h\"\nscopes = [\"deploy:*\"]\n\
+             [log]\nlevel = \"warn\"\n",
+            alg = args.algorithm
+        ),
+    )?;
+    let spawned = Instant::now();
+    let mut cmd = if args.server_core.is_empty() {
+        tokio::process::Command::new(&args.cistern)
+    } else {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["-c", &args.server_core]).arg(&args.cistern);
+        c
+    };
+    let mut child = cmd
+        .args(["serve", "--config"])
+        .arg(dir.path().join("cistern.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting cistern")?;
+    let pid = child.id().context("cistern pid")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = lines.next_line().await? {
+            if l.starts_with("cistern: listening on") {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("cistern exited before listening")
+    })
+    .await??;
+    let listening = spawned.elapsed();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let ready = loop {
+        let res = client.get(format!("{base}/readyz").parse()?).await;
+        if matches!(&res, Ok(r) if r.status() == 200) {
+            break spawned.elapsed();
+        }
+        if spawned.elapsed() > Duration::from_secs(30) {
+            bail!("cistern not ready after 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    eprintln!("listening after {listening:?}, ready after {ready:?}");
+
+    let next = Arc::new(AtomicUsize::new(0));
+    let url: hyper::Uri = format!("{base}/oauth/token").parse()?;
+    // Warm-up: also makes cistern fetch the issuer's keys once.
+    run_closed(&client, &url, &tokens, &next, 4, Duration::from_millis(500), pid).await?;
+    let rss_idle = rss_kib(pid);
+
+    let peak = run_closed(&client, &url, &tokens, &next, args.connections, Duration::from_secs(args.peak_secs), pid).await?;
+    eprintln!("peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)", peak.rate, peak.p50_ms, peak.p99_ms, peak.errors);
+    let half_rate = peak.rate / 2.0;
+    let half = run_open(&client, &url, &tokens, &next, args.connections, half_rate, Duration::from_secs(args.half_secs), pid).await?;
+    eprintln!("half: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)", half.rate, half.p50_ms, half.p99_ms, half.errors);
+    let hwm = hwm_kib(pid);
+    let _ = child.kill().await;
+
+    println!("| metric | value |");
+    println!("|---|---|");
+    println!("| crypto ceiling (RS256 verify + ES256 sign, 1 core, same run) | {ceiling:.0} exchanges/s |");
+    println!("| peak exchanges/s (1 server core, {} connections) | {:.0} ({:.0}% of ceiling) |", args.connections, peak.rate, 100.0 * peak.rate / ceiling);
+    println!("| latency at peak p50 / p99 | {:.2} ms / {:.2} ms |", peak.p50_ms, peak.p99_ms);
+    println!("| open-loop at half peak ({half_rate:.0}/s) achieved | {:.0}/s |", half.rate);
+    println!("| latency at half peak p50 / p99 | {:.2} ms / {:.2} ms |", half.p50_ms, half.p99_ms);
+    println!("| errors (non-200) | {} |", peak.errors + half.errors);
+    println!("| RSS idle / max under load / high-water mark | {:.1} MB / {:.1} MB / {:.1} MB |", rss_idle as f64 / 1024.0, peak.rss_max_kib.max(half.rss_max_kib) as f64 / 1024.0, hwm as f64 / 1024.0);
+    println!("| start → listening / → ready (/readyz 200) | {:.1} ms / {:.1} ms |", listening.as_secs_f64() * 1e3, ready.as_secs_f64() * 1e3);
+    Ok(())
+}
+
+struct Phase {
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+    rss_max_kib: u64,
+}
+
+fn body_for(token: &str) -> Full<Bytes> {
+    Full::new(Bytes::from(format!(
+        "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token_type=urn%3Aietf%3Aparams%3Aoauth%3Atoken-type%3Ajwt&role=bench&subject_token={token}"
+    )))
+}
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+async fn one(client: &HttpClient, url: &hyper::Uri, token: &str) -> bool {
+    let req = hyper::Request::post(url.clone())
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body_for(token));
+    let Ok(req) = req else { return false };
+    match client.request(req).await {
+        Ok(res) => {
+            let ok = res.status() == 200;
+            let _ = res.into_body().collect().await;
+            ok
+        }
+        Err(_) => false,
+    }
+}
+
+async fn sample_rss(pid: u32, until: Instant) -> u64 {
+    let mut max = 0;
+    while Instant::now() < until {
+        max = max.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    max
+}
+
+/// Closed loop: `conns` workers, each sending as soon as the previous answer arrives.
+async fn run_closed(
+    client: &HttpClient,
+    url: &hyper::Uri,
+    tokens: &Arc<Vec<String>>,
+    next: &Arc<AtomicUsize>,
+    conns: usize,
+    dur: Duration,
+    pid: u32,
+) -> anyhow::Result<Phase> {
+    let start = Instant::now();
+    let end = start + dur;
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..conns {
+        let (client, url, tokens, next) = (client.clone(), url.clone(), tokens.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut errors = 0u64;
+            while Instant::now() < end {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(tok) = tokens.get(i) else { break };
+                let t = Instant::now();
+                if !one(&client, &url, tok).await {
+                    errors += 1;
+                }
+                let _ = h.record(t.elapsed().as_micros() as u64);
+            }
+            Ok::<_, anyhow::Error>((h, errors))
+        });
+    }
+    finish(tasks, start, end, pid).await
+}
+
+/// Open loop at a fixed rate; latency counts from each request's scheduled
+/// send time, so a stalled server cannot hide its queueing (no coordinated omission).
+#[allow(clippy::too_many_arguments)]
+async fn run_open(
+    client: &HttpClient,
+    url: &hyper::Uri,
+    tokens: &Arc<Vec<String>>,
+    next: &Arc<AtomicUsize>,
+    conns: usize,
+    rate: f64,
+    dur: Duration,
+    pid: u32,
+) -> anyhow::Result<Phase> {
+    let start = Instant::now();
+    let end = start + dur;
+    let interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..conns {
+        let (client, url, tokens, next) = (client.clone(), url.clone(), tokens.clone(), next.clone());
+        tasks.spawn(async move {
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut errors = 0u64;
+            let mut due = start + interval.mul_f64(w as f64 / conns as f64);
+            while due < end {
+                tokio::time::sleep_until(due.into()).await;
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(tok) = tokens.get(i) else { break };
+                if !one(&client, &url, tok).await {
+                    errors += 1;
+                }
+                let _ = h.record(due.elapsed().as_micros() as u64);
+                due += interval;
+            }
+            Ok::<_, anyhow::Error>((h, errors))
+        });
+    }
+    finish(tasks, start, end, pid).await
+}
+
+async fn finish(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<(Histogram<u64>, u64)>>,
+    start: Instant,
+    end: Instant,
+    pid: u32,
+) -> anyhow::Result<Phase> {
+    let rss = sample_rss(pid, end).await;
+    let mut all = Histogram::<u64>::new(3)?;
+    let mut errors = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (h, e) = r??;
+        all.add(&h)?;
+        errors += e;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(Phase {
+        rate: all.len() as f64 / secs,
+        p50_ms: all.value_at_quantile(0.50) as f64 / 1000.0,
+        p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
+        errors,
+        rss_max_kib: rss,
+    })
+}
+
+fn premint(dev: &Arc<DevIssuer>, issuer: &str, n: usize) -> anyhow::Result<Vec<String>> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let chunks: Vec<_> = (0..threads)
+        .map(|t| {
+            let (dev, issuer) = (dev.clone(), issuer.to_owned());
+            let count = n / threads + usize::from(t < n % threads);
+            std::thread::spawn(move || {
+                let none = serde_json::Map::new();
+                (0..count).map(|_| dev.mint_id_token(&issuer, AUD, &none, now, 3600)).collect::<Result<Vec<_>, _>>()
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for c in chunks {
+        out.extend(c.join().map_err(|_| anyhow::anyhow!("mint thread panicked"))??);
+    }
+    Ok(out)
+}
+
+/// RS256 verify (pre-parsed 2048-bit key) + ES256 sign (cached key), on this thread.
+fn crypto_ceiling() -> anyhow::Result<f64> {
+    let rng = SystemRandom::new();
+    let rsa = aws_lc_rs::rsa::KeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048)?;
+    let msg = vec![b'x'; 1400];
+    let mut sig = vec![0; rsa.public_modulus_len()];
+    rsa.sign(&signature::RSA_PKCS1_SHA256, &rng, &msg, &mut sig)?;
+    let public = ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, rsa.public_key().as_ref())?;
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)?;
+    let ec = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())?;
+    let claims = vec![b'y'; 700];
+    let run = |iters: u32| -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        for _ in 0..iters {
+            public.verify_sig(&msg, &sig)?;
+            ec.sign(&rng, &claims)?;
+        }
+        Ok(t.elapsed())
+    };
+    run(500)?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        best = best.min(run(4000)?.as_secs_f64() / 4000.0);
+    }
+    Ok(1.0 / best)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn hwm_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}

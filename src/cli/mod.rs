@@ -1,0 +1,216 @@
+//! The command line: `serve`, `policy check|test`, `exchange`, `dev id-token`.
+
+pub mod client;
+pub mod dev;
+pub mod policy;
+pub mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// cistern — a security token service for CI/CD pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "cistern", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the token service.
+    Serve(ServeArgs),
+    /// Check policies or dry-run them against claims.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Job side: trade the job's ID token for a cistern token.
+    Exchange(ExchangeArgs),
+    /// Development helpers for `serve --dev`.
+    #[command(subcommand)]
+    Dev(DevCommand),
+}
+
+/// `cistern serve`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Config file.
+    #[arg(long, short, env = "CISTERN_CONFIG", default_value = "cistern.toml")]
+    pub config: PathBuf,
+    /// Zero-setup local mode: temporary store and keys, a built-in development
+    /// issuer and example policies. Never use in production.
+    #[arg(long)]
+    pub dev: bool,
+    /// Listen address (dev mode only; otherwise set `server.listen`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+}
+
+/// `cistern policy …`
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy directory against the config's ceiling and issuers.
+    Check {
+        /// Policy directory (default: the config's `policy.dir`).
+        dir: Option<PathBuf>,
+        /// Config file.
+        #[arg(long, short, env = "CISTERN_CONFIG", default_value = "cistern.toml")]
+        config: PathBuf,
+    },
+    /// Dry-run: which roles would these claims get, and why not the others.
+    Test(PolicyTestArgs),
+}
+
+/// `cistern policy test`
+#[derive(Debug, Args)]
+pub struct PolicyTestArgs {
+    /// Claims as a JSON file (a decoded ID token payload).
+    #[arg(long, conflicts_with = "token", required_unless_present = "token")]
+    pub claims: Option<PathBuf>,
+    /// An ID token; its signature is NOT verified here (this only explains policy).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Only this role.
+    #[arg(long)]
+    pub role: Option<String>,
+    /// Issuer name (default: the issuer whose URL equals the claims' `iss`).
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// Policy directory (default: the config's `policy.dir`).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Config file.
+    #[arg(long, short, env = "CISTERN_CONFIG", default_value = "cistern.toml")]
+    pub config: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = TextOrJson::Text)]
+    pub format: TextOrJson,
+}
+
+/// Text or JSON output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TextOrJson {
+    /// For people.
+    Text,
+    /// For programs.
+    Json,
+}
+
+/// `cistern exchange`
+#[derive(Debug, Args)]
+pub struct ExchangeArgs {
+    /// cistern's base URL.
+    #[arg(long, env = "CISTERN_URL")]
+    pub url: String,
+    /// Role to ask for.
+    #[arg(long, env = "CISTERN_ROLE")]
+    pub role: Option<String>,
+    /// Scope to ask for (repeatable); a subset of the role's scopes.
+    #[arg(long = "scope")]
+    pub scopes: Vec<String>,
+    /// Audience to ask for.
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// Environment variable holding the ID token (`id_tokens:` in .gitlab-ci.yml).
+    #[arg(long, default_value = "CISTERN_ID_TOKEN")]
+    pub token_env: String,
+    /// Read the ID token from this file instead.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = OutputFormat::Token)]
+    pub format: OutputFormat,
+    /// Variable name for `env`/`dotenv` output.
+    #[arg(long, default_value = "CISTERN_TOKEN")]
+    pub var: String,
+    /// Evaluate without issuing anything and print the decision trace.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Request deadline.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+}
+
+/// How `exchange` prints the credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// The token alone.
+    Token,
+    /// `export NAME='token'` for `eval`.
+    Env,
+    /// `NAME=token` (a GitLab `artifacts:reports:dotenv` file).
+    Dotenv,
+    /// The whole token response.
+    Json,
+}
+
+/// `cistern dev …`
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Mint a GitLab-shaped ID token from a running `serve --dev`.
+    IdToken {
+        /// The dev server's base URL.
+        #[arg(long, env = "CISTERN_URL", default_value = "http://127.0.0.1:8080")]
+        url: String,
+        /// Override a claim with a string value (`project_id=43`); repeatable.
+        #[arg(long = "claim")]
+        claims: Vec<String>,
+        /// Override a claim with a JSON value (`runner_id=7`); repeatable.
+        #[arg(long = "claim-json")]
+        claims_json: Vec<String>,
+        /// Audience (default: the dev server's URL).
+        #[arg(long)]
+        audience: Option<String>,
+    },
+}
+
+/// Exit codes, documented in the README.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Denied or invalid (policy refused, bad token, invalid policy files).
+    pub const DENIED: u8 = 1;
+    /// Bad usage or local input (missing token, unreadable file, bad config).
+    pub const USAGE: u8 = 2;
+    /// cistern unreachable or failing (network error, 5xx).
+    pub const UNAVAILABLE: u8 = 3;
+}
+
+/// An error that ends the command with a code and one line on stderr.
+#[derive(Debug)]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// One line.
+    pub message: String,
+}
+
+impl CliError {
+    /// Builds one.
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl From<anyhow::Error> for CliError {
+    fn from(e: anyhow::Error) -> Self {
+        // `{:#}` joins the context chain on one line.
+        Self::new(exit::USAGE, format!("{e:#}"))
+    }
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await.map_err(|e| CliError::new(exit::USAGE, format!("{e:#}"))),
+        Command::Policy(PolicyCommand::Check { dir, config }) => policy::check(&config, dir.as_deref()),
+        Command::Policy(PolicyCommand::Test(args)) => policy::test(&args),
+        Command::Exchange(args) => client::exchange(&args).await,
+        Command::Dev(DevCommand::IdToken { url, claims, claims_json, audience }) => {
+            dev::id_token(&url, &claims, &claims_json, audience.as_deref()).await
+        }
+    }
+}

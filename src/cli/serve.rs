@@ -1,0 +1,308 @@
+//! `cistern serve`: wire the stages together and run the HTTP API.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::ServeArgs;
+use crate::clock::{Clock, SystemClock};
+use crate::config::{Config, LogFormat, StoreConfig, is_loopback_host};
+use crate::dev::{DevIssuer, DevMode};
+use crate::exchange::Exchanger;
+use crate::http::{self, AppState, DEV_ISSUER_PATH};
+use crate::metrics::Metrics;
+use crate::mint::KeyRing;
+use crate::oidc::Issuers;
+use crate::policy::{PolicyErrors, PolicyStore, ReloadOutcome, spawn_reloader};
+use crate::store::sqlite::SqliteStore;
+use crate::store::{AuditEvent, AuditKind, Store};
+
+/// Runs the server until SIGINT/SIGTERM.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let dev_setup = if args.dev { Some(DevSetup::create(&args)?) } else { None };
+    let config_path = dev_setup.as_ref().map_or(args.config.clone(), |d| d.config_path.clone());
+    let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    init_tracing(&config);
+    let dev = match &dev_setup {
+        Some(_) => Some(Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode()).context("dev issuer")?)),
+        None => None,
+    };
+    let built = build(&config, dev).await?;
+    serve(&config, built, dev_setup).await
+}
+
+/// Everything `serve` starts, built from a config.
+pub struct Built {
+    /// The router state.
+    pub state: AppState,
+    /// The policy store (for the reloader).
+    pub policies: Arc<PolicyStore>,
+    /// The issuers (for the warm-up fetch).
+    pub issuers: Arc<Issuers>,
+}
+
+/// Opens the store, keys, policies and issuers for `config`.
+pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Result<Built> {
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = match &config.store {
+        StoreConfig::Sqlite { path, synchronous } => {
+            Arc::new(SqliteStore::open(path, *synchronous).with_context(|| format!("opening store {}", path.display()))?)
+        }
+    };
+    let keys = Arc::new(
+        KeyRing::open(&config.signing, clock.clone(), config.ceiling.max_ttl)
+            .with_context(|| format!("opening signing keys in {}", config.signing.key_dir.display()))?,
+    );
+    let policies = match PolicyStore::load(&config.policy.dir, &config.ceiling, &config.issuers) {
+        Ok(p) => Arc::new(p),
+        Err(errors) => {
+            audit_policy(&*store, &clock, Err(&errors)).await;
+            bail!("policies in {} are invalid:\n{errors}", config.policy.dir.display());
+        }
+    };
+    let set = policies.current();
+    metrics.set_policies_loaded(set.len());
+    let outcome = ReloadOutcome { changed: true, roles: set.len(), fingerprint: set.fingerprint().to_owned() };
+    audit_policy(&*store, &clock, Ok(&outcome)).await;
+    let issuers = Arc::new(Issuers::new(&config.issuers, clock.clone(), metrics.clone()).context("issuers")?);
+    let exchanger = Arc::new(Exchanger {
+        issuers: issuers.clone(),
+        policies: policies.clone(),
+        keys,
+        store,
+        clock,
+        metrics,
+        issuer_url: config.server.issuer.as_str().trim_end_matches('/').to_owned(),
+        replay_protection: config.issuers.iter().map(|(n, i)| (n.clone(), i.replay_protection)).collect::<HashMap<_, _>>(),
+    });
+    let metadata: Arc<str> = http::metadata_json(&exchanger.issuer_url).into();
+    Ok(Built { state: AppState { exchanger, metadata, dev }, policies, issuers })
+}
+
+async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> anyhow::Result<()> {
+    let app = http::app(built.state.clone(), config.server.max_body_bytes, config.server.request_timeout);
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let addr = listener.local_addr().context("local address")?;
+    spawn_background(config, &built);
+    if let Some(d) = &dev_setup {
+        d.print_banner(&config.server.issuer.to_string());
+    }
+    tracing::info!(%addr, issuer = %config.server.issuer, "cistern listening");
+    // One machine-readable line, for scripts and tests that wait for readiness.
+    println!("cistern: listening on {addr}");
+    let _ = std::io::stdout().flush();
+
+    let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        _ => None,
+    };
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("server")?,
+        Some((cert, key)) => {
+            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
+                .await
+                .with_context(|| format!("loading TLS certificate {} / key {}", cert.display(), key.display()))?;
+            let handle = axum_server::Handle::new();
+            let h = handle.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                h.graceful_shutdown(Some(Duration::from_secs(10)));
+            });
+            let std_listener = listener.into_std().context("listener")?;
+            axum_server::from_tcp_rustls(std_listener, tls)
+                .context("TLS listener")?
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+                .context("server")?;
+        }
+    }
+    tracing::info!("cistern stopped");
+    drop(dev_setup);
+    Ok(())
+}
+
+fn spawn_background(config: &Config, built: &Built) {
+    let ex = built.state.exchanger.clone();
+    let issuers = built.issuers.clone();
+    tokio::spawn(async move { issuers.refresh_all().await });
+
+    let (store, clock, metrics) = (ex.store.clone(), ex.clock.clone(), ex.metrics.clone());
+    let policies = built.policies.clone();
+    let on_result = Arc::new(move |result: Result<ReloadOutcome, PolicyErrors>| {
+        let (store, clock, metrics, policies) = (store.clone(), clock.clone(), metrics.clone(), policies.clone());
+        tokio::spawn(async move {
+            match &result {
+                Ok(o) if !o.changed => return,
+                Ok(o) => {
+                    metrics.set_policies_loaded(policies.current().len());
+                    tracing::info!(roles = o.roles, fingerprint = %o.fingerprint, "policy set reloaded");
+                }
+                Err(e) => tracing::error!(errors = %e, "new policy set rejected; the previous set stays in force"),
+            }
+            audit_policy(&*store, &clock, result.as_ref()).await;
+        });
+    });
+    spawn_reloader(built.policies.clone(), config.policy.reload_interval, on_result);
+
+    // Key rotation: checked every minute; rotation itself follows `signing.rotation_period`.
+    let ex2 = ex.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            match ex2.keys.rotate_if_due() {
+                Ok(Some(r)) => {
+                    tracing::info!(new_kid = %r.new_kid, "signing key rotated");
+                    let event = AuditEvent {
+                        at_ms: ex2.clock.now_millis(),
+                        kind: AuditKind::KeyRotated,
+                        issuer: None,
+                        role: None,
+                        project_id: None,
+                        reason: None,
+                        detail: json!({ "new_kid": r.new_kid, "retired_kid": r.retired_kid, "dropped": r.dropped }),
+                    };
+                    if let Err(e) = ex2.store.append_audit(event).await {
+                        tracing::error!(error = %e, "audit of key rotation failed");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "key rotation failed"),
+            }
+        }
+    });
+
+    // Replay entries are only needed until the ID token expires.
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tick.tick().await;
+            match ex.store.prune_replay(ex.clock.now_millis()).await {
+                Ok(n) if n > 0 => tracing::debug!(pruned = n, "replay cache pruned"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "replay prune failed"),
+            }
+        }
+    });
+}
+
+async fn audit_policy(store: &dyn Store, clock: &Arc<dyn Clock>, result: Result<&ReloadOutcome, &PolicyErrors>) {
+    let (kind, reason, detail) = match result {
+        Ok(o) => (AuditKind::PolicyLoaded, None, json!({ "roles": o.roles, "fingerprint": o.fingerprint })),
+        Err(e) => (
+            AuditKind::PolicyRejected,
+            Some("invalid_policy".to_owned()),
+            json!({ "errors": e.0.iter().map(ToString::to_string).collect::<Vec<_>>() }),
+        ),
+    };
+    let event = AuditEvent { at_ms: clock.now_millis(), kind, issuer: None, role: None, project_id: None, reason, detail };
+    if let Err(e) = store.append_audit(event).await {
+        tracing::error!(error = %e, "audit of policy load failed");
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// The temporary world of `serve --dev`: config, policies, keys and store in
+/// a temp dir that is removed on exit.
+struct DevSetup {
+    dir: tempfile::TempDir,
+    config_path: PathBuf,
+}
+
+const DEV_POLICIES: &[(&str, &str)] = &[
+    ("deploy.toml", include_str!("../../examples/dev/policies/deploy.toml")),
+    ("read-artifacts.toml", include_str!("../../examples/dev/policies/read-artifacts.toml")),
+];
+
+impl DevSetup {
+    fn create(args: &ServeArgs) -> anyhow::Result<Self> {
+        let base = url::Url::parse(&format!("http://{}", args.listen)).context("listen address")?;
+        // The dev issuer signs anything it is asked to: it must never be reachable from elsewhere.
+        if !is_loopback_host(&base) {
+            bail!("--dev listens on loopback only; {} is not a loopback address", args.listen);
+        }
+        let dir = tempfile::Builder::new().prefix("cistern-dev-").tempdir().context("temp dir")?;
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir(&policy_dir).context("policy dir")?;
+        for (name, text) in DEV_POLICIES {
+            std::fs::write(policy_dir.join(name), text).with_context(|| format!("writing {name}"))?;
+        }
+        let issuer = format!("http://{}", args.listen);
+        let text = format!(
+            r#"# generated by `cistern serve --dev`
+[server]
+listen = "{listen}"
+issuer = "{issuer}"
+
+[store]
+kind = "sqlite"
+path = "store/cistern.db"
+
+[signing]
+key_dir = "keys"
+
+[issuers.dev]
+issuer = "{issuer}{DEV_ISSUER_PATH}"
+audiences = ["{issuer}"]
+allow_insecure_http = true
+unknown_kid_cooldown = "1s"
+
+[policy]
+dir = "policies"
+reload_interval = "2s"
+
+[ceiling]
+issuers = ["dev"]
+max_ttl = "1h"
+scopes = ["deploy:*", "artifacts:*"]
+"#,
+            listen = args.listen,
+        );
+        let config_path = dir.path().join("cistern.toml");
+        std::fs::write(&config_path, text).context("writing dev config")?;
+        Ok(Self { dir, config_path })
+    }
+
+    fn print_banner(&self, issuer: &str) {
+        let p: &Path = self.dir.path();
+        eprintln!(
+            "\n  cistern DEV MODE — not for production\n  state:    {}\n  issuer:   {issuer}{DEV_ISSUER_PATH} (built-in development issuer)\n  policies: {}\n\n  try:\n    export CISTERN_ID_TOKEN=$(cistern dev id-token --url {issuer})\n    cistern exchange --url {issuer} --role deploy\n",
+            p.display(),
+            p.join("policies").display()
+        );
+    }
+}

@@ -1,0 +1,281 @@
+//! The token exchange, end to end: verify → decide → mint → record.
+//!
+//! [`Exchanger::exchange`] is the whole flow in one readable function. Each
+//! stage hands the next a proof type (`VerifiedIdToken` → `Grant` →
+//! `MintedToken`), and every outcome, granted or denied, is written to the
+//! store *before* the caller sees it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use serde_json::json;
+
+use crate::clock::Clock;
+use crate::metrics::Metrics;
+use crate::mint::{KeyRing, MintError, MintedToken, mint};
+use crate::oidc::{Issuers, VerifiedIdToken, VerifyError};
+use crate::policy::{Denial, Grant, PolicyStore, RoleRequest, RoleTrace};
+use crate::store::{AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store, StoreError};
+
+/// What the job asked for.
+#[derive(Debug, Clone, Default)]
+pub struct ExchangeRequest {
+    /// The role, if named.
+    pub role: Option<String>,
+    /// The audience, if named.
+    pub audience: Option<String>,
+    /// A subset of the role's scopes, if named.
+    pub scopes: Option<Vec<String>>,
+}
+
+/// Why an exchange did not produce a credential.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The subject token failed verification.
+    #[error("subject token refused: {0}")]
+    Verify(#[from] VerifyError),
+    /// Policy refused the request.
+    #[error("denied: {}", .0.code())]
+    Denied(Denial),
+    /// The subject token was already exchanged.
+    #[error("subject token replayed")]
+    Replay,
+    /// Minting failed (a server fault).
+    #[error("mint failed: {0}")]
+    Mint(#[from] MintError),
+    /// The store failed; nothing was issued (a server fault).
+    #[error("store failed: {0}")]
+    Store(StoreError),
+}
+
+/// The result of a dry run: what would happen, with nothing issued.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRunReport {
+    /// Always true.
+    pub dry_run: bool,
+    /// The configured issuer that verified the token.
+    pub issuer: String,
+    /// Whether the request, as made, would be granted.
+    pub would_grant: bool,
+    /// The role that would be granted.
+    pub role: Option<String>,
+    /// Scopes that would be granted.
+    pub scopes: Vec<String>,
+    /// Why not, when it would be denied (the code and the job-facing text).
+    pub denial: Option<DenialSummary>,
+    /// Every role evaluated against the token.
+    pub traces: Vec<RoleTrace>,
+}
+
+/// A denial, as shown in a dry run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DenialSummary {
+    /// Reason code.
+    pub code: String,
+    /// Job-facing description.
+    pub description: String,
+}
+
+/// Everything the exchange needs, injected.
+pub struct Exchanger {
+    /// Trusted issuers.
+    pub issuers: Arc<Issuers>,
+    /// Policies in force.
+    pub policies: Arc<PolicyStore>,
+    /// Signing keys.
+    pub keys: Arc<KeyRing>,
+    /// Records.
+    pub store: Arc<dyn Store>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// cistern's own issuer URL.
+    pub issuer_url: String,
+    /// Per configured issuer: whether replay protection is on.
+    pub replay_protection: HashMap<String, bool>,
+}
+
+impl Exchanger {
+    /// Exchanges a GitLab ID token for a cistern access token.
+    pub async fn exchange(&self, subject_token: &str, req: &ExchangeRequest) -> Result<MintedToken, ExchangeError> {
+        let now_ms = self.clock.now_millis();
+        let verified = match self.issuers.verify(subject_token).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.audit_denied(now_ms, None, req, e.code(), json!({ "error": e.to_string(), "token_sha256": token_hash(subject_token) }))
+                    .await?;
+                return Err(e.into());
+            }
+        };
+        let grant = match self.policies.current().decide(&verified, &role_request(req)) {
+            Ok(g) => g,
+            Err(denial) => {
+                let mut detail = json!({ "description": denial.public_description(), "subject": subject_summary(&verified) });
+                if let Denial::NotPermitted { trace, .. } = &denial {
+                    detail["trace"] = serde_json::to_value(trace).unwrap_or_default();
+                }
+                self.audit_denied(now_ms, Some(&verified), req, denial.code(), detail).await?;
+                return Err(ExchangeError::Denied(denial));
+            }
+        };
+        let minted = mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms.div_euclid(1000))?;
+        let record = self.record(&verified, &grant, &minted, now_ms);
+        match self.store.commit_exchange(record).await {
+            Ok(()) => Ok(minted),
+            Err(StoreError::Replay) => {
+                let detail = json!({ "description": "subject_token has already been exchanged", "subject": subject_summary(&verified) });
+                self.audit_denied(now_ms, Some(&verified), req, "replay", detail).await?;
+                Err(ExchangeError::Replay)
+            }
+            Err(e) => Err(ExchangeError::Store(e)),
+        }
+    }
+
+    /// Evaluates the request against the policies without issuing anything;
+    /// the subject token is not consumed. Audited as a dry run.
+    pub async fn dry_run(&self, subject_token: &str, req: &ExchangeRequest) -> Result<DryRunReport, ExchangeError> {
+        let now_ms = self.clock.now_millis();
+        let verified = match self.issuers.verify(subject_token).await {
+            Ok(v) => v,
+            Err(e) => {
+                self.audit_denied(now_ms, None, req, e.code(), json!({ "dry_run": true, "error": e.to_string(), "token_sha256": token_hash(subject_token) }))
+                    .await?;
+                return Err(e.into());
+            }
+        };
+        let policies = self.policies.current();
+        let decision = policies.decide(&verified, &role_request(req));
+        let traces = policies.explain(&verified.issuer, &verified.claims, req.role.as_deref());
+        let report = DryRunReport {
+            dry_run: true,
+            issuer: verified.issuer.to_string(),
+            would_grant: decision.is_ok(),
+            role: match &decision {
+                Ok(g) => Some(g.role.to_string()),
+                Err(d) => d.role().map(str::to_owned).or_else(|| req.role.clone()),
+            },
+            scopes: decision.as_ref().map(|g| g.scopes.clone()).unwrap_or_default(),
+            denial: decision.as_ref().err().map(|d| DenialSummary { code: d.code().to_owned(), description: d.public_description() }),
+            traces,
+        };
+        let event = AuditEvent {
+            at_ms: now_ms,
+            kind: AuditKind::ExchangeDryRun,
+            issuer: Some(verified.issuer.to_string()),
+            role: report.role.clone(),
+            project_id: Some(verified.claims.effective_project_id().to_string()),
+            reason: report.denial.as_ref().map(|d| d.code.clone()),
+            detail: json!({ "would_grant": report.would_grant, "subject": subject_summary(&verified), "traces": &report.traces }),
+        };
+        self.store.append_audit(event).await.map_err(ExchangeError::Store)?;
+        Ok(report)
+    }
+
+    fn record(&self, v: &VerifiedIdToken, grant: &Grant, minted: &MintedToken, now_ms: i64) -> ExchangeRecord {
+        let c = &v.claims;
+        let replay = self.replay_protection.get(&*v.issuer).copied().unwrap_or(true).then(|| ReplayEntry {
+            issuer: v.issuer.to_string(),
+            jti: c.jti.clone(),
+            expires_at_ms: c.exp.0.saturating_mul(1000),
+        });
+        let identity = Identity {
+            issuer: v.issuer.to_string(),
+            project_id: c.effective_project_id().to_string(),
+            namespace_id: c.job_namespace_id.unwrap_or(c.namespace_id).to_string(),
+            role: grant.role.to_string(),
+            project_path: c.job_project_path.clone().unwrap_or_else(|| c.project_path.clone()),
+            namespace_path: c.job_namespace_path.clone().unwrap_or_else(|| c.namespace_path.clone()),
+            owner: grant.owner.to_string(),
+        };
+        let token = IssuedToken {
+            jti: minted.jti.clone(),
+            kind: grant.kind.as_str().to_owned(),
+            audience: minted.audience.clone(),
+            scope: minted.scope.clone(),
+            issued_at_ms: minted.issued_at.saturating_mul(1000),
+            expires_at_ms: minted.expires_at.saturating_mul(1000),
+            subject_jti: c.jti.clone(),
+            pipeline_id: c.pipeline_id.to_string(),
+            job_id: c.job_id.to_string(),
+            git_ref: c.git_ref.clone(),
+        };
+        let audit = AuditEvent {
+            at_ms: now_ms,
+            kind: AuditKind::ExchangeGranted,
+            issuer: Some(v.issuer.to_string()),
+            role: Some(grant.role.to_string()),
+            project_id: Some(identity.project_id.clone()),
+            reason: None,
+            detail: json!({
+                "jti": minted.jti,
+                "owner": &*grant.owner,
+                "policy_file": &*grant.policy_file,
+                "audience": minted.audience,
+                "scope": minted.scope,
+                "expires_at": minted.expires_at,
+                "matched": grant.matched,
+                "condition_checked": grant.condition_checked,
+                "subject": subject_summary(v),
+            }),
+        };
+        ExchangeRecord { replay, identity, token, audit }
+    }
+
+    async fn audit_denied(
+        &self,
+        now_ms: i64,
+        verified: Option<&VerifiedIdToken>,
+        req: &ExchangeRequest,
+        reason: &str,
+        detail: serde_json::Value,
+    ) -> Result<(), ExchangeError> {
+        let event = AuditEvent {
+            at_ms: now_ms,
+            kind: AuditKind::ExchangeDenied,
+            issuer: verified.map(|v| v.issuer.to_string()),
+            role: req.role.clone(),
+            project_id: verified.map(|v| v.claims.effective_project_id().to_string()),
+            reason: Some(reason.to_owned()),
+            detail,
+        };
+        self.store.append_audit(event).await.map_err(ExchangeError::Store)
+    }
+}
+
+fn role_request(req: &ExchangeRequest) -> RoleRequest {
+    RoleRequest { role: req.role.clone(), audience: req.audience.clone(), scopes: req.scopes.clone() }
+}
+
+/// SHA-256 of a token, hex: the only form a token takes in records and logs.
+pub fn token_hash(token: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+}
+
+/// The claims that identify the job, for audit records. No token, no secret.
+fn subject_summary(v: &VerifiedIdToken) -> serde_json::Value {
+    let c = &v.claims;
+    json!({
+        "iss": c.iss,
+        "jti": c.jti,
+        "token_sha256": hex::encode(v.token_sha256),
+        "kid": v.kid,
+        "project_id": c.project_id.to_string(),
+        "project_path": c.project_path,
+        "namespace_id": c.namespace_id.to_string(),
+        "namespace_path": c.namespace_path,
+        "job_project_id": c.job_project_id.map(|i| i.to_string()),
+        "pipeline_id": c.pipeline_id.to_string(),
+        "pipeline_source": c.pipeline_source,
+        "job_id": c.job_id.to_string(),
+        "ref": c.git_ref,
+        "ref_type": c.ref_type.as_str(),
+        "ref_protected": c.ref_protected.0,
+        "environment": c.environment,
+        "environment_protected": c.environment_protected.map(|b| b.0),
+        "user_id": c.user_id,
+        "user_login": c.user_login,
+        "sha": c.sha,
+    })
+}
