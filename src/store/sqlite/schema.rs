@@ -248,6 +248,7 @@ pub(super) fn migrate(conn: &mut Connection) -> Result<i64, StoreError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

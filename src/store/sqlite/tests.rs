@@ -1,3 +1,6 @@
+// Tests may panic on unexpected results; that is how they fail.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 

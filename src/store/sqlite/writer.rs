@@ -143,10 +143,10 @@ pub(super) fn commit_batch(
 
 fn rollback(conn: &Connection) {
     // SQLite may already have rolled back on its own (e.g. SQLITE_FULL).
-    if !conn.is_autocommit() {
-        if let Err(e) = conn.execute_batch("ROLLBACK") {
-            tracing::error!(error = %e, "rolling back a failed SQLite batch failed");
-        }
+    if !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %e, "rolling back a failed SQLite batch failed");
     }
 }
 
