@@ -1,1 +1,0 @@
-//! Embedded SQLite store (written by the store stage).

@@ -1,0 +1,292 @@
+//! The database file, its connections and its schema.
+//!
+//! Files are created owner-only before SQLite ever touches them, and the
+//! modes are set explicitly afterwards so the process umask cannot loosen
+//! them. Migrations are numbered, run once each inside one `BEGIN IMMEDIATE`
+//! transaction, and only ever move forward: a database written by a newer
+//! cistern is refused rather than guessed at.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::db_err;
+use crate::config::Synchronous;
+use crate::store::StoreError;
+
+/// How long a connection waits on a lock before failing with `SQLITE_BUSY`.
+/// Only the writer takes write locks, so this covers checkpoints and a
+/// second process (e.g. an operator's CLI) briefly holding the database.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Forward-only migrations, applied in order. Never edit a released entry;
+/// append a new one instead.
+const MIGRATIONS: &[(i64, &str)] = &[(1, MIGRATION_1)];
+
+/// The initial schema. Times are integer milliseconds since the epoch, ids
+/// are text, and `detail` is JSON text, so the same shape maps onto any SQL
+/// store.
+const MIGRATION_1: &str = "
+CREATE TABLE replay (
+    issuer        TEXT    NOT NULL,
+    jti           TEXT    NOT NULL,
+    expires_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (issuer, jti)
+);
+CREATE INDEX replay_expires ON replay (expires_at_ms);
+
+CREATE TABLE issued_tokens (
+    jti            TEXT    NOT NULL PRIMARY KEY,
+    kind           TEXT    NOT NULL,
+    issuer         TEXT    NOT NULL,
+    project_id     TEXT    NOT NULL,
+    namespace_id   TEXT    NOT NULL,
+    role           TEXT    NOT NULL,
+    project_path   TEXT    NOT NULL,
+    namespace_path TEXT    NOT NULL,
+    owner          TEXT    NOT NULL,
+    audience       TEXT    NOT NULL,
+    scope          TEXT    NOT NULL,
+    issued_at_ms   INTEGER NOT NULL,
+    expires_at_ms  INTEGER NOT NULL,
+    subject_jti    TEXT    NOT NULL,
+    pipeline_id    TEXT    NOT NULL,
+    job_id         TEXT    NOT NULL,
+    git_ref        TEXT    NOT NULL
+);
+CREATE INDEX issued_tokens_project ON issued_tokens (issuer, project_id);
+CREATE INDEX issued_tokens_role ON issued_tokens (role);
+CREATE INDEX issued_tokens_expires ON issued_tokens (expires_at_ms);
+
+CREATE TABLE identities (
+    issuer         TEXT    NOT NULL,
+    project_id     TEXT    NOT NULL,
+    namespace_id   TEXT    NOT NULL,
+    role           TEXT    NOT NULL,
+    project_path   TEXT    NOT NULL,
+    namespace_path TEXT    NOT NULL,
+    owner          TEXT    NOT NULL,
+    first_seen_ms  INTEGER NOT NULL,
+    last_used_ms   INTEGER NOT NULL,
+    exchanges      INTEGER NOT NULL,
+    PRIMARY KEY (issuer, project_id, namespace_id, role)
+);
+
+-- AUTOINCREMENT so a sequence number is never reused, even if a retention
+-- job ever trims the tail. prev_hash/hash are reserved for the hash chain.
+CREATE TABLE audit (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_ms      INTEGER NOT NULL,
+    kind       TEXT    NOT NULL,
+    issuer     TEXT,
+    role       TEXT,
+    project_id TEXT,
+    reason     TEXT,
+    detail     TEXT    NOT NULL,
+    prev_hash  BLOB,
+    hash       BLOB
+);
+";
+
+/// Creates the missing parent directories (0700) and the database file
+/// (0600), then tightens the file to 0600 even if it already existed.
+pub(super) fn prepare_files(path: &Path) -> Result<(), StoreError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_private_dirs(parent)?;
+    }
+    create_private_file(path)?;
+    restrict(path, 0o600)
+}
+
+/// Sets 0600 on the `-wal` and `-shm` companions that exist.
+pub(super) fn restrict_companions(path: &Path) -> Result<(), StoreError> {
+    for suffix in ["-wal", "-shm"] {
+        let companion = companion_path(path, suffix);
+        if companion.exists() {
+            restrict(&companion, 0o600)?;
+        }
+    }
+    Ok(())
+}
+
+/// `path` with `suffix` appended to its file name (`cistern.db-wal`).
+pub(super) fn companion_path(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// Creates each missing ancestor in turn so that exactly the directories we
+/// create, and no pre-existing one, get mode 0700.
+fn create_private_dirs(dir: &Path) -> Result<(), StoreError> {
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    for d in missing.into_iter().rev() {
+        match std::fs::create_dir(d) {
+            Ok(()) => restrict(d, 0o700)?,
+            // Lost a race with another creator: it is theirs, leave its mode.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err("create directory", d, &e)),
+        }
+    }
+    Ok(())
+}
+
+fn create_private_file(path: &Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).write(true).create(true).truncate(false);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    options
+        .open(path)
+        .map(drop)
+        .map_err(|e| io_err("create database file", path, &e))
+}
+
+#[cfg(unix)]
+fn restrict(path: &Path, mode: u32) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| io_err("set permissions on", path, &e))
+}
+
+#[cfg(not(unix))]
+fn restrict(_path: &Path, _mode: u32) -> Result<(), StoreError> {
+    Ok(())
+}
+
+fn io_err(action: &str, path: &Path, e: &std::io::Error) -> StoreError {
+    StoreError::Database(format!("cannot {action} {}: {e}", path.display()))
+}
+
+/// Opens the writer's connection: WAL, the configured `synchronous`, and
+/// the shared per-connection settings.
+pub(super) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| db_err("open database", e))?;
+    configure(&conn)?;
+    let mode: String = conn
+        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+        .map_err(|e| db_err("set journal_mode", e))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Database(format!(
+            "database refused WAL journal mode (got {mode})"
+        )));
+    }
+    let sync = match synchronous {
+        Synchronous::Normal => "NORMAL",
+        Synchronous::Full => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(|e| db_err("set synchronous", e))?;
+    Ok(conn)
+}
+
+/// Opens a read connection. `query_only` makes a stray write on it an
+/// error instead of a second writer competing for the lock.
+pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| db_err("open database", e))?;
+    configure(&conn)?;
+    conn.pragma_update(None, "query_only", "ON")
+        .map_err(|e| db_err("set query_only", e))?;
+    Ok(conn)
+}
+
+fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| db_err("set busy_timeout", e))?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(|e| db_err("set foreign_keys", e))?;
+    // The schema is ours alone; never run functions a crafted schema names.
+    conn.pragma_update(None, "trusted_schema", "OFF")
+        .map_err(|e| db_err("set trusted_schema", e))?;
+    Ok(())
+}
+
+/// Brings the schema up to the newest version this build knows.
+/// Idempotent: a database already at that version is left untouched.
+pub(super) fn migrate(conn: &mut Connection) -> Result<i64, StoreError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(|e| db_err("begin migration", e))?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY)")
+        .map_err(|e| db_err("create schema_version", e))?;
+    let current: i64 = tx
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(|e| db_err("read schema_version", e))?;
+    let newest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
+    if current > newest {
+        return Err(StoreError::Database(format!(
+            "database schema version {current} is newer than this build supports ({newest})"
+        )));
+    }
+    for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
+        tx.execute_batch(sql)
+            .map_err(|e| db_err(&format!("apply migration {version}"), e))?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [version],
+        )
+        .map_err(|e| db_err("record schema_version", e))?;
+    }
+    tx.commit().map_err(|e| db_err("commit migration", e))?;
+    Ok(newest)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_from_one_without_gaps() {
+        for (i, (version, _)) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(*version, i as i64 + 1);
+        }
+    }
+
+    #[test]
+    fn a_database_from_a_newer_build_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        prepare_files(&path).unwrap();
+        let mut conn = open_writer(&path, Synchronous::Normal).unwrap();
+        migrate(&mut conn).unwrap();
+        conn.execute("INSERT INTO schema_version (version) VALUES (999)", [])
+            .unwrap();
+        let err = migrate(&mut conn).unwrap_err();
+        assert!(err.to_string().contains("999"), "{err}");
+    }
+
+    #[test]
+    fn migrating_twice_applies_each_migration_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        prepare_files(&path).unwrap();
+        let mut conn = open_writer(&path, Synchronous::Full).unwrap();
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        assert_eq!(migrate(&mut conn).unwrap(), 1);
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM schema_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, MIGRATIONS.len() as i64);
+        let sync: i64 = conn
+            .pragma_query_value(None, "synchronous", |r| r.get(0))
+            .unwrap();
+        assert_eq!(sync, 2, "FULL is 2");
+    }
+}

@@ -1,0 +1,284 @@
+//! The single writer: one thread, one connection, group commit.
+//!
+//! Requests arrive on a bounded channel. The thread takes whatever is
+//! pending (up to [`MAX_BATCH`]), runs each request inside its own
+//! `SAVEPOINT` of one `BEGIN IMMEDIATE` transaction, commits once, and only
+//! then answers every request. A request that fails (a replayed ID token,
+//! a constraint) is rolled back to its savepoint alone; if the transaction
+//! itself cannot commit, every request in the batch is told so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rusqlite::{Connection, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::db_err;
+use crate::store::{AuditEvent, ExchangeRecord, StoreError};
+
+/// Most requests committed in one transaction. Past ~256 rows the commit
+/// cost is already amortised (crates.md §C) and a larger batch only delays
+/// the first reply in it.
+pub(super) const MAX_BATCH: usize = 256;
+
+/// One write and where to send its outcome.
+pub(super) struct WriteRequest {
+    pub(super) op: WriteOp,
+    pub(super) reply: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// What to write. The `u64` reply is the number of rows a prune removed,
+/// and 0 for the others.
+pub(super) enum WriteOp {
+    Exchange(Box<ExchangeRecord>),
+    Audit(AuditEvent),
+    PruneReplay { now_ms: i64 },
+}
+
+/// A message to the writer thread.
+pub(super) enum Message {
+    Write(WriteRequest),
+    /// Stop accepting writes, finish what is queued, close the connection,
+    /// then answer.
+    Close(oneshot::Sender<()>),
+}
+
+/// Counters kept by the writer (read with relaxed ordering: they are
+/// statistics, not synchronisation).
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    pub(super) requests: AtomicU64,
+    pub(super) commits: AtomicU64,
+    pub(super) failed_batches: AtomicU64,
+}
+
+/// The writer loop. Returns when the channel is closed and drained.
+pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, counters: Arc<Counters>) {
+    let mut batch: Vec<WriteRequest> = Vec::with_capacity(MAX_BATCH);
+    let mut closers: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(message) = next.take() {
+            match message {
+                Message::Write(request) => batch.push(request),
+                Message::Close(reply) => {
+                    // Refuse new sends; whatever is already queued is still
+                    // received below, so no accepted write is dropped.
+                    rx.close();
+                    closers.push(reply);
+                }
+            }
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let outcomes = commit_batch(&mut conn, &batch);
+        counters
+            .requests
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match outcomes {
+            Ok(_) => counters.commits.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.failed_batches.fetch_add(1, Ordering::Relaxed),
+        };
+        answer(batch.drain(..), outcomes);
+    }
+    // Closing the last connection checkpoints the WAL into the main file.
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "closing the SQLite writer connection failed");
+    }
+    for closer in closers {
+        let _ = closer.send(());
+    }
+}
+
+/// Sends each request its outcome; a whole-batch failure goes to everyone.
+pub(super) fn answer(
+    requests: impl Iterator<Item = WriteRequest>,
+    outcomes: Result<Vec<Result<u64, StoreError>>, StoreError>,
+) {
+    match outcomes {
+        Ok(outcomes) => {
+            for (request, outcome) in requests.zip(outcomes) {
+                // The caller may have given up waiting; the write stands.
+                let _ = request.reply.send(outcome);
+            }
+        }
+        Err(e) => {
+            let message = e.to_string();
+            for request in requests {
+                let _ = request
+                    .reply
+                    .send(Err(StoreError::Database(message.clone())));
+            }
+        }
+    }
+}
+
+/// Runs `batch` in one transaction, one savepoint per request. `Ok` holds
+/// one outcome per request, in order, and means the transaction committed;
+/// `Err` means nothing in the batch was written.
+pub(super) fn commit_batch(
+    conn: &mut Connection,
+    batch: &[WriteRequest],
+) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| db_err("begin batch", e))?;
+    match run_requests(conn, batch) {
+        Ok(outcomes) => match conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(outcomes),
+            Err(e) => {
+                rollback(conn);
+                Err(db_err("commit batch", e))
+            }
+        },
+        Err(e) => {
+            rollback(conn);
+            Err(e)
+        }
+    }
+}
+
+fn rollback(conn: &Connection) {
+    // SQLite may already have rolled back on its own (e.g. SQLITE_FULL).
+    if !conn.is_autocommit()
+        && let Err(e) = conn.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %e, "rolling back a failed SQLite batch failed");
+    }
+}
+
+/// `Err` only when the transaction as a whole is no longer usable.
+fn run_requests(
+    conn: &Connection,
+    batch: &[WriteRequest],
+) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for request in batch {
+        exec(conn, "SAVEPOINT request").map_err(|e| db_err("savepoint", e))?;
+        let outcome = apply(conn, &request.op);
+        if outcome.is_err() {
+            if conn.is_autocommit() {
+                return Err(StoreError::Database(
+                    "the database rolled back the batch".into(),
+                ));
+            }
+            exec(conn, "ROLLBACK TO request").map_err(|e| db_err("rollback to savepoint", e))?;
+        }
+        exec(conn, "RELEASE request").map_err(|e| db_err("release savepoint", e))?;
+        outcomes.push(outcome);
+    }
+    Ok(outcomes)
+}
+
+fn exec(conn: &Connection, sql: &str) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute([])
+}
+
+fn apply(conn: &Connection, op: &WriteOp) -> Result<u64, StoreError> {
+    match op {
+        WriteOp::Exchange(record) => insert_exchange(conn, record).map(|()| 0),
+        WriteOp::Audit(event) => insert_audit(conn, event).map(|()| 0),
+        WriteOp::PruneReplay { now_ms } => conn
+            .prepare_cached("DELETE FROM replay WHERE expires_at_ms < ?1")
+            .and_then(|mut s| s.execute([now_ms]))
+            .map(|n| n as u64)
+            .map_err(|e| db_err("prune replay", e)),
+    }
+}
+
+fn insert_exchange(conn: &Connection, record: &ExchangeRecord) -> Result<(), StoreError> {
+    if let Some(replay) = &record.replay {
+        // DO NOTHING + row count rather than matching constraint error
+        // codes: a conflict is the expected outcome of a replay, not a fault.
+        let inserted = conn
+            .prepare_cached(
+                "INSERT INTO replay (issuer, jti, expires_at_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (issuer, jti) DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![replay.issuer, replay.jti, replay.expires_at_ms]))
+            .map_err(|e| db_err("insert replay", e))?;
+        if inserted == 0 {
+            return Err(StoreError::Replay);
+        }
+    }
+    let id = &record.identity;
+    let t = &record.token;
+    conn.prepare_cached(
+        "INSERT INTO issued_tokens (jti, kind, issuer, project_id, namespace_id, role,
+             project_path, namespace_path, owner, audience, scope, issued_at_ms,
+             expires_at_ms, subject_jti, pipeline_id, job_id, git_ref)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            t.jti,
+            t.kind,
+            id.issuer,
+            id.project_id,
+            id.namespace_id,
+            id.role,
+            id.project_path,
+            id.namespace_path,
+            id.owner,
+            t.audience,
+            t.scope,
+            t.issued_at_ms,
+            t.expires_at_ms,
+            t.subject_jti,
+            t.pipeline_id,
+            t.job_id,
+            t.git_ref,
+        ])
+    })
+    .map_err(|e| db_err("insert issued token", e))?;
+    conn.prepare_cached(
+        "INSERT INTO identities (issuer, project_id, namespace_id, role, project_path,
+             namespace_path, owner, first_seen_ms, last_used_ms, exchanges)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, 1)
+         ON CONFLICT (issuer, project_id, namespace_id, role) DO UPDATE SET
+             project_path = excluded.project_path,
+             namespace_path = excluded.namespace_path,
+             owner = excluded.owner,
+             last_used_ms = MAX(identities.last_used_ms, excluded.last_used_ms),
+             exchanges = identities.exchanges + 1",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            id.issuer,
+            id.project_id,
+            id.namespace_id,
+            id.role,
+            id.project_path,
+            id.namespace_path,
+            id.owner,
+            t.issued_at_ms,
+        ])
+    })
+    .map_err(|e| db_err("upsert identity", e))?;
+    insert_audit(conn, &record.audit)
+}
+
+fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), StoreError> {
+    let detail = serde_json::to_string(&event.detail)
+        .map_err(|e| StoreError::Database(format!("encode audit detail: {e}")))?;
+    conn.prepare_cached(
+        "INSERT INTO audit (at_ms, kind, issuer, role, project_id, reason, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )
+    .and_then(|mut s| {
+        s.execute(params![
+            event.at_ms,
+            event.kind.as_str(),
+            event.issuer,
+            event.role,
+            event.project_id,
+            event.reason,
+            detail,
+        ])
+    })
+    .map(drop)
+    .map_err(|e| db_err("append audit", e))
+}
