@@ -715,8 +715,9 @@ impl Cistern {
         }
     }
 
-    /// A token-exchange request with reqwest: `role`, and optional `scope`
-    /// and `audience`. Returns the status and the JSON body.
+    /// A token-exchange request with reqwest (subject_token_type jwt, `role`,
+    /// optional `scope`; use [`Cistern::post_form`] for anything else).
+    /// Returns the status and the JSON body.
     pub async fn exchange(
         &self,
         subject_token: &str,
