@@ -628,3 +628,254 @@ fn parse_matcher(claim: ClaimName, value: &toml::Value) -> Result<Matcher, Strin
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::path::Path;
+
+    /// Line numbers below refer to this text.
+    pub(crate) const BASE: &str = r#"role = "deploy"
+owner = "team-payments"
+issuer = "gitlab"
+
+[bindings]
+project_id = "20"
+ref = ["main", "release/*"]
+ref_protected = true
+
+[grant]
+kind = "access_token"
+audience = "https://deploy.example.com"
+scopes = ["deploy:read", "deploy:write"]
+ttl = "10m"
+"#;
+
+    pub(crate) fn issuers() -> BTreeMap<String, IssuerConfig> {
+        toml::from_str(
+            r#"
+[gitlab]
+issuer = "https://gitlab.example.com"
+audiences = ["https://cistern.example.com"]
+[staging]
+issuer = "https://gitlab-staging.example.com"
+audiences = ["https://cistern.example.com"]
+"#,
+        )
+        .unwrap()
+    }
+
+    pub(crate) fn ceiling() -> CeilingConfig {
+        toml::from_str(
+            r#"
+issuers = ["gitlab"]
+max_ttl = "1h"
+scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn compile_with(text: &str, ceiling: &CeilingConfig) -> Result<CompiledPolicy, Vec<SourceError>> {
+        let cel = Arc::new(cel::Env::stdlib());
+        let issuers = issuers();
+        let env = CompileEnv {
+            ceiling,
+            issuers: &issuers,
+            cel: &cel,
+        };
+        compile(
+            &Source::from_text(Path::new("p.toml"), text.to_owned()),
+            "p.toml",
+            &env,
+        )
+    }
+
+    /// Compiles `BASE` with `from` replaced by `to`, expecting exactly one error.
+    fn one_error(from: &str, to: &str) -> SourceError {
+        assert!(BASE.contains(from), "{from}");
+        let errs = compile_with(&BASE.replacen(from, to, 1), &ceiling()).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        let e = errs.into_iter().next().unwrap();
+        assert_eq!(e.file, Path::new("p.toml"));
+        e
+    }
+
+    fn assert_at(e: &SourceError, field: &str, line: usize, needle: &str) {
+        assert_eq!(e.field.as_deref(), Some(field), "{e}");
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(e.message.contains(needle), "{e}");
+    }
+
+    #[test]
+    fn the_base_policy_compiles() {
+        let p = compile_with(BASE, &ceiling()).unwrap();
+        assert_eq!(p.role(), "deploy");
+        assert_eq!(p.grant_scopes(), ["deploy:read", "deploy:write"]);
+        assert_eq!(p.grant_ttl(), Duration::from_secs(600));
+        assert_eq!(
+            p.bindings().collect::<Vec<_>>(),
+            [
+                ("project_id", "20"),
+                ("ref", "one of [main, release/*]"),
+                ("ref_protected", "true")
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_claim_is_refused_and_named() {
+        let e = one_error("ref_protected = true", "reff = \"main\"");
+        assert_at(&e, "bindings.reff", 8, "unknown claim(s) reff");
+        assert!(e.message.contains("bindable claims: project_id"), "{e}");
+    }
+
+    #[test]
+    fn an_id_binding_refuses_globs_and_non_ids() {
+        let e = one_error("project_id = \"20\"", "project_id = \"2*\"");
+        assert_at(&e, "bindings.project_id", 6, "globs are not allowed");
+        let e = one_error("project_id = \"20\"", "project_id = \"020\"");
+        assert_at(&e, "bindings.project_id", 6, "not a GitLab id");
+        let e = one_error("project_id = \"20\"", "project_id = -1");
+        assert_at(&e, "bindings.project_id", 6, "non-negative");
+        let e = one_error("project_id = \"20\"", "project_id = true");
+        assert_at(&e, "bindings.project_id", 6, "must be an id");
+    }
+
+    #[test]
+    fn an_id_binding_accepts_integers_and_lists() {
+        let text = BASE.replace("project_id = \"20\"", "project_id = [20, \"21\"]");
+        let p = compile_with(&text, &ceiling()).unwrap();
+        assert!(p.bindings().any(|b| b == ("project_id", "one of [20, 21]")));
+    }
+
+    #[test]
+    fn a_bool_binding_must_be_a_toml_boolean() {
+        let e = one_error("ref_protected = true", "ref_protected = \"true\"");
+        assert_at(&e, "bindings.ref_protected", 8, "without quotes");
+        let e = one_error("ref_protected = true", "ref_protected = [true]");
+        assert_at(&e, "bindings.ref_protected", 8, "TOML boolean");
+    }
+
+    #[test]
+    fn an_int_binding_must_be_an_integer() {
+        let e = one_error("ref_protected = true", "runner_id = \"1\"");
+        assert_at(&e, "bindings.runner_id", 8, "must be an integer");
+    }
+
+    #[test]
+    fn string_bindings_refuse_empty_strings_double_stars_and_empty_lists() {
+        let e = one_error("ref = [\"main\", \"release/*\"]", "ref = \"\"");
+        assert_at(&e, "bindings.ref", 7, "empty string");
+        let e = one_error("ref = [\"main\", \"release/*\"]", "ref = \"release/**\"");
+        assert_at(&e, "bindings.ref", 7, "`**` is not supported");
+        let e = one_error("ref = [\"main\", \"release/*\"]", "ref = []");
+        assert_at(&e, "bindings.ref", 7, "empty list");
+        let e = one_error("ref = [\"main\", \"release/*\"]", "ref = 1");
+        assert_at(&e, "bindings.ref", 7, "must be a string");
+        let e = one_error("ref = [\"main\", \"release/*\"]", "ref_type = \"branches\"");
+        assert_at(&e, "bindings.ref_type", 7, "\"branch\" or \"tag\"");
+    }
+
+    #[test]
+    fn a_policy_without_an_immutable_id_is_refused() {
+        let e = one_error("project_id = \"20\"", "project_path = \"my-group/my-project\"");
+        assert_at(&e, "bindings", 5, "immutable id");
+        let e = one_error("project_id = \"20\"", "job_namespace_id = \"72\"");
+        assert_at(&e, "bindings", 5, "immutable id");
+    }
+
+    #[test]
+    fn the_issuer_must_be_configured_and_within_the_ceiling() {
+        let e = one_error("issuer = \"gitlab\"", "issuer = \"github\"");
+        assert_at(&e, "issuer", 3, "not a configured issuer");
+        let e = one_error("issuer = \"gitlab\"", "issuer = \"staging\"");
+        assert_at(&e, "issuer", 3, "ceiling.issuers");
+    }
+
+    #[test]
+    fn the_ttl_must_be_positive_and_within_the_ceiling() {
+        let e = one_error("ttl = \"10m\"", "ttl = \"2h\"");
+        assert_at(&e, "grant.ttl", 14, "exceeds ceiling.max_ttl (1h)");
+        let e = one_error("ttl = \"10m\"", "ttl = \"0s\"");
+        assert_at(&e, "grant.ttl", 14, "positive");
+    }
+
+    #[test]
+    fn scopes_must_be_well_formed_and_within_the_ceiling() {
+        let scopes = "scopes = [\"deploy:read\", \"deploy:write\"]";
+        let e = one_error(scopes, "scopes = [\"admin:all\"]");
+        assert_at(&e, "grant.scopes", 13, "\"admin:all\" is not allowed by ceiling.scopes");
+        let e = one_error(scopes, "scopes = [\"deploy:write:all\"]");
+        assert_at(&e, "grant.scopes", 13, "ceiling.scopes");
+        let e = one_error(scopes, "scopes = [\"deploy: read\"]");
+        assert_at(&e, "grant.scopes", 13, "whitespace");
+        let e = one_error(scopes, "scopes = []");
+        assert_at(&e, "grant.scopes", 13, "at least one scope");
+        let e = one_error(scopes, "scopes = [\"deploy:read\", \"deploy:read\"]");
+        assert_at(&e, "grant.scopes", 13, "listed twice");
+    }
+
+    #[test]
+    fn the_audience_must_match_the_ceiling_when_it_lists_audiences() {
+        let mut c = ceiling();
+        c.audiences = vec!["https://*.internal.example.com".to_owned()];
+        let errs = compile_with(BASE, &c).unwrap_err();
+        assert_at(&errs[0], "grant.audience", 12, "ceiling.audiences");
+        let ok = BASE.replace("deploy.example.com", "deploy.internal.example.com");
+        compile_with(&ok, &c).unwrap();
+    }
+
+    #[test]
+    fn a_condition_that_does_not_compile_is_refused_at_load() {
+        let e = one_error("issuer = \"gitlab\"\n", "issuer = \"gitlab\"\ncondition = \"claims.ref ==\"\n");
+        assert_at(&e, "condition", 4, "does not compile");
+        let e = one_error(
+            "issuer = \"gitlab\"\n",
+            "issuer = \"gitlab\"\ncondition = 'env.ref == \"main\"'\n",
+        );
+        assert_at(&e, "condition", 4, "unknown variable `env`");
+    }
+
+    #[test]
+    fn the_fork_opt_in_is_refused_unless_the_ceiling_allows_it() {
+        let text = BASE.replace("issuer = \"gitlab\"\n", "issuer = \"gitlab\"\nallow_fork_merge_requests = true\n");
+        let errs = compile_with(&text, &ceiling()).unwrap_err();
+        assert_at(&errs[0], "allow_fork_merge_requests", 4, "ceiling.allow_fork_opt_in");
+        let mut c = ceiling();
+        c.allow_fork_opt_in = true;
+        assert!(compile_with(&text, &c).unwrap().allows_fork_merge_requests());
+    }
+
+    #[test]
+    fn unknown_fields_and_missing_owner_are_parse_errors_with_field_and_line() {
+        let e = one_error("owner = \"team-payments\"", "owner = \"team-payments\"\nrole_name = \"x\"");
+        assert_eq!(e.field.as_deref(), Some("role_name"), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+        let e = one_error("ttl = \"10m\"", "ttl = \"10m\"\nrefresh = true");
+        assert_eq!(e.field.as_deref(), Some("refresh"), "{e}");
+        let e = one_error("owner = \"team-payments\"\n", "");
+        assert_eq!(e.field.as_deref(), Some("owner"), "{e}");
+        let e = one_error("kind = \"access_token\"", "kind = \"aws_session\"");
+        assert_eq!(e.line, Some(11), "{e}");
+    }
+
+    #[test]
+    fn role_and_owner_are_checked() {
+        let e = one_error("role = \"deploy\"", "role = \"Deploy Prod\"");
+        assert_at(&e, "role", 1, "a-z");
+        let e = one_error("owner = \"team-payments\"", "owner = \" \"");
+        assert_at(&e, "owner", 2, "owning team");
+    }
+
+    #[test]
+    fn every_error_of_a_file_is_reported() {
+        let text = BASE
+            .replace("issuer = \"gitlab\"", "issuer = \"github\"")
+            .replace("ttl = \"10m\"", "ttl = \"5h\"")
+            .replace("ref_protected = true", "ref_protected = \"yes\"");
+        let errs = compile_with(&text, &ceiling()).unwrap_err();
+        let fields: Vec<_> = errs.iter().filter_map(|e| e.field.as_deref()).collect();
+        assert_eq!(fields, ["issuer", "bindings.ref_protected", "grant.ttl"], "{errs:?}");
+    }
+}
