@@ -339,3 +339,410 @@ fn grant(
         _proof: (),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::compile::tests::{BASE, ceiling, issuers};
+    use super::super::render_traces;
+    use super::*;
+    use std::time::Duration;
+
+    fn claims_with(edit: impl FnOnce(&mut serde_json::Value)) -> GitLabClaims {
+        let mut v: serde_json::Value =
+            serde_json::from_str(include_str!("../../tests/fixtures/gitlab_payload.json"))
+                .unwrap();
+        edit(&mut v);
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn token_with(edit: impl FnOnce(&mut serde_json::Value)) -> VerifiedIdToken {
+        VerifiedIdToken {
+            issuer: "gitlab".into(),
+            claims: claims_with(edit),
+            kid: "k1".to_owned(),
+            token_sha256: [0; 32],
+            _proof: (),
+        }
+    }
+
+    fn token() -> VerifiedIdToken {
+        token_with(|_| {})
+    }
+
+    /// A policy directory from (file name, text) pairs.
+    fn dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(d.path().join(name), text).unwrap();
+        }
+        d
+    }
+
+    fn load(files: &[(&str, &str)]) -> Result<PolicySet, PolicyErrors> {
+        let d = dir(files);
+        PolicySet::load_dir(d.path(), &ceiling(), &issuers())
+    }
+
+    fn set(files: &[(&str, &str)]) -> PolicySet {
+        load(files).unwrap()
+    }
+
+    fn named(role: &str) -> RoleRequest {
+        RoleRequest {
+            role: Some(role.to_owned()),
+            ..RoleRequest::default()
+        }
+    }
+
+    fn for_audience(aud: &str) -> RoleRequest {
+        RoleRequest {
+            audience: Some(aud.to_owned()),
+            ..RoleRequest::default()
+        }
+    }
+
+    /// BASE renamed to `role`, with `from` replaced by `to`.
+    fn policy(role: &str, from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from}");
+        BASE.replace("role = \"deploy\"", &format!("role = \"{role}\""))
+            .replacen(from, to, 1)
+    }
+
+    fn not_permitted(r: Result<Grant, Denial>) -> RoleTrace {
+        match r {
+            Err(Denial::NotPermitted { trace, .. }) => trace,
+            other => panic!("expected NotPermitted, got {other:?}"),
+        }
+    }
+
+    fn failed(trace: &RoleTrace) -> Vec<&str> {
+        trace.checks.iter().filter(|c| !c.ok).map(|c| c.what.as_str()).collect()
+    }
+
+    #[test]
+    fn a_matching_token_is_granted_with_the_bindings_that_decided() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let g = s.decide(&token(), &named("deploy")).unwrap();
+        assert_eq!(&*g.role, "deploy");
+        assert_eq!(&*g.owner, "team-payments");
+        assert_eq!(&*g.policy_file, "deploy.toml");
+        assert_eq!(&*g.audience, "https://deploy.example.com");
+        assert_eq!(g.scopes, ["deploy:read", "deploy:write"]);
+        assert_eq!(g.ttl, Duration::from_secs(600));
+        assert!(!g.condition_checked);
+        let ref_binding = g.matched.iter().find(|m| m.claim == "ref").unwrap();
+        assert_eq!((ref_binding.value.as_str(), ref_binding.pattern.as_str()), ("main", "main"));
+        assert_eq!(g.matched.len(), 3);
+    }
+
+    #[test]
+    fn a_failed_binding_denies_with_a_trace_of_expected_and_actual() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let t = token_with(|v| v["ref"] = "feature/x".into());
+        let trace = not_permitted(s.decide(&t, &named("deploy")));
+        assert_eq!(failed(&trace), ["binding ref"]);
+        let c = trace.checks.iter().find(|c| !c.ok).unwrap();
+        assert_eq!(c.expected, "one of [main, release/*]");
+        assert_eq!(c.actual, "\"feature/x\"");
+        let text = render_traces(&[trace]);
+        assert!(
+            text.contains(r#"binding ref: expected one of [main, release/*], got "feature/x""#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_public_description_names_the_role_but_not_the_failed_binding() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let t = token_with(|v| v["ref"] = "feature/x".into());
+        let d = s.decide(&t, &named("deploy")).unwrap_err();
+        assert_eq!(d.code(), "not_permitted");
+        assert_eq!(d.role(), Some("deploy"));
+        let public = d.public_description();
+        assert!(public.contains("deploy"), "{public}");
+        assert!(!public.contains("main") && !public.contains("ref"), "{public}");
+    }
+
+    #[test]
+    fn glob_bindings_stay_within_one_segment_and_are_anchored() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let with_ref = |r: &str| {
+            let r = r.to_owned();
+            s.decide(&token_with(move |v| v["ref"] = r.into()), &named("deploy"))
+        };
+        assert!(with_ref("release/1").is_ok());
+        assert!(with_ref("release/1/x").is_err());
+        assert!(with_ref("xmain").is_err());
+        assert!(with_ref("main2").is_err());
+
+        let grp = policy("grp", "ref = [\"main\", \"release/*\"]", "project_path = \"grp/*\"");
+        let s = set(&[("grp.toml", &grp)]);
+        let with_path = |p: &str| {
+            let p = p.to_owned();
+            s.decide(&token_with(move |v| v["project_path"] = p.into()), &named("grp"))
+        };
+        assert!(with_path("grp/proj").is_ok());
+        assert!(with_path("grp/sub/proj").is_err());
+    }
+
+    #[test]
+    fn an_absent_claim_fails_its_binding() {
+        let p = policy("env", "ref_protected = true", "environment = \"production\"");
+        let s = set(&[("env.toml", &p)]);
+        let t = token_with(|v| {
+            v.as_object_mut().unwrap().remove("environment");
+        });
+        let trace = not_permitted(s.decide(&t, &named("env")));
+        let c = trace.checks.iter().find(|c| !c.ok).unwrap();
+        assert_eq!((c.what.as_str(), c.actual.as_str()), ("binding environment", "(claim absent)"));
+    }
+
+    #[test]
+    fn bool_and_id_bindings_compare_typed_values() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let t = token_with(|v| v["ref_protected"] = "false".into());
+        assert_eq!(failed(&not_permitted(s.decide(&t, &named("deploy")))), ["binding ref_protected"]);
+        let t = token_with(|v| v["project_id"] = "200".into());
+        // Also a possible fork now (project_id ≠ job_project_id).
+        let trace = not_permitted(s.decide(&t, &named("deploy")));
+        assert!(failed(&trace).contains(&"binding project_id"), "{trace:?}");
+    }
+
+    #[test]
+    fn the_fork_guard_denies_possible_fork_pipelines_by_default() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let fork = token_with(|v| v["job_project_id"] = "99".into());
+        let trace = not_permitted(s.decide(&fork, &named("deploy")));
+        assert_eq!(failed(&trace), ["fork guard"]);
+        assert!(render_traces(&[trace]).contains("allow_fork_merge_requests"));
+        // Older GitLab (no job_project_id): a merge-request pipeline counts as a possible fork.
+        let old_mr = token_with(|v| {
+            v.as_object_mut().unwrap().remove("job_project_id");
+            v["pipeline_source"] = "merge_request_event".into();
+        });
+        assert_eq!(failed(&not_permitted(s.decide(&old_mr, &named("deploy")))), ["fork guard"]);
+    }
+
+    #[test]
+    fn a_role_may_opt_out_of_the_fork_guard_when_the_ceiling_allows() {
+        let text = BASE.replace(
+            "issuer = \"gitlab\"\n",
+            "issuer = \"gitlab\"\nallow_fork_merge_requests = true\n",
+        );
+        let d = dir(&[("deploy.toml", &text)]);
+        assert!(PolicySet::load_dir(d.path(), &ceiling(), &issuers()).is_err());
+        let mut c = ceiling();
+        c.allow_fork_opt_in = true;
+        let s = PolicySet::load_dir(d.path(), &c, &issuers()).unwrap();
+        let fork = token_with(|v| v["job_project_id"] = "99".into());
+        assert!(s.decide(&fork, &named("deploy")).is_ok());
+    }
+
+    #[test]
+    fn a_role_refuses_tokens_of_another_issuer() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let mut t = token();
+        t.issuer = "staging".into();
+        let d = s.decide(&t, &named("deploy")).unwrap_err();
+        assert!(matches!(d, Denial::WrongIssuer { .. }), "{d:?}");
+        assert_eq!(d.code(), "wrong_issuer");
+        assert_eq!(failed(&s.explain("staging", &t.claims, None)[0]), ["issuer"]);
+    }
+
+    #[test]
+    fn an_unknown_role_and_no_role_are_distinct_denials() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let d = s.decide(&token(), &named("nope")).unwrap_err();
+        assert_eq!((d.code(), d.role()), ("unknown_role", Some("nope")));
+        let d = s.decide(&token(), &RoleRequest::default()).unwrap_err();
+        assert!(matches!(d, Denial::NoRoleRequested), "{d:?}");
+    }
+
+    #[test]
+    fn requested_scopes_narrow_the_grant_in_the_roles_order() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let mut req = named("deploy");
+        req.scopes = Some(vec!["deploy:write".to_owned(), "deploy:read".to_owned()]);
+        assert_eq!(s.decide(&token(), &req).unwrap().scopes, ["deploy:read", "deploy:write"]);
+        req.scopes = Some(vec!["deploy:read".to_owned()]);
+        assert_eq!(s.decide(&token(), &req).unwrap().scopes, ["deploy:read"]);
+        req.scopes = Some(vec![]);
+        assert_eq!(s.decide(&token(), &req).unwrap().scopes.len(), 2);
+    }
+
+    #[test]
+    fn requesting_a_scope_beyond_the_role_is_refused() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let mut req = named("deploy");
+        req.scopes = Some(vec!["deploy:read".to_owned(), "deploy:admin".to_owned()]);
+        match s.decide(&token(), &req).unwrap_err() {
+            Denial::ScopeNotAllowed { role, scope } => {
+                assert_eq!((role.as_str(), scope.as_str()), ("deploy", "deploy:admin"));
+            }
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn a_scope_request_on_a_refused_role_reveals_nothing_about_scopes() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let mut req = named("deploy");
+        req.scopes = Some(vec!["deploy:admin".to_owned()]);
+        let t = token_with(|v| v["ref"] = "feature/x".into());
+        assert_eq!(s.decide(&t, &req).unwrap_err().code(), "not_permitted");
+    }
+
+    #[test]
+    fn a_named_role_with_another_audience_is_refused() {
+        let s = set(&[("deploy.toml", BASE)]);
+        let mut req = named("deploy");
+        req.audience = Some("https://other.example.com".to_owned());
+        assert_eq!(s.decide(&token(), &req).unwrap_err().code(), "audience_mismatch");
+        req.audience = Some("https://deploy.example.com".to_owned());
+        assert!(s.decide(&token(), &req).is_ok());
+    }
+
+    #[test]
+    fn an_audience_alone_selects_the_one_matching_role() {
+        let other = policy("deploy-tags", "ref_protected = true", "ref_type = \"tag\"");
+        let s = set(&[("deploy.toml", BASE), ("tags.toml", &other)]);
+        let g = s.decide(&token(), &for_audience("https://deploy.example.com")).unwrap();
+        assert_eq!(&*g.role, "deploy");
+    }
+
+    #[test]
+    fn an_audience_matching_several_roles_is_ambiguous() {
+        let other = policy("deploy-too", "ref_protected = true", "ref_type = \"branch\"");
+        let s = set(&[("deploy.toml", BASE), ("too.toml", &other)]);
+        match s.decide(&token(), &for_audience("https://deploy.example.com")).unwrap_err() {
+            Denial::Ambiguous { roles } => assert_eq!(roles, ["deploy", "deploy-too"]),
+            d => panic!("{d:?}"),
+        }
+    }
+
+    #[test]
+    fn an_audience_no_role_permits_is_not_permitted() {
+        let other = policy("deploy-tags", "ref_protected = true", "ref_type = \"tag\"");
+        let s = set(&[("deploy.toml", BASE), ("tags.toml", &other)]);
+        let t = token_with(|v| v["ref"] = "feature/x".into());
+        let d = s.decide(&t, &for_audience("https://deploy.example.com")).unwrap_err();
+        assert_eq!((d.code(), d.role()), ("not_permitted", None));
+        let Denial::NotPermitted { trace, .. } = &d else { panic!() };
+        assert_eq!(failed(trace), ["role deploy", "role deploy-tags"]);
+        let d = s.decide(&token(), &for_audience("https://nobody.example.com")).unwrap_err();
+        let Denial::NotPermitted { trace, .. } = &d else { panic!("{d:?}") };
+        assert_eq!(failed(trace), ["audience"]);
+        assert!(!d.public_description().contains("nobody"));
+    }
+
+    #[test]
+    fn a_condition_is_evaluated_only_after_the_bindings_and_must_be_true() {
+        let with = |cond: &str| {
+            BASE.replace(
+                "issuer = \"gitlab\"\n",
+                &format!("issuer = \"gitlab\"\ncondition = '{cond}'\n"),
+            )
+        };
+        let s = set(&[
+            ("t.toml", &with(r#"claims.user_access_level in ["maintainer", "owner"]"#).replace("\"deploy\"", "\"t\"")),
+            ("f.toml", &with(r#"claims.user_access_level == "owner""#).replace("\"deploy\"", "\"f\"")),
+            ("e.toml", &with("claims.project_id > 3").replace("\"deploy\"", "\"e\"")),
+            ("n.toml", &with("claims.runner_id").replace("\"deploy\"", "\"n\"")),
+        ]);
+        let g = s.decide(&token(), &named("t")).unwrap();
+        assert!(g.condition_checked);
+        for (role, actual) in [("f", "false"), ("e", "error"), ("n", "error")] {
+            let trace = not_permitted(s.decide(&token(), &named(role)));
+            let c = trace.checks.last().unwrap();
+            assert_eq!((c.what.as_str(), c.ok, c.actual.as_str()), ("condition", false, actual), "{role}");
+        }
+        // A failed binding: the condition is not evaluated at all.
+        let t = token_with(|v| v["ref"] = "feature/x".into());
+        let trace = not_permitted(s.decide(&t, &named("t")));
+        assert!(trace.checks.iter().all(|c| c.what != "condition"));
+    }
+
+    #[test]
+    fn explain_traces_every_role_and_agrees_with_decide() {
+        let other = policy("deploy-tags", "ref_protected = true", "ref_type = \"tag\"");
+        let s = set(&[("deploy.toml", BASE), ("tags.toml", &other)]);
+        let c = claims_with(|_| {});
+        let traces = s.explain("gitlab", &c, None);
+        assert_eq!(traces.len(), 2);
+        assert_eq!(
+            traces.iter().map(|t| (t.role.as_str(), t.granted)).collect::<Vec<_>>(),
+            [("deploy", true), ("deploy-tags", false)]
+        );
+        let text = render_traces(&traces);
+        assert!(text.starts_with("granted: deploy (owner team-payments, deploy.toml)\n"), "{text}");
+        assert!(text.contains("refused: deploy-tags"), "{text}");
+        assert!(text.contains(r#"binding ref_type: expected tag, got "branch""#), "{text}");
+        assert_eq!(s.explain("gitlab", &c, Some("deploy-tags")).len(), 1);
+        assert!(s.explain("gitlab", &c, Some("nope")).is_empty());
+        let json = serde_json::to_value(&traces[1]).unwrap();
+        assert_eq!(json["checks"][0]["what"], "issuer");
+    }
+
+    #[test]
+    fn duplicate_roles_are_refused_naming_both_files() {
+        let e = load(&[("a.toml", BASE), ("b.toml", BASE)]).unwrap_err();
+        assert_eq!(e.0.len(), 1, "{e}");
+        assert!(e.0[0].file.ends_with("b.toml"), "{e}");
+        assert_eq!(e.0[0].line, Some(1));
+        assert!(e.0[0].message.contains("also defined in a.toml"), "{e}");
+    }
+
+    #[test]
+    fn errors_of_every_file_are_reported_together() {
+        let bad1 = policy("one", "ttl = \"10m\"", "ttl = \"9h\"");
+        let bad2 = policy("two", "project_id = \"20\"", "project_path = \"a/b\"");
+        let e = load(&[("one.toml", &bad1), ("two.toml", &bad2), ("ok.toml", BASE)]).unwrap_err();
+        assert_eq!(e.0.len(), 2, "{e}");
+        let text = e.to_string();
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("one.toml:14: grant.ttl"), "{text}");
+        assert!(text.contains("two.toml:5: bindings"), "{text}");
+    }
+
+    #[test]
+    fn only_toml_files_count_and_an_empty_directory_is_an_error() {
+        let e = load(&[("README.md", "# notes"), ("deploy.toml~", "junk"), (".x.toml", "junk")])
+            .unwrap_err();
+        assert!(e.to_string().contains("no policy files"), "{e}");
+        let s = set(&[("deploy.toml", BASE), ("README.md", "# notes")]);
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn the_fingerprint_covers_names_and_contents_and_matches_fingerprint_dir() {
+        let d = dir(&[("deploy.toml", BASE)]);
+        let s = PolicySet::load_dir(d.path(), &ceiling(), &issuers()).unwrap();
+        assert_eq!(s.fingerprint(), fingerprint_dir(d.path()).unwrap());
+        assert_eq!(s.fingerprint().len(), 64);
+        std::fs::write(d.path().join("notes.txt"), "ignored").unwrap();
+        assert_eq!(s.fingerprint(), fingerprint_dir(d.path()).unwrap());
+        std::fs::rename(d.path().join("deploy.toml"), d.path().join("d.toml")).unwrap();
+        assert_ne!(s.fingerprint(), fingerprint_dir(d.path()).unwrap());
+    }
+
+    #[test]
+    fn the_example_policies_load_against_a_documented_ceiling() {
+        let mut c = ceiling();
+        c.audiences = vec!["https://*.example.com".to_owned()];
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/policies");
+        let s = PolicySet::load_dir(&dir, &c, &issuers()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            s.roles().map(CompiledPolicy::role).collect::<Vec<_>>(),
+            ["artifacts-read", "deploy-production", "release-publish"]
+        );
+        // The sample token (protected main of project 20 in group 72, production env).
+        let g = s.decide(&token(), &named("deploy-production")).unwrap();
+        assert_eq!(g.scopes, ["deploy:read", "deploy:write"]);
+        assert!(s.decide(&token(), &named("artifacts-read")).is_ok());
+        let tag = token_with(|v| {
+            v["ref"] = "v1.2.0".into();
+            v["ref_type"] = "tag".into();
+        });
+        assert!(s.decide(&tag, &named("release-publish")).unwrap().condition_checked);
+    }
+}
