@@ -249,20 +249,21 @@ impl CompiledPolicy {
                 reason: reason.to_owned(),
             });
         }
-        if let Some(c) = &self.condition {
-            if checks.iter().all(|c| c.ok) {
-                let (ok, actual, reason) = match c.evaluate(claims) {
-                    Ok(b) => (b, b.to_string(), String::new()),
-                    Err(e) => (false, "error".to_owned(), e),
-                };
-                checks.push(Check {
-                    what: "condition".to_owned(),
-                    ok,
-                    expected: "true".to_owned(),
-                    actual,
-                    reason,
-                });
-            }
+        // Like `permits`, the condition runs only once everything else passed.
+        if let Some(c) = &self.condition
+            && checks.iter().all(|c| c.ok)
+        {
+            let (ok, actual, reason) = match c.evaluate(claims) {
+                Ok(b) => (b, b.to_string(), String::new()),
+                Err(e) => (false, "error".to_owned(), e),
+            };
+            checks.push(Check {
+                what: "condition".to_owned(),
+                ok,
+                expected: "true".to_owned(),
+                actual,
+                reason,
+            });
         }
         RoleTrace {
             role: self.role.to_string(),
@@ -395,7 +396,11 @@ pub(crate) fn compile(
             "must name the owning team or person (non-empty, one line)".to_owned(),
         );
     }
-    if spec.description.chars().any(|c| c.is_control() && c != '\n') {
+    if spec
+        .description
+        .chars()
+        .any(|c| c.is_control() && c != '\n')
+    {
         err(
             "description",
             "must not contain control characters".to_owned(),
@@ -630,6 +635,7 @@ fn parse_matcher(claim: ClaimName, value: &toml::Value) -> Result<Matcher, Strin
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 pub(crate) mod tests {
     use super::*;
     use std::path::Path;
@@ -676,7 +682,10 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
         .unwrap()
     }
 
-    fn compile_with(text: &str, ceiling: &CeilingConfig) -> Result<CompiledPolicy, Vec<SourceError>> {
+    fn compile_with(
+        text: &str,
+        ceiling: &CeilingConfig,
+    ) -> Result<CompiledPolicy, Vec<SourceError>> {
         let cel = Arc::new(cel::Env::stdlib());
         let issuers = issuers();
         let env = CompileEnv {
@@ -779,7 +788,10 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
 
     #[test]
     fn a_policy_without_an_immutable_id_is_refused() {
-        let e = one_error("project_id = \"20\"", "project_path = \"my-group/my-project\"");
+        let e = one_error(
+            "project_id = \"20\"",
+            "project_path = \"my-group/my-project\"",
+        );
         assert_at(&e, "bindings", 5, "immutable id");
         let e = one_error("project_id = \"20\"", "job_namespace_id = \"72\"");
         assert_at(&e, "bindings", 5, "immutable id");
@@ -805,7 +817,12 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
     fn scopes_must_be_well_formed_and_within_the_ceiling() {
         let scopes = "scopes = [\"deploy:read\", \"deploy:write\"]";
         let e = one_error(scopes, "scopes = [\"admin:all\"]");
-        assert_at(&e, "grant.scopes", 13, "\"admin:all\" is not allowed by ceiling.scopes");
+        assert_at(
+            &e,
+            "grant.scopes",
+            13,
+            "\"admin:all\" is not allowed by ceiling.scopes",
+        );
         let e = one_error(scopes, "scopes = [\"deploy:write:all\"]");
         assert_at(&e, "grant.scopes", 13, "ceiling.scopes");
         let e = one_error(scopes, "scopes = [\"deploy: read\"]");
@@ -828,7 +845,10 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
 
     #[test]
     fn a_condition_that_does_not_compile_is_refused_at_load() {
-        let e = one_error("issuer = \"gitlab\"\n", "issuer = \"gitlab\"\ncondition = \"claims.ref ==\"\n");
+        let e = one_error(
+            "issuer = \"gitlab\"\n",
+            "issuer = \"gitlab\"\ncondition = \"claims.ref ==\"\n",
+        );
         assert_at(&e, "condition", 4, "does not compile");
         let e = one_error(
             "issuer = \"gitlab\"\n",
@@ -839,17 +859,32 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
 
     #[test]
     fn the_fork_opt_in_is_refused_unless_the_ceiling_allows_it() {
-        let text = BASE.replace("issuer = \"gitlab\"\n", "issuer = \"gitlab\"\nallow_fork_merge_requests = true\n");
+        let text = BASE.replace(
+            "issuer = \"gitlab\"\n",
+            "issuer = \"gitlab\"\nallow_fork_merge_requests = true\n",
+        );
         let errs = compile_with(&text, &ceiling()).unwrap_err();
-        assert_at(&errs[0], "allow_fork_merge_requests", 4, "ceiling.allow_fork_opt_in");
+        assert_at(
+            &errs[0],
+            "allow_fork_merge_requests",
+            4,
+            "ceiling.allow_fork_opt_in",
+        );
         let mut c = ceiling();
         c.allow_fork_opt_in = true;
-        assert!(compile_with(&text, &c).unwrap().allows_fork_merge_requests());
+        assert!(
+            compile_with(&text, &c)
+                .unwrap()
+                .allows_fork_merge_requests()
+        );
     }
 
     #[test]
     fn unknown_fields_and_missing_owner_are_parse_errors_with_field_and_line() {
-        let e = one_error("owner = \"team-payments\"", "owner = \"team-payments\"\nrole_name = \"x\"");
+        let e = one_error(
+            "owner = \"team-payments\"",
+            "owner = \"team-payments\"\nrole_name = \"x\"",
+        );
         assert_eq!(e.field.as_deref(), Some("role_name"), "{e}");
         assert_eq!(e.line, Some(3), "{e}");
         let e = one_error("ttl = \"10m\"", "ttl = \"10m\"\nrefresh = true");
@@ -876,6 +911,10 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
             .replace("ref_protected = true", "ref_protected = \"yes\"");
         let errs = compile_with(&text, &ceiling()).unwrap_err();
         let fields: Vec<_> = errs.iter().filter_map(|e| e.field.as_deref()).collect();
-        assert_eq!(fields, ["issuer", "bindings.ref_protected", "grant.ttl"], "{errs:?}");
+        assert_eq!(
+            fields,
+            ["issuer", "bindings.ref_protected", "grant.ttl"],
+            "{errs:?}"
+        );
     }
 }

@@ -92,10 +92,7 @@ impl Condition {
         ctx.add_variable_as_val(CLAIMS_VAR, Box::new(claims_map(claims)));
         match self.program.execute(&ctx) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(format!(
-                "returned a {} instead of a bool",
-                other.type_of()
-            )),
+            Ok(other) => Err(format!("returned a {} instead of a bool", other.type_of())),
             Err(e) => Err(format!("evaluation error: {e}")),
         }
     }
@@ -210,6 +207,7 @@ fn check_entry(entry: &EntryExpr, bound: &mut Vec<String>, problems: &mut Vec<St
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -175,7 +175,11 @@ pub fn render_traces(traces: &[RoleTrace]) -> String {
             t.role, t.owner, t.policy_file
         );
         for c in t.checks.iter().filter(|c| !c.ok) {
-            let _ = write!(out, "  {}: expected {}, got {}", c.what, c.expected, c.actual);
+            let _ = write!(
+                out,
+                "  {}: expected {}, got {}",
+                c.what, c.expected, c.actual
+            );
             if !c.reason.is_empty() {
                 let _ = write!(out, " ({})", c.reason);
             }

@@ -66,6 +66,7 @@ fn segment_matches(p: &[u8], v: &[u8]) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -115,8 +116,20 @@ mod tests {
     #[test]
     fn audience_stars_do_not_cross_url_separators() {
         let s = AUDIENCE_SEPARATORS;
-        assert!(matches("https://*.example.com", "https://deploy.example.com", s));
-        assert!(!matches("https://*.example.com", "https://evil.test/.example.com", s));
-        assert!(!matches("https://*.example.com", "http://deploy.example.com", s));
+        assert!(matches(
+            "https://*.example.com",
+            "https://deploy.example.com",
+            s
+        ));
+        assert!(!matches(
+            "https://*.example.com",
+            "https://evil.test/.example.com",
+            s
+        ));
+        assert!(!matches(
+            "https://*.example.com",
+            "http://deploy.example.com",
+            s
+        ));
     }
 }

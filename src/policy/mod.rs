@@ -79,6 +79,8 @@ pub struct MatchedBinding {
 /// Proof that a policy allowed a request. Only `policy` can build one, so
 /// minting without a decision does not compile.
 #[derive(Debug, Clone)]
+// `_proof` is a capability, not a future-proofing marker.
+#[allow(clippy::manual_non_exhaustive)]
 pub struct Grant {
     /// The role granted.
     pub role: Arc<str>,

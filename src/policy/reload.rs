@@ -86,14 +86,14 @@ pub fn spawn_reloader(
     on_result: Arc<dyn Fn(Result<ReloadOutcome, PolicyErrors>) + Send + Sync>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut hangup =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP; policy reload polls only");
-                    None
-                }
-            };
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; policy reload polls only");
+                None
+            }
+        };
         let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(100)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticker.tick().await; // the first tick is immediate
@@ -137,4 +137,86 @@ pub fn spawn_reloader(
             }
         }
     })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::super::compile::tests::{BASE, ceiling, issuers};
+    use super::*;
+
+    fn store_with(text: &str) -> (tempfile::TempDir, PolicyStore) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("deploy.toml"), text).unwrap();
+        let s = PolicyStore::load(d.path(), &ceiling(), &issuers()).unwrap();
+        (d, s)
+    }
+
+    #[test]
+    fn a_broken_file_keeps_the_old_set_in_force() {
+        let (d, store) = store_with(BASE);
+        let before = store.current();
+        std::fs::write(d.path().join("broken.toml"), "role = \"x\"\nbogus = 1\n").unwrap();
+        let e = store.reload().unwrap_err();
+        assert!(e.to_string().contains("broken.toml:2: bogus"), "{e}");
+        assert!(Arc::ptr_eq(&before, &store.current()));
+        assert_eq!(store.current().len(), 1);
+    }
+
+    #[test]
+    fn a_good_change_is_swapped_in_and_an_unchanged_directory_is_not() {
+        let (d, store) = store_with(BASE);
+        let before = store.current();
+        let same = store.reload().unwrap();
+        assert!(!same.changed);
+        assert!(Arc::ptr_eq(&before, &store.current()));
+
+        let other = BASE.replace("role = \"deploy\"", "role = \"deploy-2\"");
+        std::fs::write(d.path().join("two.toml"), other).unwrap();
+        let out = store.reload().unwrap();
+        assert!(out.changed);
+        assert_eq!(out.roles, 2);
+        assert_eq!(out.fingerprint, store.current().fingerprint());
+        assert_eq!(
+            before.len(),
+            1,
+            "holders of the old set keep a consistent view"
+        );
+        assert!(store.current().role("deploy-2").is_some());
+    }
+
+    #[tokio::test]
+    async fn the_reloader_picks_up_a_changed_directory_on_its_poll() {
+        let (d, store) = store_with(BASE);
+        let store = Arc::new(store);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let handle = spawn_reloader(
+            Arc::clone(&store),
+            Duration::from_millis(100),
+            Arc::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        let other = BASE.replace("role = \"deploy\"", "role = \"deploy-2\"");
+        std::fs::write(d.path().join("two.toml"), other).unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(r.changed);
+        assert_eq!(store.current().len(), 2);
+
+        // A broken file is reported once, not on every tick.
+        std::fs::write(d.path().join("three.toml"), "nonsense").unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(r.is_err());
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert!(rx.try_recv().is_err());
+        assert_eq!(store.current().len(), 2);
+        handle.abort();
+    }
 }

@@ -5,9 +5,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::Grant;
 use super::compile::{CompileEnv, CompiledPolicy, compile};
 use super::decide::{Check, Denial, RoleRequest, RoleTrace};
-use super::Grant;
 use crate::config::{CeilingConfig, IssuerConfig};
 use crate::oidc::{GitLabClaims, VerifiedIdToken};
 use crate::source::{Source, SourceError};
@@ -183,6 +183,9 @@ impl PolicySet {
     /// its issuer, its checks (fork guard, bindings, condition), then the
     /// request's audience and scopes — so a job learns nothing about a
     /// role's grant unless the role permits it.
+    // `Denial::NotPermitted` carries the whole trace for the audit record by
+    // contract; denials are not hot enough for its size to matter.
+    #[allow(clippy::result_large_err)]
     pub fn decide(&self, token: &VerifiedIdToken, req: &RoleRequest) -> Result<Grant, Denial> {
         let issuer: &str = &token.issuer;
         let claims = &token.claims;
@@ -201,7 +204,11 @@ impl PolicySet {
                         trace: p.trace(issuer, claims),
                     });
                 }
-                if req.audience.as_deref().is_some_and(|a| a != p.grant_audience()) {
+                if req
+                    .audience
+                    .as_deref()
+                    .is_some_and(|a| a != p.grant_audience())
+                {
                     return Err(Denial::AudienceMismatch { role: role.clone() });
                 }
                 p
@@ -212,6 +219,7 @@ impl PolicySet {
         grant(policy, claims, req.scopes.as_deref())
     }
 
+    #[allow(clippy::result_large_err)]
     fn select_by_audience(
         &self,
         issuer: &str,
@@ -264,7 +272,12 @@ impl PolicySet {
 
     /// Dry run / `policy test`: traces every role (or only `role`) for these
     /// claims; never issues anything. An unknown `role` gives no traces.
-    pub fn explain(&self, issuer: &str, claims: &GitLabClaims, role: Option<&str>) -> Vec<RoleTrace> {
+    pub fn explain(
+        &self,
+        issuer: &str,
+        claims: &GitLabClaims,
+        role: Option<&str>,
+    ) -> Vec<RoleTrace> {
         match role {
             Some(r) => self
                 .roles
@@ -272,7 +285,11 @@ impl PolicySet {
                 .map(|p| p.trace(issuer, claims))
                 .into_iter()
                 .collect(),
-            None => self.roles.values().map(|p| p.trace(issuer, claims)).collect(),
+            None => self
+                .roles
+                .values()
+                .map(|p| p.trace(issuer, claims))
+                .collect(),
         }
     }
 }
@@ -305,6 +322,7 @@ fn if_empty_no_role(checks: Vec<Check>, audience: &str) -> Vec<Check> {
 }
 
 /// Narrows the role's grant to the request. `Some(empty)` counts as no request.
+#[allow(clippy::result_large_err)]
 fn grant(
     p: &CompiledPolicy,
     claims: &GitLabClaims,
@@ -341,6 +359,7 @@ fn grant(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 mod tests {
     use super::super::compile::tests::{BASE, ceiling, issuers};
     use super::super::render_traces;
@@ -349,8 +368,7 @@ mod tests {
 
     fn claims_with(edit: impl FnOnce(&mut serde_json::Value)) -> GitLabClaims {
         let mut v: serde_json::Value =
-            serde_json::from_str(include_str!("../../tests/fixtures/gitlab_payload.json"))
-                .unwrap();
+            serde_json::from_str(include_str!("../../tests/fixtures/gitlab_payload.json")).unwrap();
         edit(&mut v);
         serde_json::from_value(v).unwrap()
     }
@@ -416,7 +434,12 @@ mod tests {
     }
 
     fn failed(trace: &RoleTrace) -> Vec<&str> {
-        trace.checks.iter().filter(|c| !c.ok).map(|c| c.what.as_str()).collect()
+        trace
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.what.as_str())
+            .collect()
     }
 
     #[test]
@@ -431,7 +454,10 @@ mod tests {
         assert_eq!(g.ttl, Duration::from_secs(600));
         assert!(!g.condition_checked);
         let ref_binding = g.matched.iter().find(|m| m.claim == "ref").unwrap();
-        assert_eq!((ref_binding.value.as_str(), ref_binding.pattern.as_str()), ("main", "main"));
+        assert_eq!(
+            (ref_binding.value.as_str(), ref_binding.pattern.as_str()),
+            ("main", "main")
+        );
         assert_eq!(g.matched.len(), 3);
     }
 
@@ -460,7 +486,10 @@ mod tests {
         assert_eq!(d.role(), Some("deploy"));
         let public = d.public_description();
         assert!(public.contains("deploy"), "{public}");
-        assert!(!public.contains("main") && !public.contains("ref"), "{public}");
+        assert!(
+            !public.contains("main") && !public.contains("ref"),
+            "{public}"
+        );
     }
 
     #[test]
@@ -475,11 +504,18 @@ mod tests {
         assert!(with_ref("xmain").is_err());
         assert!(with_ref("main2").is_err());
 
-        let grp = policy("grp", "ref = [\"main\", \"release/*\"]", "project_path = \"grp/*\"");
+        let grp = policy(
+            "grp",
+            "ref = [\"main\", \"release/*\"]",
+            "project_path = \"grp/*\"",
+        );
         let s = set(&[("grp.toml", &grp)]);
         let with_path = |p: &str| {
             let p = p.to_owned();
-            s.decide(&token_with(move |v| v["project_path"] = p.into()), &named("grp"))
+            s.decide(
+                &token_with(move |v| v["project_path"] = p.into()),
+                &named("grp"),
+            )
         };
         assert!(with_path("grp/proj").is_ok());
         assert!(with_path("grp/sub/proj").is_err());
@@ -487,21 +523,31 @@ mod tests {
 
     #[test]
     fn an_absent_claim_fails_its_binding() {
-        let p = policy("env", "ref_protected = true", "environment = \"production\"");
+        let p = policy(
+            "env",
+            "ref_protected = true",
+            "environment = \"production\"",
+        );
         let s = set(&[("env.toml", &p)]);
         let t = token_with(|v| {
             v.as_object_mut().unwrap().remove("environment");
         });
         let trace = not_permitted(s.decide(&t, &named("env")));
         let c = trace.checks.iter().find(|c| !c.ok).unwrap();
-        assert_eq!((c.what.as_str(), c.actual.as_str()), ("binding environment", "(claim absent)"));
+        assert_eq!(
+            (c.what.as_str(), c.actual.as_str()),
+            ("binding environment", "(claim absent)")
+        );
     }
 
     #[test]
     fn bool_and_id_bindings_compare_typed_values() {
         let s = set(&[("deploy.toml", BASE)]);
         let t = token_with(|v| v["ref_protected"] = "false".into());
-        assert_eq!(failed(&not_permitted(s.decide(&t, &named("deploy")))), ["binding ref_protected"]);
+        assert_eq!(
+            failed(&not_permitted(s.decide(&t, &named("deploy")))),
+            ["binding ref_protected"]
+        );
         let t = token_with(|v| v["project_id"] = "200".into());
         // Also a possible fork now (project_id ≠ job_project_id).
         let trace = not_permitted(s.decide(&t, &named("deploy")));
@@ -520,7 +566,10 @@ mod tests {
             v.as_object_mut().unwrap().remove("job_project_id");
             v["pipeline_source"] = "merge_request_event".into();
         });
-        assert_eq!(failed(&not_permitted(s.decide(&old_mr, &named("deploy")))), ["fork guard"]);
+        assert_eq!(
+            failed(&not_permitted(s.decide(&old_mr, &named("deploy")))),
+            ["fork guard"]
+        );
     }
 
     #[test]
@@ -546,7 +595,10 @@ mod tests {
         let d = s.decide(&t, &named("deploy")).unwrap_err();
         assert!(matches!(d, Denial::WrongIssuer { .. }), "{d:?}");
         assert_eq!(d.code(), "wrong_issuer");
-        assert_eq!(failed(&s.explain("staging", &t.claims, None)[0]), ["issuer"]);
+        assert_eq!(
+            failed(&s.explain("staging", &t.claims, None)[0]),
+            ["issuer"]
+        );
     }
 
     #[test]
@@ -563,7 +615,10 @@ mod tests {
         let s = set(&[("deploy.toml", BASE)]);
         let mut req = named("deploy");
         req.scopes = Some(vec!["deploy:write".to_owned(), "deploy:read".to_owned()]);
-        assert_eq!(s.decide(&token(), &req).unwrap().scopes, ["deploy:read", "deploy:write"]);
+        assert_eq!(
+            s.decide(&token(), &req).unwrap().scopes,
+            ["deploy:read", "deploy:write"]
+        );
         req.scopes = Some(vec!["deploy:read".to_owned()]);
         assert_eq!(s.decide(&token(), &req).unwrap().scopes, ["deploy:read"]);
         req.scopes = Some(vec![]);
@@ -597,7 +652,10 @@ mod tests {
         let s = set(&[("deploy.toml", BASE)]);
         let mut req = named("deploy");
         req.audience = Some("https://other.example.com".to_owned());
-        assert_eq!(s.decide(&token(), &req).unwrap_err().code(), "audience_mismatch");
+        assert_eq!(
+            s.decide(&token(), &req).unwrap_err().code(),
+            "audience_mismatch"
+        );
         req.audience = Some("https://deploy.example.com".to_owned());
         assert!(s.decide(&token(), &req).is_ok());
     }
@@ -606,15 +664,24 @@ mod tests {
     fn an_audience_alone_selects_the_one_matching_role() {
         let other = policy("deploy-tags", "ref_protected = true", "ref_type = \"tag\"");
         let s = set(&[("deploy.toml", BASE), ("tags.toml", &other)]);
-        let g = s.decide(&token(), &for_audience("https://deploy.example.com")).unwrap();
+        let g = s
+            .decide(&token(), &for_audience("https://deploy.example.com"))
+            .unwrap();
         assert_eq!(&*g.role, "deploy");
     }
 
     #[test]
     fn an_audience_matching_several_roles_is_ambiguous() {
-        let other = policy("deploy-too", "ref_protected = true", "ref_type = \"branch\"");
+        let other = policy(
+            "deploy-too",
+            "ref_protected = true",
+            "ref_type = \"branch\"",
+        );
         let s = set(&[("deploy.toml", BASE), ("too.toml", &other)]);
-        match s.decide(&token(), &for_audience("https://deploy.example.com")).unwrap_err() {
+        match s
+            .decide(&token(), &for_audience("https://deploy.example.com"))
+            .unwrap_err()
+        {
             Denial::Ambiguous { roles } => assert_eq!(roles, ["deploy", "deploy-too"]),
             d => panic!("{d:?}"),
         }
@@ -625,12 +692,20 @@ mod tests {
         let other = policy("deploy-tags", "ref_protected = true", "ref_type = \"tag\"");
         let s = set(&[("deploy.toml", BASE), ("tags.toml", &other)]);
         let t = token_with(|v| v["ref"] = "feature/x".into());
-        let d = s.decide(&t, &for_audience("https://deploy.example.com")).unwrap_err();
+        let d = s
+            .decide(&t, &for_audience("https://deploy.example.com"))
+            .unwrap_err();
         assert_eq!((d.code(), d.role()), ("not_permitted", None));
-        let Denial::NotPermitted { trace, .. } = &d else { panic!() };
+        let Denial::NotPermitted { trace, .. } = &d else {
+            panic!()
+        };
         assert_eq!(failed(trace), ["role deploy", "role deploy-tags"]);
-        let d = s.decide(&token(), &for_audience("https://nobody.example.com")).unwrap_err();
-        let Denial::NotPermitted { trace, .. } = &d else { panic!("{d:?}") };
+        let d = s
+            .decide(&token(), &for_audience("https://nobody.example.com"))
+            .unwrap_err();
+        let Denial::NotPermitted { trace, .. } = &d else {
+            panic!("{d:?}")
+        };
         assert_eq!(failed(trace), ["audience"]);
         assert!(!d.public_description().contains("nobody"));
     }
@@ -644,17 +719,34 @@ mod tests {
             )
         };
         let s = set(&[
-            ("t.toml", &with(r#"claims.user_access_level in ["maintainer", "owner"]"#).replace("\"deploy\"", "\"t\"")),
-            ("f.toml", &with(r#"claims.user_access_level == "owner""#).replace("\"deploy\"", "\"f\"")),
-            ("e.toml", &with("claims.project_id > 3").replace("\"deploy\"", "\"e\"")),
-            ("n.toml", &with("claims.runner_id").replace("\"deploy\"", "\"n\"")),
+            (
+                "t.toml",
+                &with(r#"claims.user_access_level in ["maintainer", "owner"]"#)
+                    .replace("\"deploy\"", "\"t\""),
+            ),
+            (
+                "f.toml",
+                &with(r#"claims.user_access_level == "owner""#).replace("\"deploy\"", "\"f\""),
+            ),
+            (
+                "e.toml",
+                &with("claims.project_id > 3").replace("\"deploy\"", "\"e\""),
+            ),
+            (
+                "n.toml",
+                &with("claims.runner_id").replace("\"deploy\"", "\"n\""),
+            ),
         ]);
         let g = s.decide(&token(), &named("t")).unwrap();
         assert!(g.condition_checked);
         for (role, actual) in [("f", "false"), ("e", "error"), ("n", "error")] {
             let trace = not_permitted(s.decide(&token(), &named(role)));
             let c = trace.checks.last().unwrap();
-            assert_eq!((c.what.as_str(), c.ok, c.actual.as_str()), ("condition", false, actual), "{role}");
+            assert_eq!(
+                (c.what.as_str(), c.ok, c.actual.as_str()),
+                ("condition", false, actual),
+                "{role}"
+            );
         }
         // A failed binding: the condition is not evaluated at all.
         let t = token_with(|v| v["ref"] = "feature/x".into());
@@ -670,13 +762,22 @@ mod tests {
         let traces = s.explain("gitlab", &c, None);
         assert_eq!(traces.len(), 2);
         assert_eq!(
-            traces.iter().map(|t| (t.role.as_str(), t.granted)).collect::<Vec<_>>(),
+            traces
+                .iter()
+                .map(|t| (t.role.as_str(), t.granted))
+                .collect::<Vec<_>>(),
             [("deploy", true), ("deploy-tags", false)]
         );
         let text = render_traces(&traces);
-        assert!(text.starts_with("granted: deploy (owner team-payments, deploy.toml)\n"), "{text}");
+        assert!(
+            text.starts_with("granted: deploy (owner team-payments, deploy.toml)\n"),
+            "{text}"
+        );
         assert!(text.contains("refused: deploy-tags"), "{text}");
-        assert!(text.contains(r#"binding ref_type: expected tag, got "branch""#), "{text}");
+        assert!(
+            text.contains(r#"binding ref_type: expected tag, got "branch""#),
+            "{text}"
+        );
         assert_eq!(s.explain("gitlab", &c, Some("deploy-tags")).len(), 1);
         assert!(s.explain("gitlab", &c, Some("nope")).is_empty());
         let json = serde_json::to_value(&traces[1]).unwrap();
@@ -706,8 +807,12 @@ mod tests {
 
     #[test]
     fn only_toml_files_count_and_an_empty_directory_is_an_error() {
-        let e = load(&[("README.md", "# notes"), ("deploy.toml~", "junk"), (".x.toml", "junk")])
-            .unwrap_err();
+        let e = load(&[
+            ("README.md", "# notes"),
+            ("deploy.toml~", "junk"),
+            (".x.toml", "junk"),
+        ])
+        .unwrap_err();
         assert!(e.to_string().contains("no policy files"), "{e}");
         let s = set(&[("deploy.toml", BASE), ("README.md", "# notes")]);
         assert_eq!(s.len(), 1);
@@ -743,6 +848,10 @@ mod tests {
             v["ref"] = "v1.2.0".into();
             v["ref_type"] = "tag".into();
         });
-        assert!(s.decide(&tag, &named("release-publish")).unwrap().condition_checked);
+        assert!(
+            s.decide(&tag, &named("release-publish"))
+                .unwrap()
+                .condition_checked
+        );
     }
 }
