@@ -246,25 +246,21 @@ impl PolicySet {
                         role: only.role().to_owned(),
                         trace: only.trace(issuer, claims),
                     }),
-                    (first, second) => {
-                        // Zero or several candidates: one summary check each.
-                        let checks = first
+                    (None, _) => Err(no_role_trace(vec![Check {
+                        what: "audience".to_owned(),
+                        ok: false,
+                        expected: "a role granting this audience".to_owned(),
+                        actual: format!("{audience:?}"),
+                        reason: "no role for this issuer grants this audience".to_owned(),
+                    }])),
+                    // Several candidates, none permitted: one summary check each.
+                    (Some(first), Some(second)) => Err(no_role_trace(
+                        [first, second]
                             .into_iter()
-                            .chain(second)
                             .chain(all)
                             .map(|p| summary_check(p.trace(issuer, claims)))
-                            .collect();
-                        Err(Denial::NotPermitted {
-                            role: String::new(),
-                            trace: RoleTrace {
-                                role: String::new(),
-                                owner: String::new(),
-                                policy_file: String::new(),
-                                granted: false,
-                                checks: if_empty_no_role(checks, audience),
-                            },
-                        })
-                    }
+                            .collect(),
+                    )),
                 }
             }
         }
@@ -308,17 +304,18 @@ fn summary_check(t: RoleTrace) -> Check {
     }
 }
 
-fn if_empty_no_role(checks: Vec<Check>, audience: &str) -> Vec<Check> {
-    if !checks.is_empty() {
-        return checks;
+/// A denial for an audience request that no single role answers.
+fn no_role_trace(checks: Vec<Check>) -> Denial {
+    Denial::NotPermitted {
+        role: String::new(),
+        trace: RoleTrace {
+            role: String::new(),
+            owner: String::new(),
+            policy_file: String::new(),
+            granted: false,
+            checks,
+        },
     }
-    vec![Check {
-        what: "audience".to_owned(),
-        ok: false,
-        expected: "a role granting this audience".to_owned(),
-        actual: format!("{audience:?}"),
-        reason: "no role for this issuer grants this audience".to_owned(),
-    }]
 }
 
 /// Narrows the role's grant to the request. `Some(empty)` counts as no request.
