@@ -42,6 +42,9 @@ pub(crate) struct Condition {
     source: String,
     program: Program,
     env: Arc<Env>,
+    /// The claims the expression reads, when it only reads literal fields;
+    /// `None` when it uses `claims` as a whole. Only these go in the map.
+    fields: Option<Vec<ClaimName>>,
 }
 
 impl std::fmt::Debug for Condition {
@@ -66,17 +69,20 @@ impl Condition {
                 .collect();
             format!("does not compile: {}", msgs.join("; "))
         })?;
-        let mut problems = Vec::new();
-        check_references(program.expression(), &mut Vec::new(), &mut problems);
-        if !problems.is_empty() {
-            problems.sort();
-            problems.dedup();
-            return Err(problems.join("; "));
+        let mut refs = Refs::default();
+        walk(program.expression(), &mut Vec::new(), &mut refs);
+        if !refs.problems.is_empty() {
+            refs.problems.sort();
+            refs.problems.dedup();
+            return Err(refs.problems.join("; "));
         }
+        refs.fields.sort_by_key(|c| c.as_str());
+        refs.fields.dedup();
         Ok(Self {
             source: source.to_owned(),
             program,
             env: Arc::clone(env),
+            fields: if refs.whole { None } else { Some(refs.fields) },
         })
     }
 
@@ -89,7 +95,8 @@ impl Condition {
     /// callers deny on `Err` and on `Ok(false)`.
     pub(crate) fn evaluate(&self, claims: &GitLabClaims) -> Result<bool, String> {
         let mut ctx = Context::with_env(Arc::clone(&self.env));
-        ctx.add_variable_as_val(CLAIMS_VAR, Box::new(claims_map(claims)));
+        let names = self.fields.as_deref().unwrap_or(ClaimName::ALL);
+        ctx.add_variable_as_val(CLAIMS_VAR, Box::new(claims_map(claims, names)));
         match self.program.execute(&ctx) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(format!("returned a {} instead of a bool", other.type_of())),
@@ -98,12 +105,12 @@ impl Condition {
     }
 }
 
-/// The `claims` map, borrowing from `claims` wherever the claim is a string.
-fn claims_map(claims: &GitLabClaims) -> CelMap<'_> {
-    let mut map: HashMap<CelMapKey<'_>, Box<dyn Val + '_>> =
-        HashMap::with_capacity(ClaimName::ALL.len());
-    for &name in ClaimName::ALL {
-        let value: Box<dyn Val + '_> = match claims.claim(name) {
+/// The `claims` map restricted to `names`, borrowing from `claims`
+/// wherever the claim is a string.
+fn claims_map<'c>(claims: &'c GitLabClaims, names: &[ClaimName]) -> CelMap<'c> {
+    let mut map: HashMap<CelMapKey<'c>, Box<dyn Val + 'c>> = HashMap::with_capacity(names.len());
+    for &name in names {
+        let value: Box<dyn Val + 'c> = match claims.claim(name) {
             ClaimValue::Str(s) => Box::new(CelString::from(s)),
             ClaimValue::Id(id) => Box::new(CelString::from(id.to_string())),
             ClaimValue::Bool(b) => Box::new(CelBool::from(b)),
@@ -111,7 +118,7 @@ fn claims_map(claims: &GitLabClaims) -> CelMap<'_> {
             ClaimValue::StrList(items) => Box::new(CelList::from(
                 items
                     .iter()
-                    .map(|s| Box::new(CelString::from(s.as_str())) as Box<dyn Val + '_>)
+                    .map(|s| Box::new(CelString::from(s.as_str())) as Box<dyn Val + 'c>)
                     .collect::<Vec<_>>(),
             )),
             ClaimValue::Absent => continue,
@@ -121,52 +128,66 @@ fn claims_map(claims: &GitLabClaims) -> CelMap<'_> {
     CelMap::from(map)
 }
 
+/// What a walk over a condition's AST found.
+#[derive(Default)]
+struct Refs {
+    problems: Vec<String>,
+    /// Claims read as `claims.x` or `claims["x"]`.
+    fields: Vec<ClaimName>,
+    /// `claims` used other than by a literal field (`size(claims)`, `k in claims`).
+    whole: bool,
+}
+
 /// Walks the AST: every free identifier must be `claims` (or a type name),
 /// and every `claims.x` / `claims["x"]` must name a bindable claim.
 /// Comprehension variables (`g` in `claims.groups_direct.exists(g, …)`) are
 /// bound in their own subtrees.
-fn check_references(e: &IdedExpr, bound: &mut Vec<String>, problems: &mut Vec<String>) {
-    let claims_free = |bound: &Vec<String>| !bound.iter().any(|b| b == CLAIMS_VAR);
+fn walk(e: &IdedExpr, bound: &mut Vec<String>, refs: &mut Refs) {
     let is_claims = |x: &IdedExpr, bound: &Vec<String>| {
-        matches!(&x.expr, Expr::Ident(n) if n == CLAIMS_VAR) && claims_free(bound)
+        matches!(&x.expr, Expr::Ident(n) if n == CLAIMS_VAR)
+            && !bound.iter().any(|b| b == CLAIMS_VAR)
+    };
+    let field = |name: &str, refs: &mut Refs, shown: String| match ClaimName::parse(name) {
+        Some(c) => refs.fields.push(c),
+        None => refs.problems.push(format!("unknown claim `{shown}`")),
     };
     match &e.expr {
         Expr::Unspecified | Expr::Literal(_) => {}
         Expr::Ident(name) => {
-            let known = name.starts_with('@')
-                || name == CLAIMS_VAR
+            if name == CLAIMS_VAR && !bound.iter().any(|b| b == name) {
+                refs.whole = true;
+            } else if !(name.starts_with('@')
                 || TYPE_NAMES.contains(&name.as_str())
-                || bound.iter().any(|b| b == name);
-            if !known {
-                problems.push(format!(
+                || bound.iter().any(|b| b == name))
+            {
+                refs.problems.push(format!(
                     "unknown variable `{name}` (only `{CLAIMS_VAR}` is defined)"
                 ));
             }
         }
-        Expr::Select(s) => {
-            if is_claims(&s.operand, bound) && ClaimName::parse(&s.field).is_none() {
-                problems.push(format!("unknown claim `{CLAIMS_VAR}.{}`", s.field));
-            }
-            check_references(&s.operand, bound, problems);
+        Expr::Select(s) if is_claims(&s.operand, bound) => {
+            field(&s.field, refs, format!("{CLAIMS_VAR}.{}", s.field));
         }
+        Expr::Select(s) => walk(&s.operand, bound, refs),
         Expr::Call(c) => {
             if c.func_name == "_[_]"
+                && c.target.is_none()
                 && let [target, key] = c.args.as_slice()
                 && is_claims(target, bound)
                 && let Expr::Literal(cel::common::ast::LiteralValue::String(k)) = &key.expr
-                && ClaimName::parse(k.inner()).is_none()
             {
-                problems.push(format!("unknown claim `{CLAIMS_VAR}[{:?}]`", k.inner()));
+                field(k.inner(), refs, format!("{CLAIMS_VAR}[{:?}]", k.inner()));
+                return;
             }
             if let Some(t) = &c.target {
-                check_references(t, bound, problems);
+                walk(t, bound, refs);
             }
             for a in &c.args {
-                check_references(a, bound, problems);
+                walk(a, bound, refs);
             }
         }
         Expr::Comprehension(c) => {
-            check_references(&c.iter_range, bound, problems);
+            walk(&c.iter_range, bound, refs);
             let depth = bound.len();
             bound.push(c.iter_var.clone());
             if let Some(v) = &c.iter_var2 {
@@ -174,34 +195,34 @@ fn check_references(e: &IdedExpr, bound: &mut Vec<String>, problems: &mut Vec<St
             }
             bound.push(c.accu_var.clone());
             for sub in [&c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
-                check_references(sub, bound, problems);
+                walk(sub, bound, refs);
             }
             bound.truncate(depth);
         }
         Expr::List(l) => {
             for x in &l.elements {
-                check_references(x, bound, problems);
+                walk(x, bound, refs);
             }
         }
         Expr::Map(m) => {
             for entry in &m.entries {
-                check_entry(&entry.expr, bound, problems);
+                walk_entry(&entry.expr, bound, refs);
             }
         }
         Expr::Struct(s) => {
             for entry in &s.entries {
-                check_entry(&entry.expr, bound, problems);
+                walk_entry(&entry.expr, bound, refs);
             }
         }
     }
 }
 
-fn check_entry(entry: &EntryExpr, bound: &mut Vec<String>, problems: &mut Vec<String>) {
+fn walk_entry(entry: &EntryExpr, bound: &mut Vec<String>, refs: &mut Refs) {
     match entry {
-        EntryExpr::StructField(f) => check_references(&f.value, bound, problems),
+        EntryExpr::StructField(f) => walk(&f.value, bound, refs),
         EntryExpr::MapEntry(m) => {
-            check_references(&m.key, bound, problems);
-            check_references(&m.value, bound, problems);
+            walk(&m.key, bound, refs);
+            walk(&m.value, bound, refs);
         }
     }
 }
@@ -263,6 +284,22 @@ mod tests {
         assert_eq!(c.evaluate(&claims()), Ok(false));
         let c = cond("claims.project_id > 20").unwrap();
         assert!(c.evaluate(&claims()).is_err());
+    }
+
+    #[test]
+    fn only_the_claims_read_are_built_unless_claims_is_used_whole() {
+        let c = cond(r#"claims.ref == "main" && has(claims.environment)"#).unwrap();
+        assert_eq!(
+            c.fields.as_deref(),
+            Some(&[ClaimName::Environment, ClaimName::Ref][..])
+        );
+        assert_eq!(c.evaluate(&claims()), Ok(true));
+        let c = cond(r#""environment" in claims && size(claims) > 20"#).unwrap();
+        assert!(c.fields.is_none());
+        assert_eq!(c.evaluate(&claims()), Ok(true));
+        let c = cond(r#"claims["ref"] == "main""#).unwrap();
+        assert_eq!(c.fields.as_deref(), Some(&[ClaimName::Ref][..]));
+        assert_eq!(c.evaluate(&claims()), Ok(true));
     }
 
     #[test]
