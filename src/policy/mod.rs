@@ -4,6 +4,46 @@
 //! Policy files (one role per file) are parsed strictly into a `PolicySpec`,
 //! checked against the operator's ceiling and compiled once (globs and CEL)
 //! into a `CompiledPolicy`; requests only ever run compiled policies.
+//!
+//! Policy file format (TOML, one role per file, `deny_unknown_fields`
+//! everywhere; see `examples/policies/`):
+//!
+//! ```toml
+//! role = "deploy-production"   # unique across the directory; [a-z0-9-_.]+
+//! owner = "team-payments"      # required
+//! description = "…"            # optional
+//! issuer = "gitlab"            # configured, and allowed by [ceiling].issuers
+//! condition = 'claims.user_access_level in ["maintainer", "owner"]'  # optional CEL
+//! # allow_fork_merge_requests = true  # needs ceiling.allow_fork_opt_in
+//!
+//! [bindings]                   # all must match; a list means any-of
+//! project_id = "42"            # ids: exact, string or integer; one immutable id is required
+//! ref = ["main", "release/*"]  # `*` matches within one `/` segment, anchored
+//! ref_protected = true         # booleans are TOML booleans
+//!
+//! [grant]
+//! kind = "access_token"
+//! audience = "https://deploy.example.com"
+//! scopes = ["deploy:read", "deploy:write"]
+//! ttl = "10m"
+//! ```
+//!
+//! Decisions: the fork guard denies possible fork merge-request pipelines
+//! unless the role opts out; every binding must match (an absent claim
+//! fails); the CEL condition runs only then, and anything but `true`
+//! denies. See [`PolicySet::decide`] for request narrowing.
+
+mod compile;
+mod condition;
+mod decide;
+mod glob;
+mod reload;
+mod set;
+
+pub use compile::CompiledPolicy;
+pub use decide::{Check, Denial, RoleRequest, RoleTrace, render_traces};
+pub use reload::{PolicyStore, ReloadOutcome, spawn_reloader};
+pub use set::{PolicyErrors, PolicySet, fingerprint_dir};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +79,8 @@ pub struct MatchedBinding {
 /// Proof that a policy allowed a request. Only `policy` can build one, so
 /// minting without a decision does not compile.
 #[derive(Debug, Clone)]
+// `_proof` is a capability, not a future-proofing marker.
+#[allow(clippy::manual_non_exhaustive)]
 pub struct Grant {
     /// The role granted.
     pub role: Arc<str>,
