@@ -1,0 +1,136 @@
+//! The binary's commands: dev-mode quickstart, policy check/test, config errors.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cistern");
+
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn the_dev_mode_quickstart_completes_an_exchange_and_explains_a_refusal() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let url = format!("http://{listen}");
+    let started = Instant::now();
+    let mut child =
+        Command::new(BIN).args(["serve", "--dev", "--listen", &listen]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = Server(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("cistern: listening on"), "{line}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    let (code, token, err) = run(&["dev", "id-token", "--url", &url], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    let token = token.trim();
+    assert_eq!(token.split('.').count(), 3);
+
+    let (code, out, err) = run(&["exchange", "--url", &url, "--role", "deploy", "--format", "json"], &[("CISTERN_ID_TOKEN", token)]);
+    assert_eq!(code, Some(0), "{err}");
+    let body: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(body["scope"], "deploy:read deploy:write");
+
+    // The same token again: replay refused, exit 1, one line.
+    let (code, _, err) = run(&["exchange", "--url", &url, "--role", "deploy"], &[("CISTERN_ID_TOKEN", token)]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("already been exchanged"), "{err}");
+
+    // A feature branch: the dry run says which binding failed.
+    let (_, feature, _) = run(&["dev", "id-token", "--url", &url, "--claim", "ref=feature/x", "--claim", "ref_protected=false"], &[]);
+    let (code, out, err) =
+        run(&["exchange", "--url", &url, "--role", "deploy", "--dry-run"], &[("CISTERN_ID_TOKEN", feature.trim())]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("WOULD DENY"), "{out}");
+    assert!(out.contains("ref") && out.contains("feature/x"), "{out}");
+    drop(server);
+}
+
+#[test]
+fn dev_mode_refuses_a_non_loopback_address() {
+    let (code, _, err) = run(&["serve", "--dev", "--listen", "0.0.0.0:0"], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("loopback"), "{err}");
+}
+
+#[test]
+fn policy_check_accepts_the_shipped_examples() {
+    let (code, out, err) = run(&["policy", "check", "--config", "examples/cistern.toml"], &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("3 role(s) valid"), "{out}");
+}
+
+#[test]
+fn policy_check_names_file_line_and_field_of_every_error() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "role = \"x\"\nowner = \"me\"\nissuer = \"gitlab\"\n\n[bindings]\nref = \"main\"\n\n[grant]\nkind = \"access_token\"\naudience = \"https://a\"\nscopes = [\"deploy:read\"]\nttl = \"5h\"\n",
+    )
+    .unwrap();
+    let (code, _, err) =
+        run(&["policy", "check", "--config", "examples/cistern.toml", dir.path().to_str().unwrap()], &[]);
+    assert_eq!(code, Some(1), "{err}");
+    let file = dir.path().join("bad.toml").display().to_string();
+    assert!(err.contains(&format!("{file}:12: grant.ttl")), "{err}");
+    assert!(err.contains("immutable"), "{err}");
+}
+
+#[test]
+fn policy_test_explains_roles_for_a_claims_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut claims: serde_json::Value =
+        serde_json::from_str(include_str!("fixtures/gitlab_payload.json")).unwrap();
+    claims["iss"] = "https://gitlab.com".into();
+    let f = dir.path().join("claims.json");
+    std::fs::write(&f, claims.to_string()).unwrap();
+    let (code, out, err) = run(
+        &["policy", "test", "--config", "examples/cistern.toml", "--claims", f.to_str().unwrap(), "--format", "json"],
+        &[],
+    );
+    let traces: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+    let granted: Vec<&str> =
+        traces.as_array().map(|a| a.iter().filter(|t| t["granted"] == true).filter_map(|t| t["role"].as_str()).collect()).unwrap_or_default();
+    assert!(granted.contains(&"deploy-production"), "{out}{err} {code:?}");
+    let (code, out, _) = run(
+        &["policy", "test", "--config", "examples/cistern.toml", "--claims", f.to_str().unwrap(), "--role", "release-publish"],
+        &[],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("ref_type"), "{out}");
+}
+
+#[test]
+fn a_broken_config_stops_serve_with_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string("examples/cistern.toml").unwrap().replace("max_ttl = \"1h\"", "max_ttl = \"2days\"");
+    let path = dir.path().join("cistern.toml");
+    std::fs::write(&path, text).unwrap();
+    let (code, _, err) = run(&["serve", "--config", path.to_str().unwrap()], &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("cistern.toml:") && err.contains("ceiling.max_ttl"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
