@@ -39,3 +39,17 @@ pub fn grant(audience: &str, ttl: Duration) -> Grant {
         _proof: (),
     }
 }
+
+/// A key ring of `algorithm` in `dir`, rotating daily, for tokens of at most an hour.
+pub fn key_ring(
+    dir: &std::path::Path,
+    algorithm: crate::config::SigningAlgorithm,
+    clock: Arc<dyn crate::clock::Clock>,
+) -> Result<super::KeyRing, super::KeyError> {
+    let cfg = crate::config::SigningConfig {
+        key_dir: dir.to_path_buf(),
+        algorithm,
+        rotation_period: Duration::from_secs(86_400),
+    };
+    super::KeyRing::open(&cfg, clock, Duration::from_secs(3600))
+}

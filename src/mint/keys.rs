@@ -852,3 +852,284 @@ fn sweep_orphans(dir: &Path, manifest: &Manifest) -> Result<(), KeyError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::mint::fixtures;
+
+    const T0: i64 = 1_767_225_600;
+    const DAY: i64 = 86_400;
+
+    fn mode(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    fn open_at(
+        dir: &Path,
+        alg: SigningAlgorithm,
+        clock: &Arc<ManualClock>,
+    ) -> Result<KeyRing, KeyError> {
+        fixtures::key_ring(dir, alg, clock.clone())
+    }
+
+    fn jwks_kids(ring: &KeyRing) -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&ring.jwks_json()).unwrap();
+        v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn first_start_creates_an_owner_only_directory_key_file_and_manifest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let ring = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        let kid = ring.current_kid();
+        assert!(is_valid_kid(&kid));
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&key_path(&dir, &kid)), 0o600);
+        assert_eq!(mode(&dir.join(MANIFEST)), 0o600);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "only the key and the manifest: {names:?}");
+    }
+
+    #[test]
+    fn reopening_the_directory_loads_the_same_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        for alg in [SigningAlgorithm::ES256, SigningAlgorithm::EdDSA] {
+            let dir = tmp.path().join(alg.as_str());
+            let first = open_at(&dir, alg, &clock).unwrap();
+            let again = open_at(&dir, alg, &clock).unwrap();
+            assert_eq!(first.current_kid(), again.current_kid());
+            assert_eq!(first.jwks_json(), again.jwks_json());
+            let jws = first.sign_compact("at+jwt", b"{}").unwrap();
+            let verified = again.with_public_key(&first.current_kid(), |k| {
+                let (signed, sig) = jws.rsplit_once('.').unwrap();
+                k.verifier
+                    .verify_sig(signed.as_bytes(), &URL_SAFE_NO_PAD.decode(sig).unwrap())
+                    .is_ok()
+            });
+            assert_eq!(verified, Some(true));
+        }
+    }
+
+    #[test]
+    fn a_key_file_readable_by_group_is_refused_and_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let kid = open_at(&dir, SigningAlgorithm::ES256, &clock)
+            .unwrap()
+            .current_kid();
+        let path = key_path(&dir, &kid);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
+        let err = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap_err();
+        assert!(
+            matches!(err, KeyError::InsecurePermissions { path: ref p, mode: 0o640 } if *p == path)
+        );
+        assert!(err.to_string().contains(&format!("{kid}.key")), "{err}");
+    }
+
+    #[test]
+    fn a_key_directory_open_to_others_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        fs::create_dir(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let err = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap_err();
+        assert!(matches!(err, KeyError::InsecurePermissions { .. }), "{err}");
+    }
+
+    #[test]
+    fn key_files_without_a_manifest_are_not_silently_replaced() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        fs::remove_file(dir.join(MANIFEST)).unwrap();
+        let err = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap_err();
+        assert!(matches!(err, KeyError::MissingManifest { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_the_manifest_does_not_name_is_deleted_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        let orphan = key_path(&dir, &"A".repeat(43));
+        write_private_file(&dir, &format!("{}.key", "A".repeat(43)), b"junk").unwrap();
+        assert!(orphan.exists());
+        open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        assert!(!orphan.exists());
+    }
+
+    #[test]
+    fn a_key_filed_under_another_kid_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let kid = open_at(&dir, SigningAlgorithm::ES256, &clock)
+            .unwrap()
+            .current_kid();
+        let other = "B".repeat(43);
+        fs::rename(key_path(&dir, &kid), key_path(&dir, &other)).unwrap();
+        let manifest = fs::read_to_string(dir.join(MANIFEST))
+            .unwrap()
+            .replace(&kid, &other);
+        write_private_file(&dir, MANIFEST, manifest.as_bytes()).unwrap();
+        let err = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap_err();
+        assert!(matches!(err, KeyError::KidMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn rotation_keeps_the_previous_key_published_until_max_ttl_plus_five_minutes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let ring = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        let old = ring.current_kid();
+        let old_jws = ring.sign_compact("at+jwt", b"{}").unwrap();
+
+        clock.set_secs(T0 + DAY - 1);
+        assert_eq!(ring.rotate_if_due().unwrap(), None);
+
+        clock.set_secs(T0 + DAY);
+        let r = ring.rotate_if_due().unwrap().unwrap();
+        let new = ring.current_kid();
+        assert_ne!(new, old);
+        assert_eq!(
+            r,
+            Rotation {
+                new_kid: new.clone(),
+                retired_kid: Some(old.clone()),
+                dropped: vec![]
+            }
+        );
+        assert_eq!(jwks_kids(&ring), vec![new.clone(), old.clone()]);
+        assert!(ring.sign_compact("at+jwt", b"{}").unwrap().contains('.'));
+        let (signed, sig) = old_jws.rsplit_once('.').unwrap();
+        let sig = URL_SAFE_NO_PAD.decode(sig).unwrap();
+        let still_ok = ring.with_public_key(&old, |k| {
+            k.verifier.verify_sig(signed.as_bytes(), &sig).is_ok()
+        });
+        assert_eq!(still_ok, Some(true));
+
+        // The state survives a restart.
+        let reopened = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        assert_eq!(reopened.current_kid(), new);
+        assert_eq!(jwks_kids(&reopened), vec![new.clone(), old.clone()]);
+
+        clock.set_secs(T0 + DAY + 3600 + 300 - 1);
+        assert_eq!(ring.rotate_if_due().unwrap(), None);
+        assert!(key_path(&dir, &old).exists());
+
+        clock.set_secs(T0 + DAY + 3600 + 300);
+        let r = ring.rotate_if_due().unwrap().unwrap();
+        assert_eq!(
+            r,
+            Rotation {
+                new_kid: new.clone(),
+                retired_kid: None,
+                dropped: vec![old.clone()]
+            }
+        );
+        assert_eq!(jwks_kids(&ring), vec![new.clone()]);
+        assert!(ring.with_public_key(&old, |_| ()).is_none());
+        assert!(!key_path(&dir, &old).exists());
+        assert_eq!(
+            jwks_kids(&open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap()),
+            vec![new]
+        );
+    }
+
+    #[test]
+    fn a_changed_algorithm_rotates_to_a_key_of_that_algorithm_and_keeps_the_old_one_published() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let es = open_at(&dir, SigningAlgorithm::ES256, &clock)
+            .unwrap()
+            .current_kid();
+        let ring = open_at(&dir, SigningAlgorithm::EdDSA, &clock).unwrap();
+        assert_eq!(ring.algorithm(), SigningAlgorithm::EdDSA);
+        assert_ne!(ring.current_kid(), es);
+        assert_eq!(jwks_kids(&ring), vec![ring.current_kid(), es.clone()]);
+        let v: serde_json::Value = serde_json::from_str(&ring.jwks_json()).unwrap();
+        assert_eq!(v["keys"][0]["alg"], "EdDSA");
+        assert_eq!(v["keys"][1]["alg"], "ES256");
+        // Reopening with the same algorithm changes nothing more.
+        let again = open_at(&dir, SigningAlgorithm::EdDSA, &clock).unwrap();
+        assert_eq!(again.current_kid(), ring.current_kid());
+    }
+
+    #[test]
+    fn jwks_members_are_exactly_the_published_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let ring = open_at(&tmp.path().join("es"), SigningAlgorithm::ES256, &clock).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ring.jwks_json()).unwrap();
+        let k = v["keys"][0].as_object().unwrap();
+        let mut names: Vec<_> = k.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["alg", "crv", "kid", "kty", "use", "x", "y"]);
+        assert_eq!(
+            (k["kty"].as_str(), k["crv"].as_str(), k["use"].as_str()),
+            (Some("EC"), Some("P-256"), Some("sig"))
+        );
+
+        let ring = open_at(&tmp.path().join("ed"), SigningAlgorithm::EdDSA, &clock).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ring.jwks_json()).unwrap();
+        let k = v["keys"][0].as_object().unwrap();
+        let mut names: Vec<_> = k.keys().cloned().collect();
+        names.sort();
+        assert_eq!(names, ["alg", "crv", "kid", "kty", "use", "x"]);
+        assert_eq!(
+            (k["kty"].as_str(), k["crv"].as_str()),
+            (Some("OKP"), Some("Ed25519"))
+        );
+    }
+
+    #[test]
+    fn the_okp_thumbprint_matches_the_rfc_8037_example() {
+        // RFC 8037 Appendix A.3.
+        assert_eq!(
+            thumbprint(
+                "OKP",
+                "Ed25519",
+                "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo",
+                None
+            ),
+            "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+        );
+    }
+
+    #[test]
+    fn the_ec_kid_is_the_sha256_of_the_hand_built_canonical_jwk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let ring = open_at(&tmp.path().join("k"), SigningAlgorithm::ES256, &clock).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&ring.jwks_json()).unwrap();
+        let k = &v["keys"][0];
+        let canonical = String::from("{\"crv\":\"P-256\",\"kty\":\"EC\",\"x\":\"")
+            + k["x"].as_str().unwrap()
+            + "\",\"y\":\""
+            + k["y"].as_str().unwrap()
+            + "\"}";
+        let expected =
+            URL_SAFE_NO_PAD.encode(digest::digest(&digest::SHA256, canonical.as_bytes()));
+        assert_eq!(ring.current_kid(), expected);
+        assert_eq!(k["kid"].as_str(), Some(expected.as_str()));
+    }
+}
