@@ -173,3 +173,154 @@ pub fn mint(
         kid,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use base64::Engine as _;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::config::SigningAlgorithm;
+    use crate::mint::{fixtures, verify_access_token};
+
+    const NOW: i64 = 1_767_225_700;
+    const ISS: &str = "https://cistern.example.com";
+
+    fn minted(alg: SigningAlgorithm) -> (tempfile::TempDir, KeyRing, MintedToken) {
+        let tmp = tempfile::tempdir().unwrap();
+        let ring = fixtures::key_ring(
+            &tmp.path().join("keys"),
+            alg,
+            Arc::new(ManualClock::at_secs(NOW)),
+        )
+        .unwrap();
+        let grant = fixtures::grant("https://deploy.example.com", Duration::from_secs(900));
+        let token = fixtures::verified_id_token().unwrap();
+        let minted = mint(&ring, ISS, &grant, &token, NOW).unwrap();
+        (tmp, ring, minted)
+    }
+
+    fn segment(jws: &str, i: usize) -> serde_json::Value {
+        let seg = jws.split('.').nth(i).unwrap();
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(seg).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_minted_token_verifies_and_carries_the_rfc_9068_claims() {
+        for alg in [SigningAlgorithm::ES256, SigningAlgorithm::EdDSA] {
+            let (_tmp, ring, m) = minted(alg);
+            let header = segment(&m.access_token, 0);
+            assert_eq!(
+                header,
+                serde_json::json!({"alg": alg.as_str(), "kid": ring.current_kid(), "typ": "at+jwt"})
+            );
+            assert_eq!(m.kid, ring.current_kid());
+            assert_eq!((m.issued_at, m.expires_at), (NOW, NOW + 900));
+
+            let c = verify_access_token(
+                &ring,
+                &m.access_token,
+                ISS,
+                Some("https://deploy.example.com"),
+                NOW,
+            )
+            .unwrap();
+            assert_eq!(c.iss, ISS);
+            assert_eq!(c.sub, "gitlab:project:20");
+            assert_eq!(c.client_id, c.sub);
+            assert_eq!(c.aud, "https://deploy.example.com");
+            assert_eq!((c.iat, c.nbf, c.exp), (NOW, NOW, NOW + 900));
+            assert_eq!(c.jti, m.jti);
+            assert_eq!(Uuid::parse_str(&c.jti).unwrap().get_version_num(), 7);
+            assert_eq!(c.scope, "deploy:write artifacts:read");
+            assert_eq!(c.scope, m.scope);
+            assert_eq!(
+                (c.role.as_str(), c.owner.as_str()),
+                ("deploy", "team-platform")
+            );
+            let p = &c.pipeline;
+            assert_eq!(p.issuer, "gitlab");
+            assert_eq!(p.issuer_url, "https://gitlab.example.com");
+            assert_eq!(
+                (p.project_id.as_str(), p.namespace_id.as_str()),
+                ("20", "72")
+            );
+            assert_eq!(p.job_project_id, "20");
+            assert_eq!((p.pipeline_id.as_str(), p.job_id.as_str()), ("574", "302"));
+            assert_eq!(
+                (p.git_ref.as_str(), p.ref_type.as_str(), p.ref_protected),
+                ("main", "branch", true)
+            );
+            assert_eq!(p.environment.as_deref(), Some("production"));
+            assert_eq!(p.id_token_jti, "235b3a54-b797-45c7-ae9a-f72d7bc6ef5b");
+        }
+    }
+
+    #[test]
+    fn claims_are_serialized_in_a_fixed_order_with_ids_as_strings() {
+        let (_tmp, _ring, m) = minted(SigningAlgorithm::ES256);
+        let seg = m.access_token.split('.').nth(1).unwrap();
+        let text = String::from_utf8(URL_SAFE_NO_PAD.decode(seg).unwrap()).unwrap();
+        assert!(
+            text.starts_with(
+                r#"{"iss":"https://cistern.example.com","sub":"gitlab:project:20","aud":"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#""pipeline":{"issuer":"gitlab","issuer_url":"https://gitlab.example.com","project_id":"20","#), "{text}");
+    }
+
+    #[test]
+    fn the_subject_names_the_project_the_job_runs_in() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ring = fixtures::key_ring(
+            &tmp.path().join("keys"),
+            SigningAlgorithm::ES256,
+            Arc::new(ManualClock::at_secs(NOW)),
+        )
+        .unwrap();
+        let mut token = fixtures::verified_id_token().unwrap();
+        token.claims.job_project_id = Some(GitLabId(21));
+        let grant = fixtures::grant("a", Duration::from_secs(60));
+        let m = mint(&ring, ISS, &grant, &token, NOW).unwrap();
+        let c = verify_access_token(&ring, &m.access_token, ISS, None, NOW).unwrap();
+        assert_eq!(c.sub, "gitlab:project:21");
+        assert_eq!(c.pipeline.project_id, "20");
+        assert_eq!(c.pipeline.job_project_id, "21");
+    }
+
+    #[test]
+    fn every_mint_gets_a_fresh_jti() {
+        let (_tmp, ring, m) = minted(SigningAlgorithm::EdDSA);
+        let grant = fixtures::grant("a", Duration::from_secs(60));
+        let token = fixtures::verified_id_token().unwrap();
+        let again = mint(&ring, ISS, &grant, &token, NOW).unwrap();
+        assert_ne!(m.jti, again.jti);
+    }
+
+    #[test]
+    fn a_clock_before_the_epoch_is_refused() {
+        let (_tmp, ring, _) = minted(SigningAlgorithm::ES256);
+        let grant = fixtures::grant("a", Duration::from_secs(60));
+        let token = fixtures::verified_id_token().unwrap();
+        assert!(matches!(
+            mint(&ring, ISS, &grant, &token, -1),
+            Err(MintError::Time)
+        ));
+    }
+
+    #[test]
+    fn debug_output_does_not_contain_the_token() {
+        let (_tmp, _ring, m) = minted(SigningAlgorithm::ES256);
+        let dbg = format!("{m:?}");
+        assert!(!dbg.contains(&m.access_token));
+        for seg in m.access_token.split('.') {
+            assert!(!dbg.contains(seg), "{dbg}");
+        }
+        assert!(dbg.contains(&m.jti));
+    }
+}
