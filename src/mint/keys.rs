@@ -475,7 +475,10 @@ impl Manifest {
         self.keys
             .iter()
             .find(|k| k.retired_at.is_none())
-            .ok_or(KeyError::Generate)
+            .ok_or_else(|| KeyError::BadManifest {
+                path: PathBuf::from(MANIFEST),
+                reason: "no current key".into(),
+            })
     }
 }
 
@@ -531,7 +534,7 @@ impl PublicKey {
     fn from_signer(signer: &Signer) -> Result<(String, PublicKey), KeyError> {
         let alg = signer.algorithm();
         let bytes = signer.public_key_bytes();
-        let (jwk_base, verifier) = match alg {
+        let ((x, y), verifier) = match alg {
             SigningAlgorithm::ES256 => {
                 // Uncompressed SEC1 point: 0x04 ‖ x ‖ y.
                 if bytes.len() != 65 || bytes[0] != 0x04 {
@@ -551,7 +554,6 @@ impl PublicKey {
                 ((URL_SAFE_NO_PAD.encode(bytes), None), v)
             }
         };
-        let ((x, y), verifier) = (jwk_base, verifier);
         let (kty, crv) = kty_crv(alg);
         let kid = thumbprint(kty, crv, &x, y.as_deref());
         let jwk = Jwk {
@@ -854,6 +856,7 @@ fn sweep_orphans(dir: &Path, manifest: &Manifest) -> Result<(), KeyError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::clock::ManualClock;

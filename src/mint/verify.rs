@@ -200,7 +200,10 @@ pub fn verify_access_token(
         return Err(OwnTokenError::WrongType);
     }
     let sig = b64(s64, "signature encoding")?;
-    let signed = &token.as_bytes()[..h64.len() + 1 + p64.len()];
+    let signed = token
+        .as_bytes()
+        .get(..h64.len() + 1 + p64.len())
+        .ok_or(OwnTokenError::Malformed("not three segments"))?;
     ring.with_public_key(&header.kid, |key| {
         if header.alg != key.algorithm.as_str() {
             return Err(OwnTokenError::WrongAlgorithm);
@@ -230,6 +233,7 @@ pub fn verify_access_token(
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use std::sync::Arc;
     use std::time::Duration;
