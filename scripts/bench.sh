@@ -10,5 +10,5 @@ echo "== load test (server on core 0, generator on core 1)"
 taskset -c 1 target/release/examples/loadgen --cistern target/release/cistern "$@"
 if [ "${SKIP_CRITERION:-}" != 1 ]; then
   echo "== criterion micro-benchmarks"
-  cargo bench --bench exchange -- --noplot
+  cargo bench --features bench-fixtures --bench exchange -- --noplot
 fi
