@@ -8,6 +8,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod dev;
 pub mod metrics;
 pub mod mint;
 pub mod oidc;

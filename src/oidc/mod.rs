@@ -9,10 +9,18 @@
 //! the payload is parsed exactly once, into [`claims::GitLabClaims`].
 
 pub mod claims;
+mod discovery;
+mod fetch;
+mod issuer;
+mod jwks;
+mod jws;
+#[cfg(test)]
+pub(crate) mod testutil;
 
 use std::sync::Arc;
 
 pub use claims::GitLabClaims;
+pub use issuer::{IssuerSetupError, Issuers, claims_without_verification};
 
 /// Proof that an ID token passed every check of its issuer. Only this module
 /// can build one.
