@@ -135,6 +135,15 @@ impl DevIssuer {
         self.sign_compact(&header, &payload)
     }
 
+    /// The public key as PKCS#1 and as SPKI DER (tests of key confusion).
+    #[cfg(test)]
+    pub(crate) fn public_key_ders(&self) -> (Vec<u8>, Vec<u8>) {
+        use aws_lc_rs::encoding::AsDer;
+        let public = self.key.public_key();
+        let spki = public.as_der().map(|d| d.as_ref().to_vec()).unwrap_or_default();
+        (public.as_ref().to_vec(), spki)
+    }
+
     /// Signs arbitrary header and payload bytes as a compact RS256 JWS.
     pub(crate) fn sign_compact(&self, header: &[u8], payload: &[u8]) -> Result<String, DevError> {
         let mut out = URL_SAFE_NO_PAD.encode(header);
