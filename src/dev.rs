@@ -140,7 +140,10 @@ impl DevIssuer {
     pub(crate) fn public_key_ders(&self) -> (Vec<u8>, Vec<u8>) {
         use aws_lc_rs::encoding::AsDer;
         let public = self.key.public_key();
-        let spki = public.as_der().map(|d| d.as_ref().to_vec()).unwrap_or_default();
+        let spki = public
+            .as_der()
+            .map(|d| d.as_ref().to_vec())
+            .unwrap_or_default();
         (public.as_ref().to_vec(), spki)
     }
 
@@ -151,7 +154,12 @@ impl DevIssuer {
         URL_SAFE_NO_PAD.encode_string(payload, &mut out);
         let mut sig = vec![0u8; self.key.public_modulus_len()];
         self.key
-            .sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), out.as_bytes(), &mut sig)
+            .sign(
+                &RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                out.as_bytes(),
+                &mut sig,
+            )
             .map_err(|_| DevError::Signing)?;
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(&sig, &mut out);
@@ -198,7 +206,7 @@ fn default_claims(issuer: &str, audience: &str, now: i64, ttl: i64) -> Map<Strin
         "jti": jti,
         "iss": issuer,
         "iat": now,
-        "nbf": now - 5,
+        "nbf": now.saturating_sub(5),
         "exp": now.saturating_add(ttl),
         "sub": "project_path:acme/payments:ref_type:branch:ref:main",
         "aud": audience,
@@ -210,6 +218,7 @@ fn default_claims(issuer: &str, audience: &str, now: i64, ttl: i64) -> Map<Strin
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use crate::oidc::claims_without_verification;
@@ -236,11 +245,16 @@ mod tests {
         assert_eq!(c.git_ref, "release");
         assert_eq!(c.project_id.0, 42);
         assert_eq!(c.runner_id, Some(1));
-        assert_eq!((c.iat.0, c.nbf.map(|n| n.0), c.exp.0), (1_000, Some(995), 1_300));
+        assert_eq!(
+            (c.iat.0, c.nbf.map(|n| n.0), c.exp.0),
+            (1_000, Some(995), 1_300)
+        );
         assert!(uuid::Uuid::parse_str(&c.jti).is_ok());
         assert!(c.aud.contains("https://cistern.test"));
         let header: Value = serde_json::from_slice(
-            &URL_SAFE_NO_PAD.decode(t.split('.').next().unwrap()).unwrap(),
+            &URL_SAFE_NO_PAD
+                .decode(t.split('.').next().unwrap())
+                .unwrap(),
         )
         .unwrap();
         assert_eq!(header, json!({"alg":"RS256","kid":dev.kid(),"typ":"JWT"}));
@@ -252,8 +266,12 @@ mod tests {
         let jwks: Value = serde_json::from_str(&dev.jwks_json()).unwrap();
         assert_eq!(jwks["keys"][0]["kid"], dev.kid());
         assert_eq!(jwks["keys"][0]["e"], "AQAB");
-        let d: Value = serde_json::from_str(&dev.discovery_json("https://i", "https://i/k")).unwrap();
-        assert_eq!((d["issuer"].as_str(), d["jwks_uri"].as_str()), (Some("https://i"), Some("https://i/k")));
+        let d: Value =
+            serde_json::from_str(&dev.discovery_json("https://i", "https://i/k")).unwrap();
+        assert_eq!(
+            (d["issuer"].as_str(), d["jwks_uri"].as_str()),
+            (Some("https://i"), Some("https://i/k"))
+        );
         assert!(!format!("{dev:?}").contains(&dev.n));
     }
 }

@@ -96,6 +96,7 @@ impl JwksUriRules {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -117,11 +118,15 @@ mod tests {
     #[test]
     fn the_discovery_url_is_built_from_the_issuer_without_its_trailing_slash() {
         assert_eq!(
-            discovery_url("https://gitlab.example.com/").unwrap().as_str(),
+            discovery_url("https://gitlab.example.com/")
+                .unwrap()
+                .as_str(),
             "https://gitlab.example.com/.well-known/openid-configuration"
         );
         assert_eq!(
-            discovery_url("https://example.com/gitlab").unwrap().as_str(),
+            discovery_url("https://example.com/gitlab")
+                .unwrap()
+                .as_str(),
             "https://example.com/gitlab/.well-known/openid-configuration"
         );
     }
@@ -136,7 +141,10 @@ mod tests {
             .unwrap();
         assert_eq!(u.path(), "/oauth/discovery/keys");
         rules()
-            .jwks_uri(&doc("https://gitlab.example.com", "https://KEYS.example.net/k"))
+            .jwks_uri(&doc(
+                "https://gitlab.example.com",
+                "https://KEYS.example.net/k",
+            ))
             .unwrap();
     }
 

@@ -72,8 +72,16 @@ async fn get_inner(
         if e.is_timeout() {
             FetchError::Timeout(at())
         } else {
-            // Without the URL (already in the message) and its source chain only.
-            FetchError::Transport(at(), e.without_url().to_string())
+            // The URL is already in the message; keep the cause chain.
+            let e = e.without_url();
+            let mut msg = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(": ");
+                msg.push_str(&s.to_string());
+                source = s.source();
+            }
+            FetchError::Transport(at(), msg)
         }
     };
     let mut resp = client
@@ -158,6 +166,7 @@ fn parse_max_age(v: &str) -> Option<Duration> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -182,7 +191,13 @@ mod tests {
         ] {
             assert!(is_json_media_type(ok), "{ok}");
         }
-        for bad in ["text/html", "", "application/jsonp", "text/json", "application/+json"] {
+        for bad in [
+            "text/html",
+            "",
+            "application/jsonp",
+            "text/json",
+            "application/+json",
+        ] {
             assert!(!is_json_media_type(bad), "{bad}");
         }
     }

@@ -288,5 +288,6 @@ pub fn claims_without_verification(token: &str) -> Result<GitLabClaims, VerifyEr
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 #[path = "issuer_tests.rs"]
 mod tests;

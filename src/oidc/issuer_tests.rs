@@ -22,7 +22,11 @@ async fn setup(extra: &str) -> (Arc<StandIn>, Issuers, Arc<ManualClock>, Arc<Met
 
 /// A token for the stand-in signed by `key` with `key`'s kid, after `edit`
 /// changed the header and claims.
-fn tok_by(key: &DevIssuer, base: &str, edit: impl FnOnce(&mut Value, &mut Map<String, Value>)) -> String {
+fn tok_by(
+    key: &DevIssuer,
+    base: &str,
+    edit: impl FnOnce(&mut Value, &mut Map<String, Value>),
+) -> String {
     let mut h = header(key);
     let mut c = claims(base, NOW);
     edit(&mut h, &mut c);
@@ -35,7 +39,9 @@ fn tok(base: &str, edit: impl FnOnce(&mut Value, &mut Map<String, Value>)) -> St
 
 fn keys_unavailable(r: Result<VerifiedIdToken, VerifyError>, needle: &str) {
     match r {
-        Err(VerifyError::KeysUnavailable(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+        Err(VerifyError::KeysUnavailable(m)) => {
+            assert!(m.contains(needle), "{m:?} lacks {needle:?}")
+        }
         other => panic!("expected KeysUnavailable({needle}), got {other:?}"),
     }
 }
@@ -57,8 +63,14 @@ async fn a_genuine_token_verifies_and_keys_are_fetched_once() {
     }
     assert_eq!(s.hits(), (1, 1, 0), "no network on the hot path");
     let m = metrics.encode();
-    assert!(m.contains(r#"cistern_jwks_fetches_total{issuer="gl",document="jwks",outcome="ok"} 1"#), "{m}");
-    assert!(m.contains(r#"cistern_jwks_age_seconds{issuer="gl"} 0"#), "{m}");
+    assert!(
+        m.contains(r#"cistern_jwks_fetches_total{issuer="gl",document="jwks",outcome="ok"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"cistern_jwks_age_seconds{issuer="gl"} 0"#),
+        "{m}"
+    );
     assert_eq!(issuers.names().collect::<Vec<_>>(), ["gl"]);
 }
 
@@ -79,7 +91,10 @@ async fn a_tampered_or_foreign_signature_is_refused() {
     let mut sig = sig.as_bytes().to_vec();
     sig[10] = if sig[10] == b'A' { b'B' } else { b'A' };
     let flipped = format!("{signed}.{}", String::from_utf8(sig).unwrap());
-    assert_eq!(issuers.verify(&flipped).await.unwrap_err(), VerifyError::BadSignature);
+    assert_eq!(
+        issuers.verify(&flipped).await.unwrap_err(),
+        VerifyError::BadSignature
+    );
 
     let other = tok(&s.base, |_, c| {
         c.insert("project_id".into(), json!("43"));
@@ -90,14 +105,20 @@ async fn a_tampered_or_foreign_signature_is_refused() {
         other.split('.').nth(1).unwrap(),
         t.split('.').nth(2).unwrap()
     );
-    assert_eq!(issuers.verify(&spliced).await.unwrap_err(), VerifyError::BadSignature);
+    assert_eq!(
+        issuers.verify(&spliced).await.unwrap_err(),
+        VerifyError::BadSignature
+    );
 
     // Key B signing under key A's kid; x5c carrying anything is never used.
     let foreign = tok_by(key_b(), &s.base, |h, _| {
         h["kid"] = json!(key_a().kid());
         h["x5c"] = json!(["MIIB"]);
     });
-    assert_eq!(issuers.verify(&foreign).await.unwrap_err(), VerifyError::BadSignature);
+    assert_eq!(
+        issuers.verify(&foreign).await.unwrap_err(),
+        VerifyError::BadSignature
+    );
 }
 
 #[tokio::test]
@@ -105,7 +126,11 @@ async fn alg_none_in_any_spelling_never_reaches_keys_or_claims() {
     let (s, issuers, _clock, _) = setup("").await;
     let t = tok(&s.base, |_, _| {});
     let mut parts = t.split('.');
-    let (_, payload, sig) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+    let (_, payload, sig) = (
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+        parts.next().unwrap(),
+    );
     for alg in ["none", "None", "NONE", "nOnE"] {
         let h = b64(json!({"alg": alg, "kid": key_a().kid(), "typ": "JWT"}).to_string());
         let kept = format!("{h}.{payload}.{sig}");
@@ -114,7 +139,10 @@ async fn alg_none_in_any_spelling_never_reaches_keys_or_claims() {
             VerifyError::UnsupportedAlgorithm(alg.into())
         );
         let empty = format!("{h}.{payload}.");
-        assert!(matches!(issuers.verify(&empty).await, Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            issuers.verify(&empty).await,
+            Err(VerifyError::Malformed(_))
+        ));
     }
     assert_eq!(s.hits(), (0, 0, 0));
 }
@@ -153,7 +181,9 @@ async fn hs256_signed_with_the_public_key_as_secret_is_refused() {
 async fn other_algorithms_and_misspelt_rs256_are_refused() {
     let (s, issuers, _clock, _) = setup("").await;
     issuers.refresh_all().await;
-    for alg in ["PS256", "RS512", "RS384", "ES256", "EdDSA", "rs256", "RS256 ", "Rs256"] {
+    for alg in [
+        "PS256", "RS512", "RS384", "ES256", "EdDSA", "rs256", "RS256 ", "Rs256",
+    ] {
         let t = tok(&s.base, |h, _| h["alg"] = json!(alg));
         assert_eq!(
             issuers.verify(&t).await.unwrap_err(),
@@ -164,9 +194,15 @@ async fn other_algorithms_and_misspelt_rs256_are_refused() {
     let t = tok(&s.base, |h, _| {
         h.as_object_mut().unwrap().remove("alg");
     });
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::UnsupportedAlgorithm(_))));
+    assert!(matches!(
+        issuers.verify(&t).await,
+        Err(VerifyError::UnsupportedAlgorithm(_))
+    ));
     let t = tok(&s.base, |h, _| h["alg"] = json!(["RS256"]));
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::Malformed(_))));
+    assert!(matches!(
+        issuers.verify(&t).await,
+        Err(VerifyError::Malformed(_))
+    ));
 }
 
 #[tokio::test]
@@ -195,14 +231,23 @@ async fn a_token_without_kid_is_refused_without_trying_keys() {
     let t = tok(&s.base, |h, _| {
         h.as_object_mut().unwrap().remove("kid");
     });
-    assert_eq!(issuers.verify(&t).await.unwrap_err(), VerifyError::UnknownKey);
+    assert_eq!(
+        issuers.verify(&t).await.unwrap_err(),
+        VerifyError::UnknownKey
+    );
     assert_eq!(s.hits(), (0, 0, 0));
 }
 
 #[tokio::test]
 async fn crit_in_any_form_is_refused() {
     let (s, issuers, _clock, _) = setup("").await;
-    for crit in [json!(["exp"]), json!([]), json!(["b64"]), json!(["x-unknown"]), Value::Null] {
+    for crit in [
+        json!(["exp"]),
+        json!([]),
+        json!(["b64"]),
+        json!(["x-unknown"]),
+        Value::Null,
+    ] {
         let t = tok(&s.base, |h, _| {
             h["crit"] = crit.clone();
             h["b64"] = json!(false);
@@ -267,7 +312,10 @@ async fn anything_but_three_strict_base64url_segments_is_malformed() {
         if b == &t {
             continue;
         }
-        assert!(matches!(issuers.verify(b).await, Err(VerifyError::Malformed(_))), "{b:?}");
+        assert!(
+            matches!(issuers.verify(b).await, Err(VerifyError::Malformed(_))),
+            "{b:?}"
+        );
     }
     issuers.verify(&t).await.unwrap();
 }
@@ -278,11 +326,19 @@ async fn duplicate_members_in_header_or_payload_are_refused() {
     issuers.refresh_all().await;
     let kid = key_a().kid();
     let payload = Value::Object(claims(&s.base, NOW)).to_string();
-    let t = forge_raw(key_a(), &format!(r#"{{"alg":"RS256","kid":"{kid}","alg":"none"}}"#), &payload);
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::Malformed(m)) if m.contains("duplicate")));
+    let t = forge_raw(
+        key_a(),
+        &format!(r#"{{"alg":"RS256","kid":"{kid}","alg":"none"}}"#),
+        &payload,
+    );
+    assert!(
+        matches!(issuers.verify(&t).await, Err(VerifyError::Malformed(m)) if m.contains("duplicate"))
+    );
     let dup = format!(r#"{},"project_id":"666"}}"#, payload.trim_end_matches('}'));
     let t = forge_raw(key_a(), &header(key_a()).to_string(), &dup);
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::InvalidClaims(m)) if m.contains("duplicate")));
+    assert!(
+        matches!(issuers.verify(&t).await, Err(VerifyError::InvalidClaims(m)) if m.contains("duplicate"))
+    );
 }
 
 #[tokio::test]
@@ -295,7 +351,10 @@ async fn an_oversized_token_is_refused_before_any_work() {
     assert_eq!(issuers.verify(&t).await.unwrap_err(), VerifyError::TooLarge);
     let huge = "a".repeat(16 * 1024 * 1024);
     let started = Instant::now();
-    assert_eq!(issuers.verify(&huge).await.unwrap_err(), VerifyError::TooLarge);
+    assert_eq!(
+        issuers.verify(&huge).await.unwrap_err(),
+        VerifyError::TooLarge
+    );
     assert!(started.elapsed() < Duration::from_millis(50));
     assert_eq!(s.hits(), (0, 0, 0));
 }
@@ -333,14 +392,20 @@ async fn exp_nbf_and_iat_are_checked_at_their_boundaries_with_leeway() {
         ("iat", json!([1])),
     ] {
         assert!(
-            matches!(issuers.verify(&check(k, v.clone())).await, Err(VerifyError::InvalidClaims(_))),
+            matches!(
+                issuers.verify(&check(k, v.clone())).await,
+                Err(VerifyError::InvalidClaims(_))
+            ),
             "{k}={v}"
         );
     }
     let t = tok(&s.base, |_, c| {
         c.remove("exp");
     });
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::InvalidClaims(_))));
+    assert!(matches!(
+        issuers.verify(&t).await,
+        Err(VerifyError::InvalidClaims(_))
+    ));
 }
 
 #[tokio::test]
@@ -348,7 +413,10 @@ async fn with_zero_leeway_exp_equal_to_now_is_expired() {
     let (s, issuers, _clock, _) = setup(r#"leeway = "0s""#).await;
     issuers.refresh_all().await;
     let at = |exp: i64| tok(&s.base, move |_, c| c["exp"] = json!(exp));
-    assert_eq!(issuers.verify(&at(NOW)).await.unwrap_err(), VerifyError::Expired);
+    assert_eq!(
+        issuers.verify(&at(NOW)).await.unwrap_err(),
+        VerifyError::Expired
+    );
     issuers.verify(&at(NOW + 1)).await.unwrap();
     let nbf_now = tok(&s.base, |_, c| c["nbf"] = json!(NOW));
     issuers.verify(&nbf_now).await.unwrap();
@@ -378,21 +446,43 @@ async fn aud_must_contain_a_configured_audience() {
         json!([AUD, "https://vault.example.com"]),
         json!("https://second.test"),
     ] {
-        issuers.verify(&with(ok.clone())).await.unwrap_or_else(|e| panic!("{ok}: {e}"));
+        issuers
+            .verify(&with(ok.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{ok}: {e}"));
     }
-    for wrong in [json!("https://vault.example.com"), json!(["https://vault.example.com"]), json!("https://cistern.test/")] {
-        assert_eq!(issuers.verify(&with(wrong)).await.unwrap_err(), VerifyError::WrongAudience);
+    for wrong in [
+        json!("https://vault.example.com"),
+        json!(["https://vault.example.com"]),
+        json!("https://cistern.test/"),
+    ] {
+        assert_eq!(
+            issuers.verify(&with(wrong)).await.unwrap_err(),
+            VerifyError::WrongAudience
+        );
     }
-    for invalid in [json!(""), json!([]), json!({"a": 1}), json!([AUD, 1]), Value::Null] {
+    for invalid in [
+        json!(""),
+        json!([]),
+        json!({"a": 1}),
+        json!([AUD, 1]),
+        Value::Null,
+    ] {
         assert!(
-            matches!(issuers.verify(&with(invalid.clone())).await, Err(VerifyError::InvalidClaims(_))),
+            matches!(
+                issuers.verify(&with(invalid.clone())).await,
+                Err(VerifyError::InvalidClaims(_))
+            ),
             "{invalid}"
         );
     }
     let t = tok(&s.base, |_, c| {
         c.remove("aud");
     });
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::InvalidClaims(_))));
+    assert!(matches!(
+        issuers.verify(&t).await,
+        Err(VerifyError::InvalidClaims(_))
+    ));
 }
 
 #[tokio::test]
@@ -400,17 +490,26 @@ async fn a_weak_key_is_never_used_and_a_duplicate_kid_refuses_the_set() {
     let (s, issuers, _clock, _) = setup("").await;
     let weak_n = b64([0xc5u8; 128]); // 1024 bits
     s.set_jwks(Reply::json(
-        json!({"keys":[key_a().jwk(), {"kty":"RSA","kid":"weak","e":"AQAB","n":weak_n}]}).to_string(),
+        json!({"keys":[key_a().jwk(), {"kty":"RSA","kid":"weak","e":"AQAB","n":weak_n}]})
+            .to_string(),
     ));
     issuers.refresh_all().await;
     let t = tok(&s.base, |h, _| h["kid"] = json!("weak"));
-    assert_eq!(issuers.verify(&t).await.unwrap_err(), VerifyError::UnknownKey);
+    assert_eq!(
+        issuers.verify(&t).await.unwrap_err(),
+        VerifyError::UnknownKey
+    );
 
     let (s, issuers, _clock, _) = setup("").await;
     let mut dup = key_b().jwk();
     dup["kid"] = json!(key_a().kid());
-    s.set_jwks(Reply::json(json!({"keys":[key_a().jwk(), dup]}).to_string()));
-    keys_unavailable(issuers.verify(&tok(&s.base, |_, _| {})).await, "duplicate kid");
+    s.set_jwks(Reply::json(
+        json!({"keys":[key_a().jwk(), dup]}).to_string(),
+    ));
+    keys_unavailable(
+        issuers.verify(&tok(&s.base, |_, _| {})).await,
+        "duplicate kid",
+    );
 }
 
 #[tokio::test]
@@ -419,10 +518,22 @@ async fn bad_discovery_documents_fail_closed() {
     let jwks = format!("{}/keys", s.base);
     let localhost_jwks = jwks.replace("127.0.0.1", "localhost");
     let cases = [
-        (key_a().discovery_json(&format!("{}/", s.base), &jwks), "does not equal"),
-        (key_a().discovery_json("https://gitlab.example.com", &jwks), "does not equal"),
-        (key_a().discovery_json(&s.base, &localhost_jwks), "jwks_uri refused"),
-        (key_a().discovery_json(&s.base, "https://evil.example.com/keys"), "jwks_uri refused"),
+        (
+            key_a().discovery_json(&format!("{}/", s.base), &jwks),
+            "does not equal",
+        ),
+        (
+            key_a().discovery_json("https://gitlab.example.com", &jwks),
+            "does not equal",
+        ),
+        (
+            key_a().discovery_json(&s.base, &localhost_jwks),
+            "jwks_uri refused",
+        ),
+        (
+            key_a().discovery_json(&s.base, "https://evil.example.com/keys"),
+            "jwks_uri refused",
+        ),
         (json!({"issuer": s.base}).to_string(), "invalid"),
         ("<html>".to_owned(), "invalid"),
     ];
@@ -448,7 +559,10 @@ async fn bad_jwks_responses_fail_closed() {
         (Reply::status(404), "status 404"),
         (Reply::json(big), "larger than 2048"),
         (Reply::json("{not json".into()), "JWKS is invalid"),
-        (Reply::json(json!({"kid":"x"}).to_string()), "missing field `keys`"),
+        (
+            Reply::json(json!({"kid":"x"}).to_string()),
+            "missing field `keys`",
+        ),
         (
             Reply {
                 content_type: "text/html".into(),
@@ -518,7 +632,10 @@ async fn the_body_cap_is_enforced_while_streaming_without_content_length() {
     let (s, issuers, _clock, _) = setup("max_response_bytes = 4096").await;
     let (url, sent) = endless_chunked().await;
     s.set_discovery(Reply::json(key_a().discovery_json(&s.base, &url)));
-    keys_unavailable(issuers.verify(&tok(&s.base, |_, _| {})).await, "larger than 4096");
+    keys_unavailable(
+        issuers.verify(&tok(&s.base, |_, _| {})).await,
+        "larger than 4096",
+    );
     // The server could write ahead into socket buffers, but nowhere near 16 MiB.
     assert!(sent.load(std::sync::atomic::Ordering::SeqCst) < 8 * 1024 * 1024);
 }
@@ -533,7 +650,9 @@ async fn a_flood_of_unknown_kids_refetches_at_most_once_per_cooldown() {
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..n {
             let issuers = issuers.clone();
-            let t = tok(&s.base, |h, _| h["kid"] = json!(uuid::Uuid::new_v4().to_string()));
+            let t = tok(&s.base, |h, _| {
+                h["kid"] = json!(uuid::Uuid::new_v4().to_string())
+            });
             tasks.spawn(async move { issuers.verify(&t).await });
         }
         tasks
@@ -542,7 +661,11 @@ async fn a_flood_of_unknown_kids_refetches_at_most_once_per_cooldown() {
         clock.advance_secs(advance);
         let mut tasks = flood(100);
         while let Some(r) = tasks.join_next().await {
-            assert_eq!(r.unwrap().unwrap_err(), VerifyError::UnknownKey, "round {round}");
+            assert_eq!(
+                r.unwrap().unwrap_err(),
+                VerifyError::UnknownKey,
+                "round {round}"
+            );
         }
         assert_eq!(s.hits().1, want_jwks, "round {round}");
     }
@@ -563,21 +686,30 @@ async fn a_rotated_key_is_picked_up_by_one_refetch() {
     // The old key is gone; within the cooldown no further fetch happens.
     clock.advance_secs(1);
     let old = tok(&s.base, |_, _| {});
-    assert_eq!(issuers.verify(&old).await.unwrap_err(), VerifyError::UnknownKey);
+    assert_eq!(
+        issuers.verify(&old).await.unwrap_err(),
+        VerifyError::UnknownKey
+    );
     assert_eq!(s.hits(), (1, 2, 0));
 }
 
 #[tokio::test]
 async fn the_key_set_is_refreshed_in_the_background_after_its_ttl() {
-    let (s, issuers, clock, _) = setup(r#"jwks_min_ttl = "1m"
-jwks_max_ttl = "10m""#)
+    let (s, issuers, clock, _) = setup(
+        r#"jwks_min_ttl = "1m"
+jwks_max_ttl = "10m""#,
+    )
     .await;
     issuers.refresh_all().await;
     let t = tok(&s.base, |_, c| c["exp"] = json!(NOW + 7200));
     clock.advance_secs(599);
     issuers.verify(&t).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(s.hits(), (1, 1, 0), "max-age 86400 clamped to 10m: not due yet");
+    assert_eq!(
+        s.hits(),
+        (1, 1, 0),
+        "max-age 86400 clamped to 10m: not due yet"
+    );
     clock.advance_secs(2);
     issuers.verify(&t).await.unwrap();
     wait_for(|| s.hits() == (2, 2, 0)).await;
@@ -612,13 +744,22 @@ max_stale = "1h""#,
     issuers.verify(&t).await.unwrap(); // exactly max_stale: still served
     wait_for(|| s.hits().0 == 3).await; // and a background retry, not yet due at 11m+
     issuers.export_metrics();
-    assert!(metrics.encode().contains(r#"cistern_jwks_age_seconds{issuer="gl"} 3600"#));
+    assert!(
+        metrics
+            .encode()
+            .contains(r#"cistern_jwks_age_seconds{issuer="gl"} 3600"#)
+    );
     clock.advance_secs(1);
     keys_unavailable(issuers.verify(&t).await, "status 500");
     // Recovery once the issuer is back and the cooldown has passed.
-    s.set_discovery(Reply::json(key_a().discovery_json(&s.base, &format!("{}/keys", s.base))));
+    s.set_discovery(Reply::json(
+        key_a().discovery_json(&s.base, &format!("{}/keys", s.base)),
+    ));
     s.serve_keys(&[key_a()]);
-    assert!(matches!(issuers.verify(&t).await, Err(VerifyError::KeysUnavailable(_))));
+    assert!(matches!(
+        issuers.verify(&t).await,
+        Err(VerifyError::KeysUnavailable(_))
+    ));
     clock.advance_secs(31);
     issuers.verify(&t).await.unwrap();
 }
@@ -636,12 +777,19 @@ async fn a_token_from_an_unconfigured_issuer_never_causes_a_fetch() {
         json!(s.base.to_uppercase()),
     ] {
         let t = tok(&s.base, |_, c| c["iss"] = iss.clone());
-        assert_eq!(issuers.verify(&t).await.unwrap_err(), VerifyError::UntrustedIssuer, "{iss}");
+        assert_eq!(
+            issuers.verify(&t).await.unwrap_err(),
+            VerifyError::UntrustedIssuer,
+            "{iss}"
+        );
     }
     let t = tok(&s.base, |_, c| {
         c.remove("iss");
     });
-    assert_eq!(issuers.verify(&t).await.unwrap_err(), VerifyError::UntrustedIssuer);
+    assert_eq!(
+        issuers.verify(&t).await.unwrap_err(),
+        VerifyError::UntrustedIssuer
+    );
     assert_eq!(s.hits(), (0, 0, 0));
 }
 
@@ -672,15 +820,25 @@ async fn the_shared_gitlab_fixture_verifies_through_the_real_path() {
     assert_eq!(v.claims.project_id.0, 20);
     assert_eq!(v.claims.jti, "235b3a54-b797-45c7-ae9a-f72d7bc6ef5b");
     let later = fixture_issuers(FIXTURE_IAT + 3600 + 30);
-    assert_eq!(later.verify(FIXTURE.trim()).await.unwrap_err(), VerifyError::Expired);
+    assert_eq!(
+        later.verify(FIXTURE.trim()).await.unwrap_err(),
+        VerifyError::Expired
+    );
 }
 
 #[test]
 fn claims_without_verification_reads_forged_and_expired_tokens_alike() {
     let c = claims_without_verification(FIXTURE.trim()).unwrap();
     assert_eq!(c.project_path, "my-group/my-project");
-    let forged = forge(key_b(), &header(key_b()), &Value::Object(claims("https://x", 1)));
-    assert_eq!(claims_without_verification(&forged).unwrap().iss, "https://x");
+    let forged = forge(
+        key_b(),
+        &header(key_b()),
+        &Value::Object(claims("https://x", 1)),
+    );
+    assert_eq!(
+        claims_without_verification(&forged).unwrap().iss,
+        "https://x"
+    );
     let none = format!(
         "{}.{}.sig",
         b64(json!({"alg":"none"}).to_string()),
@@ -705,4 +863,22 @@ fn two_names_for_one_issuer_url_are_refused_at_setup() {
     let clock: Arc<dyn crate::clock::Clock> = Arc::new(ManualClock::at_secs(0));
     let e = Issuers::new(&m, clock, Arc::new(Metrics::new())).unwrap_err();
     assert!(matches!(e, IssuerSetupError::DuplicateIssuer(..)), "{e}");
+}
+
+#[tokio::test]
+async fn an_unreachable_issuer_fails_closed_with_the_cause() {
+    // A port nothing listens on: bind, note the port, drop the listener.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    drop(l);
+    let (issuers, _clock, metrics) = issuers_with(issuer_config(&base, ""));
+    issuers.refresh_all().await; // logs, never fails
+    keys_unavailable(issuers.verify(&tok(&base, |_, _| {})).await, &base);
+    let m = metrics.encode();
+    assert!(
+        m.contains(
+            r#"cistern_jwks_fetches_total{issuer="gl",document="discovery",outcome="error"} 2"#
+        ),
+        "{m}"
+    );
 }

@@ -159,9 +159,9 @@ fn parse_rsa_key(jwk: &RawJwk) -> Result<ParsedPublicKey, &'static str> {
         return Err("modulus is not 2048-8192 bits");
     }
     // 3 ≤ e < 2^32, odd: what every real RSA key uses (usually 65537).
-    let e_val = e
-        .iter()
-        .try_fold(0u64, |acc, b| (e.len() <= 4).then_some(acc << 8 | u64::from(*b)));
+    let e_val = e.iter().try_fold(0u64, |acc, b| {
+        (e.len() <= 4).then_some(acc << 8 | u64::from(*b))
+    });
     if !e_val.is_some_and(|v| v >= 3 && v % 2 == 1) {
         return Err("public exponent is not sane");
     }
@@ -473,6 +473,7 @@ impl KeyCache {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -495,12 +496,20 @@ mod tests {
     fn the_shared_fixture_jwks_parses_both_keys() {
         let set = KeySet::parse(include_bytes!("../../tests/fixtures/jwks.json"), 0).unwrap();
         assert_eq!(set.len(), 2);
-        assert!(set.get("ovzbeo5FDsOn9HQtS2xJSfwkG_psJ8UOAaJ7t2TrsCs").is_some());
+        assert!(
+            set.get("ovzbeo5FDsOn9HQtS2xJSfwkG_psJ8UOAaJ7t2TrsCs")
+                .is_some()
+        );
     }
 
     #[test]
     fn only_rsa_signing_keys_of_2048_bits_or_more_are_kept() {
-        let mut keys = vec![rsa("ok", 2048), rsa("big", 4096), rsa("weak", 1024), rsa("huge", 16384)];
+        let mut keys = vec![
+            rsa("ok", 2048),
+            rsa("big", 4096),
+            rsa("weak", 1024),
+            rsa("huge", 16384),
+        ];
         keys.push(json!({"kty":"RSA","kid":"enc","e":"AQAB","n":n_of_bits(2048),"use":"enc"}));
         keys.push(json!({"kty":"RSA","kid":"ps","e":"AQAB","n":n_of_bits(2048),"alg":"PS256"}));
         keys.push(json!({"kty":"EC","kid":"ec","crv":"P-256","x":"AA","y":"AA"}));
@@ -517,7 +526,8 @@ mod tests {
 
     #[test]
     fn a_duplicate_kid_refuses_the_whole_set() {
-        let e = parse(json!({"keys":[rsa("a", 2048), rsa("b", 2048), rsa("a", 2048)]})).unwrap_err();
+        let e =
+            parse(json!({"keys":[rsa("a", 2048), rsa("b", 2048), rsa("a", 2048)]})).unwrap_err();
         assert_eq!(e, JwksError::DuplicateKid("a".into()));
         // Even when one of the two would have been skipped.
         let e = parse(json!({"keys":[rsa("a", 2048), rsa("a", 1024)]})).unwrap_err();
@@ -527,8 +537,14 @@ mod tests {
     #[test]
     fn sets_without_keys_or_usable_keys_are_refused() {
         assert!(matches!(parse(json!({})), Err(JwksError::Invalid(_))));
-        assert!(matches!(parse(json!({"keys":{}})), Err(JwksError::Invalid(_))));
-        assert_eq!(parse(json!({"keys":[]})).unwrap_err(), JwksError::NoUsableKeys);
+        assert!(matches!(
+            parse(json!({"keys":{}})),
+            Err(JwksError::Invalid(_))
+        ));
+        assert_eq!(
+            parse(json!({"keys":[]})).unwrap_err(),
+            JwksError::NoUsableKeys
+        );
         assert_eq!(
             parse(json!({"keys":[rsa("weak", 1024)]})).unwrap_err(),
             JwksError::NoUsableKeys

@@ -241,6 +241,7 @@ pub(crate) fn peek_iss(payload: &[u8]) -> Result<Cow<'_, str>, VerifyError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -292,7 +293,13 @@ mod tests {
 
     #[test]
     fn crit_in_any_form_is_refused() {
-        for crit in [r#"["exp"]"#, "[]", r#"["b64"],"b64":false"#, r#"["x"]"#, "null"] {
+        for crit in [
+            r#"["exp"]"#,
+            "[]",
+            r#"["b64"],"b64":false"#,
+            r#"["x"]"#,
+            "null",
+        ] {
             let e = header(&format!(r#"{{"alg":"RS256","crit":{crit}}}"#)).unwrap_err();
             assert_eq!(e, VerifyError::RefusedHeader("crit".into()), "{crit}");
         }
@@ -331,7 +338,10 @@ mod tests {
     #[test]
     fn duplicate_header_members_are_refused() {
         let e = header(r#"{"alg":"RS256","alg":"none"}"#).unwrap_err();
-        assert!(matches!(e, VerifyError::Malformed(ref m) if m.contains("duplicate")), "{e}");
+        assert!(
+            matches!(e, VerifyError::Malformed(ref m) if m.contains("duplicate")),
+            "{e}"
+        );
         let e = header(r#"{"alg":"RS256","kid":"a","kid":"b"}"#).unwrap_err();
         assert!(matches!(e, VerifyError::Malformed(_)));
     }
@@ -339,8 +349,13 @@ mod tests {
     #[test]
     fn only_three_non_empty_segments_split() {
         assert!(split("a.b.c").is_ok());
-        for bad in ["a.b", "a.b.c.d", "a.b.c.", ".b.c", "a..c", "a.b.", "abc", ""] {
-            assert!(matches!(split(bad), Err(VerifyError::Malformed(_))), "{bad}");
+        for bad in [
+            "a.b", "a.b.c.d", "a.b.c.", ".b.c", "a..c", "a.b.", "abc", "",
+        ] {
+            assert!(
+                matches!(split(bad), Err(VerifyError::Malformed(_))),
+                "{bad}"
+            );
         }
         let c = split("h.p.s").unwrap();
         assert_eq!(c.signing_input, "h.p");
@@ -360,7 +375,10 @@ mod tests {
 
     #[test]
     fn iss_is_peeked_without_the_rest_of_the_claims() {
-        assert_eq!(peek_iss(br#"{"iss":"https://x","a":[1]}"#).unwrap(), "https://x");
+        assert_eq!(
+            peek_iss(br#"{"iss":"https://x","a":[1]}"#).unwrap(),
+            "https://x"
+        );
         for bad in [
             &br#"{"iss":["https://x"]}"#[..],
             br#"{"iss":1}"#,
@@ -370,6 +388,9 @@ mod tests {
         ] {
             assert_eq!(peek_iss(bad).unwrap_err(), VerifyError::UntrustedIssuer);
         }
-        assert!(matches!(peek_iss(b"not json"), Err(VerifyError::Malformed(_))));
+        assert!(matches!(
+            peek_iss(b"not json"),
+            Err(VerifyError::Malformed(_))
+        ));
     }
 }
