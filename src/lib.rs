@@ -6,8 +6,8 @@
 //! proof type that only it can build: [`oidc::VerifiedIdToken`],
 //! [`policy::Grant`], [`mint::MintedToken`]. Read `docs/architecture.md` first.
 
-pub mod clock;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod exchange;

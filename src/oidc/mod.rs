@@ -3,19 +3,30 @@
 //! Trusted issuers come from the config only. The token's unverified `iss`
 //! is read for one purpose: to pick, by exact string equality, which
 //! configured issuer verifies it. Keys come from that issuer's discovery
-//! document and JWKS (`jwks.rs`), never from the token header (`jku`, `x5u`,
-//! `jwk`, `x5c` are ignored). The JWS is checked by hand over aws-lc-rs
+//! document and JWKS (`jwks.rs`), never from the token header (`jwk`, `jku`
+//! and `x5u` are refused, `x5c` is ignored). The JWS is checked by hand over aws-lc-rs
 //! (`jws.rs`) so that keys stay parsed, the algorithm is pinned per key and
 //! the payload is parsed exactly once, into [`claims::GitLabClaims`].
 
 pub mod claims;
+mod discovery;
+mod fetch;
+mod issuer;
+mod jwks;
+mod jws;
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+pub(crate) mod testutil;
 
 use std::sync::Arc;
 
 pub use claims::GitLabClaims;
+pub use issuer::{IssuerSetupError, Issuers, claims_without_verification};
 
 /// Proof that an ID token passed every check of its issuer. Only this module
 /// can build one.
+// `_proof` is deliberately private: a proof type, not a non-exhaustive struct.
+#[allow(clippy::manual_non_exhaustive)]
 #[derive(Debug, Clone)]
 pub struct VerifiedIdToken {
     /// The configured issuer name (`[issuers.NAME]`).
