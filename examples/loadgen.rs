@@ -23,8 +23,8 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, ParsedPublicKey};
 use axum::Router;
 use axum::routing::get;
 use bytes::Bytes;
-use clap::Parser;
 use cistern::dev::{DevIssuer, DevMode};
+use clap::Parser;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -60,7 +60,9 @@ const AUD: &str = "https://cistern.bench";
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(run(args))
 }
 
@@ -72,15 +74,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
     let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
-    let (jwks, disc) = (dev.jwks_json(), dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")));
+    let (jwks, disc) = (
+        dev.jwks_json(),
+        dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")),
+    );
     let issuer_app = Router::new()
-        .route("/.well-known/openid-configuration", get(move || async move { ([("content-type", "application/json")], disc) }))
-        .route("/oauth/discovery/keys", get(move || async move { ([("content-type", "application/json")], jwks) }));
+        .route(
+            "/.well-known/openid-configuration",
+            get(move || async move { ([("content-type", "application/json")], disc) }),
+        )
+        .route(
+            "/oauth/discovery/keys",
+            get(move || async move { ([("content-type", "application/json")], jwks) }),
+        );
     tokio::spawn(async move { axum::serve(issuer_listener, issuer_app).await });
 
     let started = Instant::now();
     let tokens = Arc::new(premint(&dev, &issuer_url, args.tokens)?);
-    eprintln!("pre-minted {} ID tokens in {:.1}s", tokens.len(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "pre-minted {} ID tokens in {:.1}s",
+        tokens.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     // cistern, in a temp dir.
     let dir = tempfile::tempdir()?;
@@ -149,27 +164,86 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let next = Arc::new(AtomicUsize::new(0));
     let url: hyper::Uri = format!("{base}/oauth/token").parse()?;
     // Warm-up: also makes cistern fetch the issuer's keys once.
-    run_closed(&client, &url, &tokens, &next, 4, Duration::from_millis(500), pid).await?;
+    run_closed(
+        &client,
+        &url,
+        &tokens,
+        &next,
+        4,
+        Duration::from_millis(500),
+        pid,
+    )
+    .await?;
     let rss_idle = rss_kib(pid);
 
-    let peak = run_closed(&client, &url, &tokens, &next, args.connections, Duration::from_secs(args.peak_secs), pid).await?;
-    eprintln!("peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)", peak.rate, peak.p50_ms, peak.p99_ms, peak.errors);
+    let peak = run_closed(
+        &client,
+        &url,
+        &tokens,
+        &next,
+        args.connections,
+        Duration::from_secs(args.peak_secs),
+        pid,
+    )
+    .await?;
+    eprintln!(
+        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)",
+        peak.rate, peak.p50_ms, peak.p99_ms, peak.errors
+    );
     let half_rate = peak.rate / 2.0;
-    let half = run_open(&client, &url, &tokens, &next, args.connections, half_rate, Duration::from_secs(args.half_secs), pid).await?;
-    eprintln!("half: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)", half.rate, half.p50_ms, half.p99_ms, half.errors);
+    let half = run_open(
+        &client,
+        &url,
+        &tokens,
+        &next,
+        args.connections,
+        half_rate,
+        Duration::from_secs(args.half_secs),
+        pid,
+    )
+    .await?;
+    eprintln!(
+        "half: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)",
+        half.rate, half.p50_ms, half.p99_ms, half.errors
+    );
     let hwm = hwm_kib(pid);
     let _ = child.kill().await;
 
     println!("| metric | value |");
     println!("|---|---|");
-    println!("| crypto ceiling (RS256 verify + ES256 sign, 1 core, same run) | {ceiling:.0} exchanges/s |");
-    println!("| peak exchanges/s (1 server core, {} connections) | {:.0} ({:.0}% of ceiling) |", args.connections, peak.rate, 100.0 * peak.rate / ceiling);
-    println!("| latency at peak p50 / p99 | {:.2} ms / {:.2} ms |", peak.p50_ms, peak.p99_ms);
-    println!("| open-loop at half peak ({half_rate:.0}/s) achieved | {:.0}/s |", half.rate);
-    println!("| latency at half peak p50 / p99 | {:.2} ms / {:.2} ms |", half.p50_ms, half.p99_ms);
+    println!(
+        "| crypto ceiling (RS256 verify + ES256 sign, 1 core, same run) | {ceiling:.0} exchanges/s |"
+    );
+    println!(
+        "| peak exchanges/s (1 server core, {} connections) | {:.0} ({:.0}% of ceiling) |",
+        args.connections,
+        peak.rate,
+        100.0 * peak.rate / ceiling
+    );
+    println!(
+        "| latency at peak p50 / p99 | {:.2} ms / {:.2} ms |",
+        peak.p50_ms, peak.p99_ms
+    );
+    println!(
+        "| open-loop at half peak ({half_rate:.0}/s) achieved | {:.0}/s |",
+        half.rate
+    );
+    println!(
+        "| latency at half peak p50 / p99 | {:.2} ms / {:.2} ms |",
+        half.p50_ms, half.p99_ms
+    );
     println!("| errors (non-200) | {} |", peak.errors + half.errors);
-    println!("| RSS idle / max under load / high-water mark | {:.1} MB / {:.1} MB / {:.1} MB |", rss_idle as f64 / 1024.0, peak.rss_max_kib.max(half.rss_max_kib) as f64 / 1024.0, hwm as f64 / 1024.0);
-    println!("| start → listening / → ready (/readyz 200) | {:.1} ms / {:.1} ms |", listening.as_secs_f64() * 1e3, ready.as_secs_f64() * 1e3);
+    println!(
+        "| RSS idle / max under load / high-water mark | {:.1} MB / {:.1} MB / {:.1} MB |",
+        rss_idle as f64 / 1024.0,
+        peak.rss_max_kib.max(half.rss_max_kib) as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    println!(
+        "| start → listening / → ready (/readyz 200) | {:.1} ms / {:.1} ms |",
+        listening.as_secs_f64() * 1e3,
+        ready.as_secs_f64() * 1e3
+    );
     Ok(())
 }
 
@@ -227,9 +301,11 @@ async fn run_closed(
     let end = start + dur;
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..conns {
-        let (client, url, tokens, next) = (client.clone(), url.clone(), tokens.clone(), next.clone());
+        let (client, url, tokens, next) =
+            (client.clone(), url.clone(), tokens.clone(), next.clone());
         tasks.spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut errors = 0u64;
             while Instant::now() < end {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -264,9 +340,11 @@ async fn run_open(
     let interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
     let mut tasks = tokio::task::JoinSet::new();
     for w in 0..conns {
-        let (client, url, tokens, next) = (client.clone(), url.clone(), tokens.clone(), next.clone());
+        let (client, url, tokens, next) =
+            (client.clone(), url.clone(), tokens.clone(), next.clone());
         tasks.spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let mut errors = 0u64;
             let mut due = start + interval.mul_f64(w as f64 / conns as f64);
             while due < end {
@@ -311,20 +389,27 @@ async fn finish(
 
 fn premint(dev: &Arc<DevIssuer>, issuer: &str, n: usize) -> anyhow::Result<Vec<String>> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
     let chunks: Vec<_> = (0..threads)
         .map(|t| {
             let (dev, issuer) = (dev.clone(), issuer.to_owned());
             let count = n / threads + usize::from(t < n % threads);
             std::thread::spawn(move || {
                 let none = serde_json::Map::new();
-                (0..count).map(|_| dev.mint_id_token(&issuer, AUD, &none, now, 3600)).collect::<Result<Vec<_>, _>>()
+                (0..count)
+                    .map(|_| dev.mint_id_token(&issuer, AUD, &none, now, 3600))
+                    .collect::<Result<Vec<_>, _>>()
             })
         })
         .collect();
     let mut out = Vec::with_capacity(n);
     for c in chunks {
-        out.extend(c.join().map_err(|_| anyhow::anyhow!("mint thread panicked"))??);
+        out.extend(
+            c.join()
+                .map_err(|_| anyhow::anyhow!("mint thread panicked"))??,
+        );
     }
     Ok(out)
 }
@@ -336,7 +421,10 @@ fn crypto_ceiling() -> anyhow::Result<f64> {
     let msg = vec![b'x'; 1400];
     let mut sig = vec![0; rsa.public_modulus_len()];
     rsa.sign(&signature::RSA_PKCS1_SHA256, &rng, &msg, &mut sig)?;
-    let public = ParsedPublicKey::new(&signature::RSA_PKCS1_2048_8192_SHA256, rsa.public_key().as_ref())?;
+    let public = ParsedPublicKey::new(
+        &signature::RSA_PKCS1_2048_8192_SHA256,
+        rsa.public_key().as_ref(),
+    )?;
     let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)?;
     let ec = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())?;
     let claims = vec![b'y'; 700];
@@ -357,13 +445,19 @@ fn crypto_ceiling() -> anyhow::Result<f64> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn status_kib(pid: u32, key: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 

@@ -338,7 +338,9 @@ pub fn check_issuer_url(raw: &str, allow_insecure_http: bool) -> Result<Url, Str
             return Err("plain http is allowed only for loopback issuers".into());
         }
         "http" => {
-            return Err("must be https (set allow_insecure_http for a loopback test issuer)".into());
+            return Err(
+                "must be https (set allow_insecure_http for a loopback test issuer)".into(),
+            );
         }
         s => return Err(format!("unsupported scheme {s:?}")),
     }

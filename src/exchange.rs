@@ -16,7 +16,9 @@ use crate::metrics::Metrics;
 use crate::mint::{KeyRing, MintError, MintedToken, mint};
 use crate::oidc::{Issuers, VerifiedIdToken, VerifyError};
 use crate::policy::{Denial, Grant, PolicyStore, RoleRequest, RoleTrace};
-use crate::store::{AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store, StoreError};
+use crate::store::{
+    AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store, StoreError,
+};
 
 /// What the job asked for.
 #[derive(Debug, Clone, Default)]
@@ -99,34 +101,56 @@ pub struct Exchanger {
 
 impl Exchanger {
     /// Exchanges a GitLab ID token for a cistern access token.
-    pub async fn exchange(&self, subject_token: &str, req: &ExchangeRequest) -> Result<MintedToken, ExchangeError> {
+    pub async fn exchange(
+        &self,
+        subject_token: &str,
+        req: &ExchangeRequest,
+    ) -> Result<MintedToken, ExchangeError> {
         let now_ms = self.clock.now_millis();
         let verified = match self.issuers.verify(subject_token).await {
             Ok(v) => v,
             Err(e) => {
-                self.audit_denied(now_ms, None, req, e.code(), json!({ "error": e.to_string(), "token_sha256": token_hash(subject_token) }))
-                    .await?;
+                self.audit_denied(
+                    now_ms,
+                    None,
+                    req,
+                    e.code(),
+                    json!({ "error": e.to_string(), "token_sha256": token_hash(subject_token) }),
+                )
+                .await?;
                 return Err(e.into());
             }
         };
-        let grant = match self.policies.current().decide(&verified, &role_request(req)) {
+        let grant = match self
+            .policies
+            .current()
+            .decide(&verified, &role_request(req))
+        {
             Ok(g) => g,
             Err(denial) => {
                 let mut detail = json!({ "description": denial.public_description(), "subject": subject_summary(&verified) });
                 if let Denial::NotPermitted { trace, .. } = &denial {
                     detail["trace"] = serde_json::to_value(trace).unwrap_or_default();
                 }
-                self.audit_denied(now_ms, Some(&verified), req, denial.code(), detail).await?;
+                self.audit_denied(now_ms, Some(&verified), req, denial.code(), detail)
+                    .await?;
                 return Err(ExchangeError::Denied(denial));
             }
         };
-        let minted = mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms.div_euclid(1000))?;
+        let minted = mint(
+            &self.keys,
+            &self.issuer_url,
+            &grant,
+            &verified,
+            now_ms.div_euclid(1000),
+        )?;
         let record = self.record(&verified, &grant, &minted, now_ms);
         match self.store.commit_exchange(record).await {
             Ok(()) => Ok(minted),
             Err(StoreError::Replay) => {
                 let detail = json!({ "description": "subject_token has already been exchanged", "subject": subject_summary(&verified) });
-                self.audit_denied(now_ms, Some(&verified), req, "replay", detail).await?;
+                self.audit_denied(now_ms, Some(&verified), req, "replay", detail)
+                    .await?;
                 Err(ExchangeError::Replay)
             }
             Err(e) => Err(ExchangeError::Store(e)),
@@ -135,7 +159,11 @@ impl Exchanger {
 
     /// Evaluates the request against the policies without issuing anything;
     /// the subject token is not consumed. Audited as a dry run.
-    pub async fn dry_run(&self, subject_token: &str, req: &ExchangeRequest) -> Result<DryRunReport, ExchangeError> {
+    pub async fn dry_run(
+        &self,
+        subject_token: &str,
+        req: &ExchangeRequest,
+    ) -> Result<DryRunReport, ExchangeError> {
         let now_ms = self.clock.now_millis();
         let verified = match self.issuers.verify(subject_token).await {
             Ok(v) => v,
@@ -156,8 +184,14 @@ impl Exchanger {
                 Ok(g) => Some(g.role.to_string()),
                 Err(d) => d.role().map(str::to_owned).or_else(|| req.role.clone()),
             },
-            scopes: decision.as_ref().map(|g| g.scopes.clone()).unwrap_or_default(),
-            denial: decision.as_ref().err().map(|d| DenialSummary { code: d.code().to_owned(), description: d.public_description() }),
+            scopes: decision
+                .as_ref()
+                .map(|g| g.scopes.clone())
+                .unwrap_or_default(),
+            denial: decision.as_ref().err().map(|d| DenialSummary {
+                code: d.code().to_owned(),
+                description: d.public_description(),
+            }),
             traces,
         };
         let event = AuditEvent {
@@ -169,24 +203,44 @@ impl Exchanger {
             reason: report.denial.as_ref().map(|d| d.code.clone()),
             detail: json!({ "would_grant": report.would_grant, "subject": subject_summary(&verified), "traces": &report.traces }),
         };
-        self.store.append_audit(event).await.map_err(ExchangeError::Store)?;
+        self.store
+            .append_audit(event)
+            .await
+            .map_err(ExchangeError::Store)?;
         Ok(report)
     }
 
-    fn record(&self, v: &VerifiedIdToken, grant: &Grant, minted: &MintedToken, now_ms: i64) -> ExchangeRecord {
+    fn record(
+        &self,
+        v: &VerifiedIdToken,
+        grant: &Grant,
+        minted: &MintedToken,
+        now_ms: i64,
+    ) -> ExchangeRecord {
         let c = &v.claims;
-        let replay = self.replay_protection.get(&*v.issuer).copied().unwrap_or(true).then(|| ReplayEntry {
-            issuer: v.issuer.to_string(),
-            jti: c.jti.clone(),
-            expires_at_ms: c.exp.0.saturating_mul(1000),
-        });
+        let replay = self
+            .replay_protection
+            .get(&*v.issuer)
+            .copied()
+            .unwrap_or(true)
+            .then(|| ReplayEntry {
+                issuer: v.issuer.to_string(),
+                jti: c.jti.clone(),
+                expires_at_ms: c.exp.0.saturating_mul(1000),
+            });
         let identity = Identity {
             issuer: v.issuer.to_string(),
             project_id: c.effective_project_id().to_string(),
             namespace_id: c.job_namespace_id.unwrap_or(c.namespace_id).to_string(),
             role: grant.role.to_string(),
-            project_path: c.job_project_path.clone().unwrap_or_else(|| c.project_path.clone()),
-            namespace_path: c.job_namespace_path.clone().unwrap_or_else(|| c.namespace_path.clone()),
+            project_path: c
+                .job_project_path
+                .clone()
+                .unwrap_or_else(|| c.project_path.clone()),
+            namespace_path: c
+                .job_namespace_path
+                .clone()
+                .unwrap_or_else(|| c.namespace_path.clone()),
             owner: grant.owner.to_string(),
         };
         let token = IssuedToken {
@@ -220,7 +274,12 @@ impl Exchanger {
                 "subject": subject_summary(v),
             }),
         };
-        ExchangeRecord { replay, identity, token, audit }
+        ExchangeRecord {
+            replay,
+            identity,
+            token,
+            audit,
+        }
     }
 
     async fn audit_denied(
@@ -240,17 +299,27 @@ impl Exchanger {
             reason: Some(reason.to_owned()),
             detail,
         };
-        self.store.append_audit(event).await.map_err(ExchangeError::Store)
+        self.store
+            .append_audit(event)
+            .await
+            .map_err(ExchangeError::Store)
     }
 }
 
 fn role_request(req: &ExchangeRequest) -> RoleRequest {
-    RoleRequest { role: req.role.clone(), audience: req.audience.clone(), scopes: req.scopes.clone() }
+    RoleRequest {
+        role: req.role.clone(),
+        audience: req.audience.clone(),
+        scopes: req.scopes.clone(),
+    }
 }
 
 /// SHA-256 of a token, hex: the only form a token takes in records and logs.
 pub fn token_hash(token: &str) -> String {
-    hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()))
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        token.as_bytes(),
+    ))
 }
 
 /// The claims that identify the job, for audit records. No token, no secret.

@@ -3,6 +3,8 @@
 //! mutate and break anything. Every case: the right OAuth error, no panic,
 //! nothing issued, and the denial audited.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use common::{Cistern, CisternBuilder, OrFail, Peer, require_peers};
@@ -57,21 +59,49 @@ fn count(c: &Cistern, sql: &str) -> i64 {
 /// Exchanges `token` and asserts a 400 `invalid_request` that was audited
 /// as a denial with `reason`, with nothing issued.
 async fn refused(c: &Cistern, case: &str, token: &str, reason: &str) {
-    let denials = count(c, "SELECT count(*) FROM audit WHERE kind = 'exchange_denied'");
+    let denials = count(
+        c,
+        "SELECT count(*) FROM audit WHERE kind = 'exchange_denied'",
+    );
     let (s, b) = c.exchange(token, "deploy", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{case}: {b}\n{}", c.logs());
-    assert!(b["error_description"].as_str().is_some_and(|d| !d.is_empty()), "{case}: {b}");
-    assert_eq!(count(c, "SELECT count(*) FROM issued_tokens"), 0, "{case}: something was issued");
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{case}: {b}\n{}",
+        c.logs()
+    );
+    assert!(
+        b["error_description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{case}: {b}"
+    );
+    assert_eq!(
+        count(c, "SELECT count(*) FROM issued_tokens"),
+        0,
+        "{case}: something was issued"
+    );
     let stored_reason: String = {
         let conn = rusqlite::Connection::open_with_flags(
             c.data_dir().join("data/cistern.db"),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         )
         .or_fail("store");
-        conn.query_row("SELECT reason FROM audit WHERE kind = 'exchange_denied' ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
-            .or_fail("last denial")
+        conn.query_row(
+            "SELECT reason FROM audit WHERE kind = 'exchange_denied' ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .or_fail("last denial")
     };
-    assert_eq!(count(c, "SELECT count(*) FROM audit WHERE kind = 'exchange_denied'"), denials + 1, "{case}: not audited");
+    assert_eq!(
+        count(
+            c,
+            "SELECT count(*) FROM audit WHERE kind = 'exchange_denied'"
+        ),
+        denials + 1,
+        "{case}: not audited"
+    );
     assert_eq!(stored_reason, reason, "{case}");
 }
 
@@ -102,7 +132,12 @@ async fn forged_and_malformed_tokens_are_refused_with_invalid_request() {
     let issued_before = count(&c, "SELECT count(*) FROM issued_tokens");
     assert_eq!(issued_before, 1);
     // From here on nothing may be issued: reset the baseline by checking deltas.
-    let c_issued = |n: i64| assert_eq!(count(&c, "SELECT count(*) FROM issued_tokens"), issued_before + n);
+    let c_issued = |n: i64| {
+        assert_eq!(
+            count(&c, "SELECT count(*) FROM issued_tokens"),
+            issued_before + n
+        )
+    };
 
     // H1: alg none, all spellings, with and without the original signature.
     for alg in ["none", "None", "NONE", "nOnE"] {
@@ -111,7 +146,11 @@ async fn forged_and_malformed_tokens_are_refused_with_invalid_request() {
         for sig in ["", p[2].as_str()] {
             let t = format!("{}.{}.{sig}", b64(&header), p[1]);
             let (s, b) = c.exchange(&t, "deploy", None).await;
-            assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "H1 {alg}: {b}");
+            assert_eq!(
+                (s, b["error"].as_str()),
+                (400, Some("invalid_request")),
+                "H1 {alg}: {b}"
+            );
         }
     }
     // H1, H2 via the issuer's own forgeries; H5 embedded jwk; bad signature; unknown key.
@@ -126,21 +165,49 @@ async fn forged_and_malformed_tokens_are_refused_with_invalid_request() {
         refused(&c, forge, &t, reason).await;
     }
     // H3/H4: other algorithms and malformed alg values, same kid.
-    for alg in [json!("PS256"), json!("RS512"), json!("ES256"), json!("rs256"), json!("RS256 "), json!(null), json!(256)] {
+    for alg in [
+        json!("PS256"),
+        json!("RS512"),
+        json!("ES256"),
+        json!("rs256"),
+        json!("RS256 "),
+        json!(null),
+        json!(256),
+    ] {
         let t = mint(json!({ "aud": AUD, "header": { "alg": alg } })).await;
         let (s, b) = c.exchange(&t, "deploy", None).await;
-        assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "H3/H4 {alg}: {b}");
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (400, Some("invalid_request")),
+            "H3/H4 {alg}: {b}"
+        );
     }
     // H6/H7: jku/x5u pointing at the issuer itself must not cause a fetch.
     issuer.reset_stats().await;
-    for (k, v) in [("jku", json!(format!("{}/oauth/discovery/keys", issuer.url()))), ("x5u", json!(format!("{}/x5u", issuer.url()))), ("x5c", json!(["MIIB"]))] {
+    for (k, v) in [
+        (
+            "jku",
+            json!(format!("{}/oauth/discovery/keys", issuer.url())),
+        ),
+        ("x5u", json!(format!("{}/x5u", issuer.url()))),
+        ("x5c", json!(["MIIB"])),
+    ] {
         let t = mint(json!({ "aud": AUD, "header": { k: v } })).await;
         let (s, b) = c.exchange(&t, "deploy", None).await;
         assert_eq!(s, 400, "H6 {k}: {b}");
     }
-    assert_eq!(issuer.stats().await["jwks_hits"], 0, "a header URL caused a fetch");
+    assert_eq!(
+        issuer.stats().await["jwks_hits"],
+        0,
+        "a header URL caused a fetch"
+    );
     // H10: crit in every form.
-    for crit in [json!(["exp"]), json!([]), json!(["b64"]), json!(["x-unknown"])] {
+    for crit in [
+        json!(["exp"]),
+        json!([]),
+        json!(["b64"]),
+        json!(["x-unknown"]),
+    ] {
         let t = mint(json!({ "aud": AUD, "header": { "crit": crit, "b64": false } })).await;
         refused(&c, "H10", &t, "refused_header").await;
     }
@@ -156,14 +223,20 @@ async fn forged_and_malformed_tokens_are_refused_with_invalid_request() {
         format!("{}.{}", p[0], p[1]),
         format!("{}.{}.{}.{}", p[0], p[1], p[2], p[2]),
         format!("{}.{}.{}.", p[0], p[1], p[2]),
-        json!({ "payload": p[1], "signatures": [{ "protected": p[0], "signature": p[2] }] }).to_string(),
+        json!({ "payload": p[1], "signatures": [{ "protected": p[0], "signature": p[2] }] })
+            .to_string(),
         format!("{}=.{}.{}", p[0], p[1], p[2]),
         format!("{} .{}.{}", p[0], p[1], p[2]),
     ] {
         refused(&c, "H12", &bad, "malformed").await;
     }
     // E1: duplicate members in the header and in the payload.
-    let dup_header = format!("{}.{}.{}", base64_raw(r#"{"alg":"RS256","alg":"none","typ":"JWT"}"#), p[1], p[2]);
+    let dup_header = format!(
+        "{}.{}.{}",
+        base64_raw(r#"{"alg":"RS256","alg":"none","typ":"JWT"}"#),
+        p[1],
+        p[2]
+    );
     let (s, _) = c.exchange(&dup_header, "deploy", None).await;
     assert_eq!(s, 400, "E1 header");
     let payload = format!(
@@ -189,7 +262,9 @@ fn base64_raw(s: &str) -> String {
 }
 
 fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -198,38 +273,96 @@ async fn claims_of_the_wrong_type_time_or_audience_are_refused() {
         return;
     }
     let issuer = Peer::jose_issuer();
-    let c = start(&issuer, &[("issuers.gitlab.leeway", json!("10s")), ("issuers.gitlab.max_token_age", json!("1h"))]);
+    let c = start(
+        &issuer,
+        &[
+            ("issuers.gitlab.leeway", json!("10s")),
+            ("issuers.gitlab.max_token_age", json!("1h")),
+        ],
+    );
     let t = now();
     let cases: Vec<(&str, Value, &str)> = vec![
         // D1: time.
         ("expired", json!({ "exp": t - 11 }), "expired"),
         ("exp now minus leeway", json!({ "exp": t - 10 }), "expired"),
-        ("nbf in the future", json!({ "nbf": t + 60 }), "not_yet_valid"),
-        ("iat in the future", json!({ "iat": t + 60, "nbf": t }), "not_yet_valid"),
-        ("too old", json!({ "iat": t - 7200, "nbf": t - 7200 }), "too_old"),
+        (
+            "nbf in the future",
+            json!({ "nbf": t + 60 }),
+            "not_yet_valid",
+        ),
+        (
+            "iat in the future",
+            json!({ "iat": t + 60, "nbf": t }),
+            "not_yet_valid",
+        ),
+        (
+            "too old",
+            json!({ "iat": t - 7200, "nbf": t - 7200 }),
+            "too_old",
+        ),
         ("missing exp", json!({ "exp": null }), "invalid_claims"),
         // D2: wrong types for dates.
-        ("string exp", json!({ "exp": "9999999999" }), "invalid_claims"),
+        (
+            "string exp",
+            json!({ "exp": "9999999999" }),
+            "invalid_claims",
+        ),
         ("float exp", json!({ "exp": 1.7e9 }), "invalid_claims"),
         ("huge exp", json!({ "exp": 1e300 }), "invalid_claims"),
         ("bool nbf", json!({ "nbf": true }), "invalid_claims"),
         ("array iat", json!({ "iat": [t] }), "invalid_claims"),
         // D3/R2: audience.
-        ("other aud", json!({ "aud": "https://vault.example.com" }), "wrong_audience"),
+        (
+            "other aud",
+            json!({ "aud": "https://vault.example.com" }),
+            "wrong_audience",
+        ),
         ("empty aud", json!({ "aud": "" }), "invalid_claims"),
         ("empty aud list", json!({ "aud": [] }), "invalid_claims"),
         ("object aud", json!({ "aud": { "a": 1 } }), "invalid_claims"),
         ("missing aud", json!({ "aud": null }), "invalid_claims"),
         // D6/D7: GitLab's claim types exactly; missing required claims.
-        ("integer project_id", json!({ "project_id": 42 }), "invalid_claims"),
-        ("bool ref_protected", json!({ "ref_protected": true }), "invalid_claims"),
-        ("string runner_id", json!({ "runner_id": "1" }), "invalid_claims"),
-        ("missing project_id", json!({ "project_id": null }), "invalid_claims"),
-        ("missing namespace_id", json!({ "namespace_id": null }), "invalid_claims"),
-        ("missing ref_type", json!({ "ref_type": null }), "invalid_claims"),
-        ("bad ref_type", json!({ "ref_type": "commit" }), "invalid_claims"),
+        (
+            "integer project_id",
+            json!({ "project_id": 42 }),
+            "invalid_claims",
+        ),
+        (
+            "bool ref_protected",
+            json!({ "ref_protected": true }),
+            "invalid_claims",
+        ),
+        (
+            "string runner_id",
+            json!({ "runner_id": "1" }),
+            "invalid_claims",
+        ),
+        (
+            "missing project_id",
+            json!({ "project_id": null }),
+            "invalid_claims",
+        ),
+        (
+            "missing namespace_id",
+            json!({ "namespace_id": null }),
+            "invalid_claims",
+        ),
+        (
+            "missing ref_type",
+            json!({ "ref_type": null }),
+            "invalid_claims",
+        ),
+        (
+            "bad ref_type",
+            json!({ "ref_type": "commit" }),
+            "invalid_claims",
+        ),
         // Array iss (fast-jwt CVE-2025-30144).
-        ("array iss", json!({ "iss": [issuer.url()] }), "untrusted_issuer"),
+        (
+            "array iss",
+            json!({ "iss": [issuer.url()] }),
+            "untrusted_issuer",
+        ),
     ];
     for (case, claims, reason) in cases {
         // `claims` overrides apply after `aud`, and null deletes a claim.
@@ -238,18 +371,24 @@ async fn claims_of_the_wrong_type_time_or_audience_are_refused() {
         refused(&c, case, &token, reason).await;
     }
     // nbf exactly now, and exp just inside the leeway, are accepted (D1).
-    let ok = issuer.mint_with(json!({ "aud": AUD, "claims": { "nbf": t, "exp": t - 5 } })).await;
+    let ok = issuer
+        .mint_with(json!({ "aud": AUD, "claims": { "nbf": t, "exp": t - 5 } }))
+        .await;
     let (s, b) = c.exchange(&ok, "deploy", None).await;
     assert_eq!(s, 200, "within leeway: {b}");
     // D3: an array containing our audience is accepted.
-    let ok = issuer.mint_with(json!({ "aud": ["https://vault.example.com", AUD] })).await;
+    let ok = issuer
+        .mint_with(json!({ "aud": ["https://vault.example.com", AUD] }))
+        .await;
     assert_eq!(c.exchange(&ok, "deploy", None).await.0, 200);
     // D5: unknown extra claims are ignored, 10 000 of them exceed the size bound.
     let mut many = serde_json::Map::new();
     for i in 0..10_000 {
         many.insert(format!("x{i}"), json!(i));
     }
-    let big = issuer.mint_with(json!({ "aud": AUD, "claims": Value::Object(many) })).await;
+    let big = issuer
+        .mint_with(json!({ "aud": AUD, "claims": Value::Object(many) }))
+        .await;
     let (s, _) = c.exchange(&big, "deploy", None).await;
     assert!((400..500).contains(&s));
 }
@@ -262,18 +401,33 @@ async fn an_issuer_outage_or_a_kid_flood_never_turns_into_a_fetch_storm() {
     let issuer = Peer::jose_issuer();
     let c = start(&issuer, &[("issuers.gitlab.fetch_timeout", json!("1s"))]);
     let first = issuer.mint_with(json!({ "aud": AUD })).await;
-    assert_eq!(c.exchange(&first, "deploy", None).await.0, 200, "{}", c.logs());
+    assert_eq!(
+        c.exchange(&first, "deploy", None).await.0,
+        200,
+        "{}",
+        c.logs()
+    );
     // J2: 50 tokens signed by unknown keys cause at most one refetch in the cooldown.
     issuer.reset_stats().await;
     for _ in 0..50 {
-        let t = issuer.mint_with(json!({ "aud": AUD, "key": "unknown" })).await;
+        let t = issuer
+            .mint_with(json!({ "aud": AUD, "key": "unknown" }))
+            .await;
         let (s, b) = c.exchange(&t, "deploy", None).await;
-        assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+        assert_eq!(
+            (s, b["error"].as_str()),
+            (400, Some("invalid_request")),
+            "{b}"
+        );
     }
     let hits = issuer.stats().await["jwks_hits"].as_i64().unwrap_or(-1);
     assert!(hits <= 1, "unknown kids caused {hits} JWKS fetches");
     // J1: while the JWKS answers 500, slow or huge, the cached keys keep serving.
-    for mode in [json!({ "jwks": "500" }), json!({ "jwks": "huge", "size_bytes": 2_000_000 }), json!({ "jwks": "invalid_json" })] {
+    for mode in [
+        json!({ "jwks": "500" }),
+        json!({ "jwks": "huge", "size_bytes": 2_000_000 }),
+        json!({ "jwks": "invalid_json" }),
+    ] {
         issuer.set_behaviour(mode.clone()).await;
         let t = issuer.mint_with(json!({ "aud": AUD })).await;
         let (s, b) = c.exchange(&t, "deploy", None).await;
@@ -289,15 +443,25 @@ async fn a_discovery_document_for_another_issuer_or_a_token_from_an_unknown_issu
     }
     // S1: the discovery document names another issuer — no key is ever trusted.
     let issuer = Peer::jose_issuer();
-    issuer.set_behaviour(json!({ "discovery_overrides": { "issuer": "https://evil.example" } })).await;
+    issuer
+        .set_behaviour(json!({ "discovery_overrides": { "issuer": "https://evil.example" } }))
+        .await;
     let c = start(&issuer, &[]);
     let t = issuer.mint_with(json!({ "aud": AUD })).await;
     let (s, b) = c.exchange(&t, "deploy", None).await;
     assert!(s == 400 || s == 503, "{s} {b}");
     assert_eq!(count(&c, "SELECT count(*) FROM issued_tokens"), 0);
     // jwks_uri on another host.
-    issuer.set_behaviour(json!({ "discovery_overrides": { "jwks_uri": "http://127.0.0.2:9/keys" } })).await;
-    let (s, _) = c.exchange(&issuer.mint_with(json!({ "aud": AUD })).await, "deploy", None).await;
+    issuer
+        .set_behaviour(json!({ "discovery_overrides": { "jwks_uri": "http://127.0.0.2:9/keys" } }))
+        .await;
+    let (s, _) = c
+        .exchange(
+            &issuer.mint_with(json!({ "aud": AUD })).await,
+            "deploy",
+            None,
+        )
+        .await;
     assert!(s == 400 || s == 503);
 
     // S2: a token whose iss is not configured causes no fetch at all.
@@ -306,5 +470,12 @@ async fn a_discovery_document_for_another_issuer_or_a_token_from_an_unknown_issu
     other.reset_stats().await;
     refused(&c, "S2", &t, "untrusted_issuer").await;
     let stats = other.stats().await;
-    assert_eq!((stats["jwks_hits"].as_i64(), stats["discovery_hits"].as_i64()), (Some(0), Some(0)), "{stats}");
+    assert_eq!(
+        (
+            stats["jwks_hits"].as_i64(),
+            stats["discovery_hits"].as_i64()
+        ),
+        (Some(0), Some(0)),
+        "{stats}"
+    );
 }

@@ -1,5 +1,7 @@
 //! The binary's commands: dev-mode quickstart, policy check/test, config errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,7 +18,11 @@ impl Drop for Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
@@ -26,7 +32,11 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
         cmd.env(k, v);
     }
     let out = cmd.output().unwrap();
-    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -35,8 +45,12 @@ fn the_dev_mode_quickstart_completes_an_exchange_and_explains_a_refusal() {
     let listen = format!("127.0.0.1:{port}");
     let url = format!("http://{listen}");
     let started = Instant::now();
-    let mut child =
-        Command::new(BIN).args(["serve", "--dev", "--listen", &listen]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--dev", "--listen", &listen])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let stdout = child.stdout.take().unwrap();
     let server = Server(child);
     let mut line = String::new();
@@ -49,20 +63,42 @@ fn the_dev_mode_quickstart_completes_an_exchange_and_explains_a_refusal() {
     let token = token.trim();
     assert_eq!(token.split('.').count(), 3);
 
-    let (code, out, err) = run(&["exchange", "--url", &url, "--role", "deploy", "--format", "json"], &[("CISTERN_ID_TOKEN", token)]);
+    let (code, out, err) = run(
+        &[
+            "exchange", "--url", &url, "--role", "deploy", "--format", "json",
+        ],
+        &[("CISTERN_ID_TOKEN", token)],
+    );
     assert_eq!(code, Some(0), "{err}");
     let body: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(body["scope"], "deploy:read deploy:write");
 
     // The same token again: replay refused, exit 1, one line.
-    let (code, _, err) = run(&["exchange", "--url", &url, "--role", "deploy"], &[("CISTERN_ID_TOKEN", token)]);
+    let (code, _, err) = run(
+        &["exchange", "--url", &url, "--role", "deploy"],
+        &[("CISTERN_ID_TOKEN", token)],
+    );
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("already been exchanged"), "{err}");
 
     // A feature branch: the dry run says which binding failed.
-    let (_, feature, _) = run(&["dev", "id-token", "--url", &url, "--claim", "ref=feature/x", "--claim", "ref_protected=false"], &[]);
-    let (code, out, err) =
-        run(&["exchange", "--url", &url, "--role", "deploy", "--dry-run"], &[("CISTERN_ID_TOKEN", feature.trim())]);
+    let (_, feature, _) = run(
+        &[
+            "dev",
+            "id-token",
+            "--url",
+            &url,
+            "--claim",
+            "ref=feature/x",
+            "--claim",
+            "ref_protected=false",
+        ],
+        &[],
+    );
+    let (code, out, err) = run(
+        &["exchange", "--url", &url, "--role", "deploy", "--dry-run"],
+        &[("CISTERN_ID_TOKEN", feature.trim())],
+    );
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(out.contains("WOULD DENY"), "{out}");
     assert!(out.contains("ref") && out.contains("feature/x"), "{out}");
@@ -78,7 +114,10 @@ fn dev_mode_refuses_a_non_loopback_address() {
 
 #[test]
 fn policy_check_accepts_the_shipped_examples() {
-    let (code, out, err) = run(&["policy", "check", "--config", "examples/cistern.toml"], &[]);
+    let (code, out, err) = run(
+        &["policy", "check", "--config", "examples/cistern.toml"],
+        &[],
+    );
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("3 role(s) valid"), "{out}");
 }
@@ -91,8 +130,16 @@ fn policy_check_names_file_line_and_field_of_every_error() {
         "role = \"x\"\nowner = \"me\"\nissuer = \"gitlab\"\n\n[bindings]\nref = \"main\"\n\n[grant]\nkind = \"access_token\"\naudience = \"https://a\"\nscopes = [\"deploy:read\"]\nttl = \"5h\"\n",
     )
     .unwrap();
-    let (code, _, err) =
-        run(&["policy", "check", "--config", "examples/cistern.toml", dir.path().to_str().unwrap()], &[]);
+    let (code, _, err) = run(
+        &[
+            "policy",
+            "check",
+            "--config",
+            "examples/cistern.toml",
+            dir.path().to_str().unwrap(),
+        ],
+        &[],
+    );
     assert_eq!(code, Some(1), "{err}");
     let file = dir.path().join("bad.toml").display().to_string();
     assert!(err.contains(&format!("{file}:12: grant.ttl")), "{err}");
@@ -108,15 +155,43 @@ fn policy_test_explains_roles_for_a_claims_file() {
     let f = dir.path().join("claims.json");
     std::fs::write(&f, claims.to_string()).unwrap();
     let (code, out, err) = run(
-        &["policy", "test", "--config", "examples/cistern.toml", "--claims", f.to_str().unwrap(), "--format", "json"],
+        &[
+            "policy",
+            "test",
+            "--config",
+            "examples/cistern.toml",
+            "--claims",
+            f.to_str().unwrap(),
+            "--format",
+            "json",
+        ],
         &[],
     );
     let traces: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-    let granted: Vec<&str> =
-        traces.as_array().map(|a| a.iter().filter(|t| t["granted"] == true).filter_map(|t| t["role"].as_str()).collect()).unwrap_or_default();
-    assert!(granted.contains(&"deploy-production"), "{out}{err} {code:?}");
+    let granted: Vec<&str> = traces
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|t| t["granted"] == true)
+                .filter_map(|t| t["role"].as_str())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        granted.contains(&"deploy-production"),
+        "{out}{err} {code:?}"
+    );
     let (code, out, _) = run(
-        &["policy", "test", "--config", "examples/cistern.toml", "--claims", f.to_str().unwrap(), "--role", "release-publish"],
+        &[
+            "policy",
+            "test",
+            "--config",
+            "examples/cistern.toml",
+            "--claims",
+            f.to_str().unwrap(),
+            "--role",
+            "release-publish",
+        ],
         &[],
     );
     assert_eq!(code, Some(1), "{out}");
@@ -126,11 +201,16 @@ fn policy_test_explains_roles_for_a_claims_file() {
 #[test]
 fn a_broken_config_stops_serve_with_file_line_and_field() {
     let dir = tempfile::tempdir().unwrap();
-    let text = std::fs::read_to_string("examples/cistern.toml").unwrap().replace("max_ttl = \"1h\"", "max_ttl = \"2days\"");
+    let text = std::fs::read_to_string("examples/cistern.toml")
+        .unwrap()
+        .replace("max_ttl = \"1h\"", "max_ttl = \"2days\"");
     let path = dir.path().join("cistern.toml");
     std::fs::write(&path, text).unwrap();
     let (code, _, err) = run(&["serve", "--config", path.to_str().unwrap()], &[]);
     assert_eq!(code, Some(2));
-    assert!(err.contains("cistern.toml:") && err.contains("ceiling.max_ttl"), "{err}");
+    assert!(
+        err.contains("cistern.toml:") && err.contains("ceiling.max_ttl"),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "{err}");
 }

@@ -4,9 +4,14 @@
 //! drive the exchange as standard clients; authlib validates the RFC 8414
 //! metadata. Records are read back from the SQLite store.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
-use common::{Cistern, CisternBuilder, OrFail, Peer, decode_jwt, require_peers, run_node_async, run_python_async};
+use common::{
+    Cistern, CisternBuilder, OrFail, Peer, decode_jwt, require_peers, run_node_async,
+    run_python_async,
+};
 use serde_json::Value;
 
 const AUD: &str = "https://cistern.test";
@@ -59,8 +64,11 @@ fn start(issuer: &Peer, alg: &str) -> Cistern {
 }
 
 fn db(c: &Cistern) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(c.data_dir().join("data/cistern.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .or_fail("opening the store")
+    rusqlite::Connection::open_with_flags(
+        c.data_dir().join("data/cistern.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .or_fail("opening the store")
 }
 
 fn count(c: &Cistern, sql: &str) -> i64 {
@@ -68,16 +76,32 @@ fn count(c: &Cistern, sql: &str) -> i64 {
 }
 
 async fn verify_everywhere(c: &Cistern, token: &str, audience: &str) {
-    let (code, out) = run_node_async("verify_jose.mjs", &[&c.jwks_url(), &c.issuer(), audience, token]).await;
+    let (code, out) = run_node_async(
+        "verify_jose.mjs",
+        &[&c.jwks_url(), &c.issuer(), audience, token],
+    )
+    .await;
     assert_eq!(code, 0, "npm jose refused our token: {out}");
-    let (code, out) = run_node_async("verify_oauth4webapi.mjs", &[&c.metadata_url(), audience, token]).await;
-    assert_eq!(code, 0, "oauth4webapi validateJwtAccessToken refused our token: {out}");
-    let (code, out) = run_python_async("verify_py.py", &[&c.jwks_url(), &c.issuer(), audience, token]).await;
+    let (code, out) = run_node_async(
+        "verify_oauth4webapi.mjs",
+        &[&c.metadata_url(), audience, token],
+    )
+    .await;
+    assert_eq!(
+        code, 0,
+        "oauth4webapi validateJwtAccessToken refused our token: {out}"
+    );
+    let (code, out) = run_python_async(
+        "verify_py.py",
+        &[&c.jwks_url(), &c.issuer(), audience, token],
+    )
+    .await;
     assert_eq!(code, 0, "PyJWT/jwcrypto refused our token: {out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gitlab_id_token_from_oidc_provider_is_exchanged_and_the_result_verifies_in_four_libraries() {
+async fn a_gitlab_id_token_from_oidc_provider_is_exchanged_and_the_result_verifies_in_four_libraries()
+ {
     if !require_peers() {
         return;
     }
@@ -87,12 +111,18 @@ async fn a_gitlab_id_token_from_oidc_provider_is_exchanged_and_the_result_verifi
         let id_token = gitlab.mint("main", AUD).await;
         let (status, body) = c.exchange(&id_token, "deploy", None).await;
         assert_eq!(status, 200, "{alg}: {body}\n{}", c.logs());
-        assert_eq!(body["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token");
+        assert_eq!(
+            body["issued_token_type"],
+            "urn:ietf:params:oauth:token-type:access_token"
+        );
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["scope"], "deploy:read deploy:write");
         let expires_in = body["expires_in"].as_i64().or_fail("expires_in");
         assert!((590..=600).contains(&expires_in), "{expires_in}");
-        let token = body["access_token"].as_str().or_fail("access_token").to_owned();
+        let token = body["access_token"]
+            .as_str()
+            .or_fail("access_token")
+            .to_owned();
         let (header, claims) = decode_jwt(&token);
         assert_eq!(header["typ"], "at+jwt");
         assert_eq!(header["alg"], alg);
@@ -112,14 +142,31 @@ async fn a_gitlab_id_token_from_oidc_provider_is_exchanged_and_the_result_verifi
             .query_row("SELECT subject_jti FROM issued_tokens", [], |r| r.get(0))
             .or_fail("issued token");
         assert_eq!(Value::String(jti), ic["jti"]);
-        assert_eq!(count(&c, "SELECT count(*) FROM audit WHERE kind = 'exchange_granted'"), 1);
-        assert_eq!(count(&c, "SELECT count(*) FROM identities WHERE project_id = '42' AND role = 'deploy'"), 1);
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM audit WHERE kind = 'exchange_granted'"
+            ),
+            1
+        );
+        assert_eq!(
+            count(
+                &c,
+                "SELECT count(*) FROM identities WHERE project_id = '42' AND role = 'deploy'"
+            ),
+            1
+        );
         // No token text anywhere in the store.
         let detail: String = db(&c)
-            .query_row("SELECT group_concat(detail, ' ') FROM audit", [], |r| r.get(0))
+            .query_row("SELECT group_concat(detail, ' ') FROM audit", [], |r| {
+                r.get(0)
+            })
             .or_fail("audit detail");
         assert!(!detail.contains(&id_token) && !detail.contains(&token));
-        assert!(!c.logs().contains(&token) && !c.logs().contains(&id_token), "a token reached the log");
+        assert!(
+            !c.logs().contains(&token) && !c.logs().contains(&id_token),
+            "a token reached the log"
+        );
     }
 }
 
@@ -132,52 +179,136 @@ async fn policy_decisions_reach_the_wire_with_rfc_8693_codes_and_are_audited() {
     let c = start(&gitlab, "ES256");
 
     // Narrowing is allowed, widening is invalid_scope.
-    let (s, b) = c.exchange(&gitlab.mint("main", AUD).await, "deploy", Some("deploy:read")).await;
+    let (s, b) = c
+        .exchange(
+            &gitlab.mint("main", AUD).await,
+            "deploy",
+            Some("deploy:read"),
+        )
+        .await;
     assert_eq!((s, b["scope"].as_str()), (200, Some("deploy:read")), "{b}");
-    let (s, b) = c.exchange(&gitlab.mint("main", AUD).await, "deploy", Some("deploy:read deploy:admin")).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_scope")), "{b}");
+    let (s, b) = c
+        .exchange(
+            &gitlab.mint("main", AUD).await,
+            "deploy",
+            Some("deploy:read deploy:admin"),
+        )
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_scope")),
+        "{b}"
+    );
 
     // An unprotected feature branch is refused, without naming the binding.
-    let (s, b) = c.exchange(&gitlab.mint("feature", AUD).await, "deploy", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let (s, b) = c
+        .exchange(&gitlab.mint("feature", AUD).await, "deploy", None)
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{b}"
+    );
     let desc = b["error_description"].as_str().or_fail("description");
-    assert!(desc.contains("deploy") && !desc.contains("ref_protected"), "{desc}");
+    assert!(
+        desc.contains("deploy") && !desc.contains("ref_protected"),
+        "{desc}"
+    );
 
     // Fork merge-request pipelines are refused by default.
-    let (s, b) = c.exchange(&gitlab.mint("fork", AUD).await, "artifacts", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let (s, b) = c
+        .exchange(&gitlab.mint("fork", AUD).await, "artifacts", None)
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{b}"
+    );
 
     // Unknown role: invalid_target. Another namespace: refused.
-    let (s, b) = c.exchange(&gitlab.mint("main", AUD).await, "nope", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_target")), "{b}");
-    let (s, b) = c.exchange(&gitlab.mint("other-ns", AUD).await, "artifacts", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let (s, b) = c
+        .exchange(&gitlab.mint("main", AUD).await, "nope", None)
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_target")),
+        "{b}"
+    );
+    let (s, b) = c
+        .exchange(&gitlab.mint("other-ns", AUD).await, "artifacts", None)
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{b}"
+    );
 
     // CEL: a feature branch in namespace 7 pushed is fine for artifacts.
-    let (s, b) = c.exchange(&gitlab.mint("feature", AUD).await, "artifacts", None).await;
+    let (s, b) = c
+        .exchange(&gitlab.mint("feature", AUD).await, "artifacts", None)
+        .await;
     assert_eq!(s, 200, "{b}");
 
     // Replay: the same ID token cannot be exchanged twice.
     let once = gitlab.mint("main", AUD).await;
     assert_eq!(c.exchange(&once, "deploy", None).await.0, 200);
     let (s, b) = c.exchange(&once, "deploy", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
-    assert!(b["error_description"].as_str().unwrap_or("").contains("already"), "{b}");
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{b}"
+    );
+    assert!(
+        b["error_description"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already"),
+        "{b}"
+    );
 
     // A token for another audience (e.g. Vault) is refused.
-    let (s, b) = c.exchange(&gitlab.mint("main", "https://vault.example.com").await, "deploy", None).await;
-    assert_eq!((s, b["error"].as_str()), (400, Some("invalid_request")), "{b}");
+    let (s, b) = c
+        .exchange(
+            &gitlab.mint("main", "https://vault.example.com").await,
+            "deploy",
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{b}"
+    );
 
     assert_eq!(count(&c, "SELECT count(*) FROM issued_tokens"), 3);
-    assert_eq!(count(&c, "SELECT count(*) FROM audit WHERE kind = 'exchange_granted'"), 3);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM audit WHERE kind = 'exchange_granted'"
+        ),
+        3
+    );
     let denials: Vec<String> = {
         let conn = db(&c);
-        let mut st = conn.prepare("SELECT reason FROM audit WHERE kind = 'exchange_denied' ORDER BY seq").or_fail("prepare");
-        st.query_map([], |r| r.get(0)).or_fail("query").map(|r| r.or_fail("row")).collect()
+        let mut st = conn
+            .prepare("SELECT reason FROM audit WHERE kind = 'exchange_denied' ORDER BY seq")
+            .or_fail("prepare");
+        st.query_map([], |r| r.get(0))
+            .or_fail("query")
+            .map(|r| r.or_fail("row"))
+            .collect()
     };
     assert_eq!(
         denials,
-        ["scope_not_allowed", "not_permitted", "not_permitted", "unknown_role", "not_permitted", "replay", "wrong_audience"],
+        [
+            "scope_not_allowed",
+            "not_permitted",
+            "not_permitted",
+            "unknown_role",
+            "not_permitted",
+            "replay",
+            "wrong_audience"
+        ],
     );
     // The denial names the binding that failed, for the auditor (not the job).
     let trace: String = db(&c)
@@ -185,9 +316,23 @@ async fn policy_decisions_reach_the_wire_with_rfc_8693_codes_and_are_audited() {
         .or_fail("denial detail");
     assert!(trace.contains("ref_protected"), "{trace}");
 
-    let metrics = c.http().get(format!("{}/metrics", c.base_url())).send().await.or_fail("metrics").text().await.or_fail("text");
-    assert!(metrics.contains("cistern_exchanges_total{outcome=\"granted\",role=\"deploy\"} 2"), "{metrics}");
-    assert!(metrics.contains("cistern_exchange_duration_seconds_bucket"), "{metrics}");
+    let metrics = c
+        .http()
+        .get(format!("{}/metrics", c.base_url()))
+        .send()
+        .await
+        .or_fail("metrics")
+        .text()
+        .await
+        .or_fail("text");
+    assert!(
+        metrics.contains("cistern_exchanges_total{outcome=\"granted\",role=\"deploy\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("cistern_exchange_duration_seconds_bucket"),
+        "{metrics}"
+    );
     assert!(metrics.contains("cistern_jwks_fetches_total"), "{metrics}");
 }
 
@@ -203,9 +348,15 @@ async fn a_dry_run_explains_the_decision_issues_nothing_and_does_not_consume_the
         .http()
         .post(format!("{}/v1/exchange/dry-run", c.base_url()))
         .form(&[
-            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
             ("subject_token", id_token.as_str()),
-            ("subject_token_type", "urn:ietf:params:oauth:token-type:id_token"),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:id_token",
+            ),
             ("role", "deploy"),
         ])
         .send()
@@ -216,11 +367,19 @@ async fn a_dry_run_explains_the_decision_issues_nothing_and_does_not_consume_the
     assert_eq!(report["would_grant"], false, "{report}");
     let checks = report["traces"][0]["checks"].as_array().or_fail("checks");
     assert!(
-        checks.iter().any(|c| c["ok"] == false && c["what"].as_str().unwrap_or("").contains("ref")),
+        checks
+            .iter()
+            .any(|c| c["ok"] == false && c["what"].as_str().unwrap_or("").contains("ref")),
         "{report}"
     );
     assert_eq!(count(&c, "SELECT count(*) FROM issued_tokens"), 0);
-    assert_eq!(count(&c, "SELECT count(*) FROM audit WHERE kind = 'exchange_dry_run'"), 1);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM audit WHERE kind = 'exchange_dry_run'"
+        ),
+        1
+    );
     // Not consumed: the same token can still be exchanged for a role it fits.
     let (s, b) = c.exchange(&id_token, "artifacts", None).await;
     assert_eq!(s, 200, "{b}");
@@ -238,20 +397,41 @@ async fn standard_clients_drive_the_exchange_and_validate_the_metadata() {
     assert_eq!(code, 0, "authlib RFC 8414 validation: {out}");
 
     let t = gitlab.mint("main", AUD).await;
-    let (code, out) = run_python_async("authlib_exchange.py", &[&c.token_url(), &t, "deploy", "deploy:read"]).await;
+    let (code, out) = run_python_async(
+        "authlib_exchange.py",
+        &[&c.token_url(), &t, "deploy", "deploy:read"],
+    )
+    .await;
     assert_eq!(code, 0, "authlib exchange: {out}");
     assert_eq!(out["scope"], "deploy:read", "{out}");
-    verify_everywhere(&c, out["access_token"].as_str().or_fail("token"), "https://deploy.test").await;
+    verify_everywhere(
+        &c,
+        out["access_token"].as_str().or_fail("token"),
+        "https://deploy.test",
+    )
+    .await;
 
     let t = gitlab.mint("main", AUD).await;
-    let (code, out) = run_node_async("oauth4webapi_exchange.mjs", &[&c.metadata_url(), &t, "deploy"]).await;
+    let (code, out) = run_node_async(
+        "oauth4webapi_exchange.mjs",
+        &[&c.metadata_url(), &t, "deploy"],
+    )
+    .await;
     assert_eq!(code, 0, "oauth4webapi exchange: {out}");
-    assert_eq!(out["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token", "{out}");
+    assert_eq!(
+        out["issued_token_type"], "urn:ietf:params:oauth:token-type:access_token",
+        "{out}"
+    );
 
     // An error reaches the clients as an OAuth error, not a crash.
     let t = gitlab.mint("feature", AUD).await;
-    let (code, out) = run_python_async("authlib_exchange.py", &[&c.token_url(), &t, "deploy"]).await;
-    assert_eq!((code, out["error"].as_str()), (2, Some("invalid_request")), "{out}");
+    let (code, out) =
+        run_python_async("authlib_exchange.py", &[&c.token_url(), &t, "deploy"]).await;
+    assert_eq!(
+        (code, out["error"].as_str()),
+        (2, Some("invalid_request")),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -264,12 +444,26 @@ async fn the_job_side_cli_prints_the_token_and_fails_with_one_line() {
     let bin = env!("CARGO_BIN_EXE_cistern");
     let t = gitlab.mint("main", AUD).await;
     let out = tokio::process::Command::new(bin)
-        .args(["exchange", "--url", &c.base_url(), "--role", "deploy", "--format", "dotenv", "--var", "DEPLOY_TOKEN"])
+        .args([
+            "exchange",
+            "--url",
+            &c.base_url(),
+            "--role",
+            "deploy",
+            "--format",
+            "dotenv",
+            "--var",
+            "DEPLOY_TOKEN",
+        ])
         .env("CISTERN_ID_TOKEN", &t)
         .output()
         .await
         .or_fail("cistern exchange");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.starts_with("DEPLOY_TOKEN=ey"), "{line}");
 

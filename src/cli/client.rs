@@ -1,7 +1,5 @@
 //! `cistern exchange`: the job side of the exchange.
 
-use std::io::Write as _;
-
 use serde_json::Value;
 
 use super::{CliError, ExchangeArgs, OutputFormat, exit};
@@ -32,7 +30,11 @@ fn read_id_token(args: &ExchangeArgs) -> Result<String, CliError> {
 pub async fn exchange(args: &ExchangeArgs) -> Result<(), CliError> {
     let id_token = read_id_token(args)?;
     let base = args.url.trim_end_matches('/');
-    let path = if args.dry_run { "/v1/exchange/dry-run" } else { "/oauth/token" };
+    let path = if args.dry_run {
+        "/v1/exchange/dry-run"
+    } else {
+        "/oauth/token"
+    };
     let scope = args.scopes.join(" ");
     let mut form: Vec<(&str, &str)> = vec![
         ("grant_type", GRANT_TOKEN_EXCHANGE),
@@ -57,17 +59,31 @@ pub async fn exchange(args: &ExchangeArgs) -> Result<(), CliError> {
         .form(&form)
         .send()
         .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot reach cistern at {base}: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot reach cistern at {base}: {e}"),
+            )
+        })?;
     let status = res.status();
-    let body: Value = res
-        .json()
-        .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cistern answered {status} with an unreadable body: {e}")))?;
+    let body: Value = res.json().await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cistern answered {status} with an unreadable body: {e}"),
+        )
+    })?;
     if !status.is_success() {
         let code = body["error"].as_str().unwrap_or("error");
         let desc = body["error_description"].as_str().unwrap_or("");
-        let exit_code = if status.is_server_error() { exit::UNAVAILABLE } else { exit::DENIED };
-        return Err(CliError::new(exit_code, format!("exchange refused ({status}): {code}: {desc}")));
+        let exit_code = if status.is_server_error() {
+            exit::UNAVAILABLE
+        } else {
+            exit::DENIED
+        };
+        return Err(CliError::new(
+            exit_code,
+            format!("exchange refused ({status}): {code}: {desc}"),
+        ));
     }
     let mut out = std::io::stdout().lock();
     let printed = if args.dry_run {
@@ -77,12 +93,19 @@ pub async fn exchange(args: &ExchangeArgs) -> Result<(), CliError> {
     };
     printed.map_err(|e| CliError::new(exit::USAGE, format!("writing output: {e}")))?;
     if args.dry_run && !body["would_grant"].as_bool().unwrap_or(false) {
-        return Err(CliError::new(exit::DENIED, "dry run: the request would be denied"));
+        return Err(CliError::new(
+            exit::DENIED,
+            "dry run: the request would be denied",
+        ));
     }
     Ok(())
 }
 
-fn print_token(out: &mut impl std::io::Write, body: &Value, args: &ExchangeArgs) -> std::io::Result<()> {
+fn print_token(
+    out: &mut impl std::io::Write,
+    body: &Value,
+    args: &ExchangeArgs,
+) -> std::io::Result<()> {
     let token = body["access_token"].as_str().unwrap_or_default();
     match args.format {
         OutputFormat::Token => writeln!(out, "{token}"),
@@ -93,16 +116,34 @@ fn print_token(out: &mut impl std::io::Write, body: &Value, args: &ExchangeArgs)
     }
 }
 
-fn print_dry_run(out: &mut impl std::io::Write, body: &Value, format: OutputFormat) -> std::io::Result<()> {
+fn print_dry_run(
+    out: &mut impl std::io::Write,
+    body: &Value,
+    format: OutputFormat,
+) -> std::io::Result<()> {
     if format == OutputFormat::Json {
         return writeln!(out, "{body}");
     }
-    let verdict = if body["would_grant"].as_bool().unwrap_or(false) { "WOULD GRANT" } else { "WOULD DENY" };
-    writeln!(out, "dry run: {verdict} role {}", body["role"].as_str().unwrap_or("(none)"))?;
+    let verdict = if body["would_grant"].as_bool().unwrap_or(false) {
+        "WOULD GRANT"
+    } else {
+        "WOULD DENY"
+    };
+    writeln!(
+        out,
+        "dry run: {verdict} role {}",
+        body["role"].as_str().unwrap_or("(none)")
+    )?;
     if let Some(d) = body["denial"].as_object() {
-        writeln!(out, "  reason: {}", d.get("description").and_then(Value::as_str).unwrap_or(""))?;
+        writeln!(
+            out,
+            "  reason: {}",
+            d.get("description").and_then(Value::as_str).unwrap_or("")
+        )?;
     }
-    if let Ok(traces) = serde_json::from_value::<Vec<crate::policy::RoleTrace>>(body["traces"].clone()) {
+    if let Ok(traces) =
+        serde_json::from_value::<Vec<crate::policy::RoleTrace>>(body["traces"].clone())
+    {
         write!(out, "{}", crate::policy::render_traces(&traces))?;
     }
     Ok(())

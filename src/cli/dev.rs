@@ -5,11 +5,17 @@ use serde_json::{Map, Value, json};
 use super::{CliError, exit};
 
 fn split(kv: &str) -> Result<(&str, &str), CliError> {
-    kv.split_once('=').ok_or_else(|| CliError::new(exit::USAGE, format!("--claim {kv}: expected NAME=VALUE")))
+    kv.split_once('=')
+        .ok_or_else(|| CliError::new(exit::USAGE, format!("--claim {kv}: expected NAME=VALUE")))
 }
 
 /// Prints a fresh development ID token.
-pub async fn id_token(url: &str, claims: &[String], claims_json: &[String], audience: Option<&str>) -> Result<(), CliError> {
+pub async fn id_token(
+    url: &str,
+    claims: &[String],
+    claims_json: &[String],
+    audience: Option<&str>,
+) -> Result<(), CliError> {
     let mut overrides = Map::new();
     for kv in claims {
         let (k, v) = split(kv)?;
@@ -17,7 +23,8 @@ pub async fn id_token(url: &str, claims: &[String], claims_json: &[String], audi
     }
     for kv in claims_json {
         let (k, v) = split(kv)?;
-        let value = serde_json::from_str(v).map_err(|e| CliError::new(exit::USAGE, format!("--claim-json {k}: {e}")))?;
+        let value = serde_json::from_str(v)
+            .map_err(|e| CliError::new(exit::USAGE, format!("--claim-json {k}: {e}")))?;
         overrides.insert(k.to_owned(), value);
     }
     let base = url.trim_end_matches('/');
@@ -26,17 +33,34 @@ pub async fn id_token(url: &str, claims: &[String], claims_json: &[String], audi
         .json(&json!({ "claims": overrides, "audience": audience }))
         .send()
         .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("cannot reach cistern at {base}: {e}")))?;
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot reach cistern at {base}: {e}"),
+            )
+        })?;
     if res.status() == reqwest::StatusCode::NOT_FOUND {
-        return Err(CliError::new(exit::USAGE, format!("{base} is not running in dev mode (`cistern serve --dev`)")));
+        return Err(CliError::new(
+            exit::USAGE,
+            format!("{base} is not running in dev mode (`cistern serve --dev`)"),
+        ));
     }
     let status = res.status();
-    let body: Value = res.json().await.map_err(|e| CliError::new(exit::UNAVAILABLE, format!("bad answer: {e}")))?;
+    let body: Value = res
+        .json()
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("bad answer: {e}")))?;
     match body["id_token"].as_str() {
         Some(t) if status.is_success() => {
             println!("{t}");
             Ok(())
         }
-        _ => Err(CliError::new(exit::DENIED, format!("mint refused ({status}): {}", body["error_description"].as_str().unwrap_or("")))),
+        _ => Err(CliError::new(
+            exit::DENIED,
+            format!(
+                "mint refused ({status}): {}",
+                body["error_description"].as_str().unwrap_or("")
+            ),
+        )),
     }
 }

@@ -191,7 +191,10 @@ pub struct CliError {
 impl CliError {
     /// Builds one.
     pub fn new(code: u8, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -205,12 +208,19 @@ impl From<anyhow::Error> for CliError {
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Serve(args) => serve::run(args).await.map_err(|e| CliError::new(exit::USAGE, format!("{e:#}"))),
-        Command::Policy(PolicyCommand::Check { dir, config }) => policy::check(&config, dir.as_deref()),
+        Command::Serve(args) => serve::run(args)
+            .await
+            .map_err(|e| CliError::new(exit::USAGE, format!("{e:#}"))),
+        Command::Policy(PolicyCommand::Check { dir, config }) => {
+            policy::check(&config, dir.as_deref())
+        }
         Command::Policy(PolicyCommand::Test(args)) => policy::test(&args),
         Command::Exchange(args) => client::exchange(&args).await,
-        Command::Dev(DevCommand::IdToken { url, claims, claims_json, audience }) => {
-            dev::id_token(&url, &claims, &claims_json, audience.as_deref()).await
-        }
+        Command::Dev(DevCommand::IdToken {
+            url,
+            claims,
+            claims_json,
+            audience,
+        }) => dev::id_token(&url, &claims, &claims_json, audience.as_deref()).await,
     }
 }

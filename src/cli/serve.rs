@@ -24,12 +24,20 @@ use crate::store::{AuditEvent, AuditKind, Store};
 
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let dev_setup = if args.dev { Some(DevSetup::create(&args)?) } else { None };
-    let config_path = dev_setup.as_ref().map_or(args.config.clone(), |d| d.config_path.clone());
+    let dev_setup = if args.dev {
+        Some(DevSetup::create(&args)?)
+    } else {
+        None
+    };
+    let config_path = dev_setup
+        .as_ref()
+        .map_or(args.config.clone(), |d| d.config_path.clone());
     let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     init_tracing(&config);
     let dev = match &dev_setup {
-        Some(_) => Some(Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode()).context("dev issuer")?)),
+        Some(_) => Some(Arc::new(
+            DevIssuer::generate(DevMode::i_am_in_dev_mode()).context("dev issuer")?,
+        )),
         None => None,
     };
     let built = build(&config, dev).await?;
@@ -51,26 +59,41 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn Store> = match &config.store {
-        StoreConfig::Sqlite { path, synchronous } => {
-            Arc::new(SqliteStore::open(path, *synchronous).with_context(|| format!("opening store {}", path.display()))?)
-        }
+        StoreConfig::Sqlite { path, synchronous } => Arc::new(
+            SqliteStore::open(path, *synchronous)
+                .with_context(|| format!("opening store {}", path.display()))?,
+        ),
     };
     let keys = Arc::new(
-        KeyRing::open(&config.signing, clock.clone(), config.ceiling.max_ttl)
-            .with_context(|| format!("opening signing keys in {}", config.signing.key_dir.display()))?,
+        KeyRing::open(&config.signing, clock.clone(), config.ceiling.max_ttl).with_context(
+            || {
+                format!(
+                    "opening signing keys in {}",
+                    config.signing.key_dir.display()
+                )
+            },
+        )?,
     );
     let policies = match PolicyStore::load(&config.policy.dir, &config.ceiling, &config.issuers) {
         Ok(p) => Arc::new(p),
         Err(errors) => {
             audit_policy(&*store, &clock, Err(&errors)).await;
-            bail!("policies in {} are invalid:\n{errors}", config.policy.dir.display());
+            bail!(
+                "policies in {} are invalid:\n{errors}",
+                config.policy.dir.display()
+            );
         }
     };
     let set = policies.current();
     metrics.set_policies_loaded(set.len());
-    let outcome = ReloadOutcome { changed: true, roles: set.len(), fingerprint: set.fingerprint().to_owned() };
+    let outcome = ReloadOutcome {
+        changed: true,
+        roles: set.len(),
+        fingerprint: set.fingerprint().to_owned(),
+    };
     audit_policy(&*store, &clock, Ok(&outcome)).await;
-    let issuers = Arc::new(Issuers::new(&config.issuers, clock.clone(), metrics.clone()).context("issuers")?);
+    let issuers =
+        Arc::new(Issuers::new(&config.issuers, clock.clone(), metrics.clone()).context("issuers")?);
     let exchanger = Arc::new(Exchanger {
         issuers: issuers.clone(),
         policies: policies.clone(),
@@ -78,22 +101,43 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
         store,
         clock,
         metrics,
-        issuer_url: config.server.issuer.as_str().trim_end_matches('/').to_owned(),
-        replay_protection: config.issuers.iter().map(|(n, i)| (n.clone(), i.replay_protection)).collect::<HashMap<_, _>>(),
+        issuer_url: config
+            .server
+            .issuer
+            .as_str()
+            .trim_end_matches('/')
+            .to_owned(),
+        replay_protection: config
+            .issuers
+            .iter()
+            .map(|(n, i)| (n.clone(), i.replay_protection))
+            .collect::<HashMap<_, _>>(),
     });
     let metadata: Arc<str> = http::metadata_json(&exchanger.issuer_url).into();
-    Ok(Built { state: AppState { exchanger, metadata, dev }, policies, issuers })
+    Ok(Built {
+        state: AppState {
+            exchanger,
+            metadata,
+            dev,
+        },
+        policies,
+        issuers,
+    })
 }
 
 async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> anyhow::Result<()> {
-    let app = http::app(built.state.clone(), config.server.max_body_bytes, config.server.request_timeout);
+    let app = http::app(
+        built.state.clone(),
+        config.server.max_body_bytes,
+        config.server.request_timeout,
+    );
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     let addr = listener.local_addr().context("local address")?;
     spawn_background(config, &built);
     if let Some(d) = &dev_setup {
-        d.print_banner(&config.server.issuer.to_string());
+        d.print_banner(config.server.issuer.as_str().trim_end_matches('/'));
     }
     tracing::info!(%addr, issuer = %config.server.issuer, "cistern listening");
     // One machine-readable line, for scripts and tests that wait for readiness.
@@ -105,12 +149,21 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         _ => None,
     };
     match tls {
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown_signal()).await.context("server")?,
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("server")?,
         Some((cert, key)) => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
                 .await
-                .with_context(|| format!("loading TLS certificate {} / key {}", cert.display(), key.display()))?;
+                .with_context(|| {
+                    format!(
+                        "loading TLS certificate {} / key {}",
+                        cert.display(),
+                        key.display()
+                    )
+                })?;
             let handle = axum_server::Handle::new();
             let h = handle.clone();
             tokio::spawn(async move {
@@ -139,7 +192,12 @@ fn spawn_background(config: &Config, built: &Built) {
     let (store, clock, metrics) = (ex.store.clone(), ex.clock.clone(), ex.metrics.clone());
     let policies = built.policies.clone();
     let on_result = Arc::new(move |result: Result<ReloadOutcome, PolicyErrors>| {
-        let (store, clock, metrics, policies) = (store.clone(), clock.clone(), metrics.clone(), policies.clone());
+        let (store, clock, metrics, policies) = (
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            policies.clone(),
+        );
         tokio::spawn(async move {
             match &result {
                 Ok(o) if !o.changed => return,
@@ -147,12 +205,18 @@ fn spawn_background(config: &Config, built: &Built) {
                     metrics.set_policies_loaded(policies.current().len());
                     tracing::info!(roles = o.roles, fingerprint = %o.fingerprint, "policy set reloaded");
                 }
-                Err(e) => tracing::error!(errors = %e, "new policy set rejected; the previous set stays in force"),
+                Err(e) => {
+                    tracing::error!(errors = %e, "new policy set rejected; the previous set stays in force")
+                }
             }
             audit_policy(&*store, &clock, result.as_ref()).await;
         });
     });
-    spawn_reloader(built.policies.clone(), config.policy.reload_interval, on_result);
+    spawn_reloader(
+        built.policies.clone(),
+        config.policy.reload_interval,
+        on_result,
+    );
 
     // Key rotation: checked every minute; rotation itself follows `signing.rotation_period`.
     let ex2 = ex.clone();
@@ -196,16 +260,32 @@ fn spawn_background(config: &Config, built: &Built) {
     });
 }
 
-async fn audit_policy(store: &dyn Store, clock: &Arc<dyn Clock>, result: Result<&ReloadOutcome, &PolicyErrors>) {
+async fn audit_policy(
+    store: &dyn Store,
+    clock: &Arc<dyn Clock>,
+    result: Result<&ReloadOutcome, &PolicyErrors>,
+) {
     let (kind, reason, detail) = match result {
-        Ok(o) => (AuditKind::PolicyLoaded, None, json!({ "roles": o.roles, "fingerprint": o.fingerprint })),
+        Ok(o) => (
+            AuditKind::PolicyLoaded,
+            None,
+            json!({ "roles": o.roles, "fingerprint": o.fingerprint }),
+        ),
         Err(e) => (
             AuditKind::PolicyRejected,
             Some("invalid_policy".to_owned()),
             json!({ "errors": e.0.iter().map(ToString::to_string).collect::<Vec<_>>() }),
         ),
     };
-    let event = AuditEvent { at_ms: clock.now_millis(), kind, issuer: None, role: None, project_id: None, reason, detail };
+    let event = AuditEvent {
+        at_ms: clock.now_millis(),
+        kind,
+        issuer: None,
+        role: None,
+        project_id: None,
+        reason,
+        detail,
+    };
     if let Err(e) = store.append_audit(event).await {
         tracing::error!(error = %e, "audit of policy load failed");
     }
@@ -228,8 +308,11 @@ async fn shutdown_signal() {
 
 fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -244,8 +327,14 @@ struct DevSetup {
 }
 
 const DEV_POLICIES: &[(&str, &str)] = &[
-    ("deploy.toml", include_str!("../../examples/dev/policies/deploy.toml")),
-    ("read-artifacts.toml", include_str!("../../examples/dev/policies/read-artifacts.toml")),
+    (
+        "deploy.toml",
+        include_str!("../../examples/dev/policies/deploy.toml"),
+    ),
+    (
+        "read-artifacts.toml",
+        include_str!("../../examples/dev/policies/read-artifacts.toml"),
+    ),
 ];
 
 impl DevSetup {
@@ -253,13 +342,20 @@ impl DevSetup {
         let base = url::Url::parse(&format!("http://{}", args.listen)).context("listen address")?;
         // The dev issuer signs anything it is asked to: it must never be reachable from elsewhere.
         if !is_loopback_host(&base) {
-            bail!("--dev listens on loopback only; {} is not a loopback address", args.listen);
+            bail!(
+                "--dev listens on loopback only; {} is not a loopback address",
+                args.listen
+            );
         }
-        let dir = tempfile::Builder::new().prefix("cistern-dev-").tempdir().context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("cistern-dev-")
+            .tempdir()
+            .context("temp dir")?;
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir(&policy_dir).context("policy dir")?;
         for (name, text) in DEV_POLICIES {
-            std::fs::write(policy_dir.join(name), text).with_context(|| format!("writing {name}"))?;
+            std::fs::write(policy_dir.join(name), text)
+                .with_context(|| format!("writing {name}"))?;
         }
         let issuer = format!("http://{}", args.listen);
         let text = format!(

@@ -66,7 +66,10 @@ pub struct AppError {
 impl AppError {
     /// An error with a code and description.
     pub fn new(code: OAuthCode, description: impl Into<String>) -> Self {
-        Self { code, description: sanitize(&description.into()) }
+        Self {
+            code,
+            description: sanitize(&description.into()),
+        }
     }
 
     /// `invalid_request` with a description.
@@ -76,13 +79,25 @@ impl AppError {
 
     /// A server fault: the client learns nothing of the cause.
     pub fn internal() -> Self {
-        Self::new(OAuthCode::ServerError, "internal error; the request was not completed")
+        Self::new(
+            OAuthCode::ServerError,
+            "internal error; the request was not completed",
+        )
     }
 }
 
 /// RFC 6749 §5.2: `error_description` is %x20-21 / %x23-5B / %x5D-7E.
 fn sanitize(s: &str) -> String {
-    s.chars().map(|c| if (' '..='~').contains(&c) && c != '"' && c != '\\' { c } else { '\'' }).take(300).collect()
+    s.chars()
+        .map(|c| {
+            if (' '..='~').contains(&c) && c != '"' && c != '\\' {
+                c
+            } else {
+                '\''
+            }
+        })
+        .take(300)
+        .collect()
 }
 
 #[derive(Serialize)]
@@ -93,7 +108,13 @@ struct Body<'a> {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let mut res = (self.code.status(), Json(Body { error: self.code.as_str(), error_description: &self.description }))
+        let mut res = (
+            self.code.status(),
+            Json(Body {
+                error: self.code.as_str(),
+                error_description: &self.description,
+            }),
+        )
             .into_response();
         let h = res.headers_mut();
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -109,19 +130,24 @@ impl IntoResponse for AppError {
 impl From<&ExchangeError> for AppError {
     fn from(e: &ExchangeError) -> Self {
         match e {
-            ExchangeError::Verify(VerifyError::KeysUnavailable(_)) => {
-                AppError::new(OAuthCode::TemporarilyUnavailable, VerifyError::KeysUnavailable(String::new()).public_description())
-            }
+            ExchangeError::Verify(VerifyError::KeysUnavailable(_)) => AppError::new(
+                OAuthCode::TemporarilyUnavailable,
+                VerifyError::KeysUnavailable(String::new()).public_description(),
+            ),
             ExchangeError::Verify(v) => AppError::invalid_request(v.public_description()),
             ExchangeError::Denied(d) => {
                 let code = match d {
-                    Denial::UnknownRole { .. } | Denial::AudienceMismatch { .. } => OAuthCode::InvalidTarget,
+                    Denial::UnknownRole { .. } | Denial::AudienceMismatch { .. } => {
+                        OAuthCode::InvalidTarget
+                    }
                     Denial::ScopeNotAllowed { .. } => OAuthCode::InvalidScope,
                     _ => OAuthCode::InvalidRequest,
                 };
                 AppError::new(code, d.public_description())
             }
-            ExchangeError::Replay => AppError::invalid_request("subject_token has already been exchanged; each ID token can be used once"),
+            ExchangeError::Replay => AppError::invalid_request(
+                "subject_token has already been exchanged; each ID token can be used once",
+            ),
             ExchangeError::Mint(_) | ExchangeError::Store(_) => AppError::internal(),
         }
     }
@@ -134,6 +160,10 @@ mod tests {
     #[test]
     fn descriptions_are_reduced_to_the_characters_rfc_6749_allows() {
         let e = AppError::invalid_request("bad \"quote\" and \\ and é\n");
-        assert!(e.description.chars().all(|c| (' '..='~').contains(&c) && c != '"' && c != '\\'));
+        assert!(
+            e.description
+                .chars()
+                .all(|c| (' '..='~').contains(&c) && c != '"' && c != '\\')
+        );
     }
 }

@@ -60,21 +60,30 @@ pub fn app(state: AppState, max_body: usize, timeout: Duration) -> Router {
         .route("/metrics", get(metrics));
     if state.dev.is_some() {
         router = router
-            .route(&format!("{DEV_ISSUER_PATH}/.well-known/openid-configuration"), get(dev_discovery))
+            .route(
+                &format!("{DEV_ISSUER_PATH}/.well-known/openid-configuration"),
+                get(dev_discovery),
+            )
             .route(&format!("{DEV_ISSUER_PATH}/keys"), get(dev_keys))
             .route(&format!("{DEV_ISSUER_PATH}/mint"), post(dev_mint));
     }
     router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .with_state(state)
 }
 
 fn json_response(body: impl Into<axum::body::Body>, cache: &'static str) -> Response {
     let mut res = Response::new(body.into());
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
     res
 }
@@ -85,7 +94,10 @@ async fn metadata(State(s): State<AppState>) -> Response {
 
 async fn jwks(State(s): State<AppState>) -> Response {
     // Short cache: verifiers must see a rotated key well before it signs anything.
-    json_response(s.exchanger.keys.jwks_json().to_string(), "public, max-age=60")
+    json_response(
+        s.exchanger.keys.jwks_json().to_string(),
+        "public, max-age=60",
+    )
 }
 
 async fn healthz() -> &'static str {
@@ -114,21 +126,32 @@ async fn metrics(State(s): State<AppState>) -> Response {
 }
 
 async fn not_found() -> Response {
-    (StatusCode::NOT_FOUND, axum::Json(json!({ "error": "not_found" }))).into_response()
+    (
+        StatusCode::NOT_FOUND,
+        axum::Json(json!({ "error": "not_found" })),
+    )
+        .into_response()
 }
 
 fn dev_issuer_url(s: &AppState) -> String {
-    format!("{}{DEV_ISSUER_PATH}", s.exchanger.issuer_url.trim_end_matches('/'))
+    format!(
+        "{}{DEV_ISSUER_PATH}",
+        s.exchanger.issuer_url.trim_end_matches('/')
+    )
 }
 
 async fn dev_discovery(State(s): State<AppState>) -> Response {
-    let Some(dev) = &s.dev else { return not_found().await };
+    let Some(dev) = &s.dev else {
+        return not_found().await;
+    };
     let iss = dev_issuer_url(&s);
     json_response(dev.discovery_json(&iss, &format!("{iss}/keys")), "no-store")
 }
 
 async fn dev_keys(State(s): State<AppState>) -> Response {
-    let Some(dev) = &s.dev else { return not_found().await };
+    let Some(dev) = &s.dev else {
+        return not_found().await;
+    };
     json_response(dev.jwks_json(), "public, max-age=300")
 }
 
@@ -145,18 +168,31 @@ struct DevMintRequest {
 }
 
 async fn dev_mint(State(s): State<AppState>, body: axum::body::Bytes) -> Response {
-    let Some(dev) = &s.dev else { return not_found().await };
+    let Some(dev) = &s.dev else {
+        return not_found().await;
+    };
     let req: DevMintRequest = if body.is_empty() {
         DevMintRequest::default()
     } else {
         match serde_json::from_slice(&body) {
             Ok(r) => r,
-            Err(e) => return error::AppError::invalid_request(format!("bad mint request: {e}")).into_response(),
+            Err(e) => {
+                return error::AppError::invalid_request(format!("bad mint request: {e}"))
+                    .into_response();
+            }
         }
     };
-    let audience = req.audience.unwrap_or_else(|| s.exchanger.issuer_url.clone());
+    let audience = req
+        .audience
+        .unwrap_or_else(|| s.exchanger.issuer_url.clone());
     let now = s.exchanger.clock.now_secs();
-    match dev.mint_id_token(&dev_issuer_url(&s), &audience, &req.claims, now, req.ttl_secs.unwrap_or(3600).clamp(1, 86400)) {
+    match dev.mint_id_token(
+        &dev_issuer_url(&s),
+        &audience,
+        &req.claims,
+        now,
+        req.ttl_secs.unwrap_or(3600).clamp(1, 86400),
+    ) {
         Ok(token) => json_response(json!({ "id_token": token }).to_string(), "no-store"),
         Err(e) => {
             tracing::error!(error = %e, "dev mint failed");

@@ -35,10 +35,15 @@ pub struct TokenExchangeForm {
 /// Repeated parameters are refused (RFC 6749 §3.2), as are `actor_token`
 /// (no delegation) and token types cistern does not take.
 pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<TokenExchangeForm, AppError> {
-    let ct = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
     let essence = ct.split(';').next().unwrap_or("").trim();
     if !essence.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
-        return Err(AppError::invalid_request("the request body must be application/x-www-form-urlencoded"));
+        return Err(AppError::invalid_request(
+            "the request body must be application/x-www-form-urlencoded",
+        ));
     }
     let mut grant_type = None;
     let mut subject_token = None;
@@ -59,13 +64,17 @@ pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<TokenExchangeForm,
             "resource" => &mut resource,
             "scope" => &mut scope,
             "actor_token" | "actor_token_type" => {
-                return Err(AppError::invalid_request("actor_token is not supported: cistern does not do delegation"));
+                return Err(AppError::invalid_request(
+                    "actor_token is not supported: cistern does not do delegation",
+                ));
             }
             // Unknown parameters are ignored (RFC 6749 §3.2), e.g. client_id sent by some clients.
             _ => continue,
         };
         if slot.is_some() {
-            return Err(AppError::invalid_request(format!("parameter {k} must not be repeated")));
+            return Err(AppError::invalid_request(format!(
+                "parameter {k} must not be repeated"
+            )));
         }
         *slot = Some(v.into_owned());
     }
@@ -73,41 +82,65 @@ pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<TokenExchangeForm,
         None => return Err(AppError::invalid_request("grant_type is required")),
         Some(GRANT_TOKEN_EXCHANGE) => {}
         Some(_) => {
-            return Err(AppError::new(OAuthCode::UnsupportedGrantType, format!("only {GRANT_TOKEN_EXCHANGE} is supported")));
+            return Err(AppError::new(
+                OAuthCode::UnsupportedGrantType,
+                format!("only {GRANT_TOKEN_EXCHANGE} is supported"),
+            ));
         }
     }
-    let subject_token = subject_token.filter(|t| !t.is_empty()).ok_or_else(|| AppError::invalid_request("subject_token is required"))?;
+    let subject_token = subject_token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| AppError::invalid_request("subject_token is required"))?;
     match subject_token_type.as_deref() {
         Some(TOKEN_TYPE_JWT | TOKEN_TYPE_ID_TOKEN) => {}
         None => return Err(AppError::invalid_request("subject_token_type is required")),
         Some(_) => {
-            return Err(AppError::invalid_request(format!("subject_token_type must be {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ID_TOKEN}")));
+            return Err(AppError::invalid_request(format!(
+                "subject_token_type must be {TOKEN_TYPE_JWT} or {TOKEN_TYPE_ID_TOKEN}"
+            )));
         }
     }
     match requested_token_type.as_deref() {
         None | Some(TOKEN_TYPE_ACCESS_TOKEN | TOKEN_TYPE_JWT) => {}
-        Some(_) => return Err(AppError::invalid_request("requested_token_type must be an access token")),
+        Some(_) => {
+            return Err(AppError::invalid_request(
+                "requested_token_type must be an access token",
+            ));
+        }
     }
     // `resource` and `audience` both name the target; accept either, not two different ones.
-    let audience = match (audience.filter(|a| !a.is_empty()), resource.filter(|r| !r.is_empty())) {
+    let audience = match (
+        audience.filter(|a| !a.is_empty()),
+        resource.filter(|r| !r.is_empty()),
+    ) {
         (Some(a), Some(r)) if a != r => {
-            return Err(AppError::new(OAuthCode::InvalidTarget, "audience and resource name different targets"));
+            return Err(AppError::new(
+                OAuthCode::InvalidTarget,
+                "audience and resource name different targets",
+            ));
         }
         (a, r) => a.or(r),
     };
     let scopes = match scope {
         None => None,
         Some(s) => {
-            let list: Vec<String> = s.split(' ').filter(|p| !p.is_empty()).map(str::to_owned).collect();
-            if list.is_empty() {
-                None
-            } else {
-                Some(list)
-            }
+            let list: Vec<String> = s
+                .split(' ')
+                .filter(|p| !p.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if list.is_empty() { None } else { Some(list) }
         }
     };
     let role = role.filter(|r| !r.is_empty());
-    Ok(TokenExchangeForm { subject_token, request: ExchangeRequest { role, audience, scopes } })
+    Ok(TokenExchangeForm {
+        subject_token,
+        request: ExchangeRequest {
+            role,
+            audience,
+            scopes,
+        },
+    })
 }
 
 #[derive(Serialize)]
@@ -128,13 +161,19 @@ fn no_store(mut res: Response) -> Response {
 
 fn log_failure(e: &ExchangeError) {
     match e {
-        ExchangeError::Mint(_) | ExchangeError::Store(_) => tracing::error!(error = %e, "exchange failed"),
+        ExchangeError::Mint(_) | ExchangeError::Store(_) => {
+            tracing::error!(error = %e, "exchange failed")
+        }
         _ => tracing::info!(error = %e, "exchange refused"),
     }
 }
 
 /// `POST /oauth/token`
-pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, AppError> {
+pub async fn token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
     let started = Instant::now();
     let metrics = &state.exchanger.metrics;
     let form = match parse_form(&headers, &body) {
@@ -146,7 +185,10 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
         }
     };
     let role = form.request.role.clone().unwrap_or_default();
-    let result = state.exchanger.exchange(&form.subject_token, &form.request).await;
+    let result = state
+        .exchanger
+        .exchange(&form.subject_token, &form.request)
+        .await;
     metrics.observe_latency(started.elapsed().as_secs_f64());
     match result {
         Ok(minted) => {
@@ -165,7 +207,14 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
         Err(e) => {
             log_failure(&e);
             let app = AppError::from(&e);
-            metrics.exchange(if app.code == OAuthCode::ServerError { "error" } else { "denied" }, &role);
+            metrics.exchange(
+                if app.code == OAuthCode::ServerError {
+                    "error"
+                } else {
+                    "denied"
+                },
+                &role,
+            );
             metrics.error(app.code.as_str());
             Err(app)
         }
@@ -174,10 +223,18 @@ pub async fn token(State(state): State<AppState>, headers: HeaderMap, body: Byte
 
 /// `POST /v1/exchange/dry-run`: the same form as the token endpoint; answers
 /// the decision trace and issues nothing.
-pub async fn dry_run(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, AppError> {
+pub async fn dry_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, AppError> {
     let form = parse_form(&headers, &body)?;
     let role = form.request.role.clone().unwrap_or_default();
-    match state.exchanger.dry_run(&form.subject_token, &form.request).await {
+    match state
+        .exchanger
+        .dry_run(&form.subject_token, &form.request)
+        .await
+    {
         Ok(report) => {
             state.exchanger.metrics.exchange("dry_run", &role);
             Ok(no_store(Json(report).into_response()))
@@ -195,7 +252,10 @@ mod tests {
 
     fn form(body: &str) -> Result<TokenExchangeForm, AppError> {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded;charset=UTF-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-www-form-urlencoded;charset=UTF-8"),
+        );
         parse_form(&h, body.as_bytes())
     }
 
@@ -211,7 +271,10 @@ mod tests {
 
     #[test]
     fn repeated_parameters_are_refused() {
-        assert_eq!(form(&format!("{OK}&role=a&role=b")).unwrap_err().code, OAuthCode::InvalidRequest);
+        assert_eq!(
+            form(&format!("{OK}&role=a&role=b")).unwrap_err().code,
+            OAuthCode::InvalidRequest
+        );
     }
 
     #[test]
@@ -222,9 +285,15 @@ mod tests {
 
     #[test]
     fn a_missing_subject_token_type_or_actor_token_is_invalid_request() {
-        let e = form("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=x").unwrap_err();
+        let e = form(
+            "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Atoken-exchange&subject_token=x",
+        )
+        .unwrap_err();
         assert_eq!(e.code, OAuthCode::InvalidRequest);
-        assert_eq!(form(&format!("{OK}&actor_token=x")).unwrap_err().code, OAuthCode::InvalidRequest);
+        assert_eq!(
+            form(&format!("{OK}&actor_token=x")).unwrap_err().code,
+            OAuthCode::InvalidRequest
+        );
     }
 
     #[test]
@@ -235,13 +304,21 @@ mod tests {
 
     #[test]
     fn conflicting_audience_and_resource_are_invalid_target() {
-        assert_eq!(form(&format!("{OK}&audience=a&resource=b")).unwrap_err().code, OAuthCode::InvalidTarget);
+        assert_eq!(
+            form(&format!("{OK}&audience=a&resource=b"))
+                .unwrap_err()
+                .code,
+            OAuthCode::InvalidTarget
+        );
     }
 
     #[test]
     fn a_json_body_is_refused() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         assert!(parse_form(&h, b"{}").is_err());
     }
 }

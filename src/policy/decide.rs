@@ -124,7 +124,7 @@ impl Denial {
 
 /// Every check of one role against one token: the audit record of a denial
 /// and the output of `policy test`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoleTrace {
     /// The role.
     pub role: String,
@@ -139,7 +139,7 @@ pub struct RoleTrace {
 }
 
 /// One check of a trace.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Check {
     /// `issuer`, `fork guard`, `binding ref`, `condition`, …
     pub what: String,
