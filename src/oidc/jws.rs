@@ -10,10 +10,10 @@
 //!   [`VerifyError::UnsupportedAlgorithm`].
 //! * `crit`, in any form (even `null` or `[]`), is refused: cistern
 //!   understands no extension, so RFC 7515 §4.1.11 requires rejection.
-//! * `jwk`, `jku` and `x5u` are refused outright. cistern never uses them
+//! * `jwk`, `jku`, `x5u` and `x5c` are refused outright. cistern never uses them
 //!   (keys come only from the configured issuer's JWKS), but a token that
 //!   carries them is either an attack (CVE-2018-0114, `jku` SSRF) or not
-//!   GitLab's, so refusing is safer than ignoring. `x5c` is ignored (never used).
+//!   GitLab's, so refusing is safer than ignoring.
 //! * `typ`, when present, must be `JWT` (case-insensitive). In particular
 //!   `at+jwt` — cistern's own access tokens — is refused, so a minted token
 //!   can never be replayed as a subject token (RFC 8725 §3.11).
@@ -129,7 +129,12 @@ impl<'h> Header<'h> {
         if raw.crit.is_present() {
             return Err(VerifyError::RefusedHeader("crit".into()));
         }
-        for (name, m) in [("jwk", &raw.jwk), ("jku", &raw.jku), ("x5u", &raw.x5u)] {
+        for (name, m) in [
+            ("jwk", &raw.jwk),
+            ("jku", &raw.jku),
+            ("x5u", &raw.x5u),
+            ("x5c", &raw.x5c),
+        ] {
             if m.is_present() {
                 return Err(VerifyError::RefusedHeader(name.into()));
             }
@@ -171,6 +176,8 @@ struct RawHeader<'h> {
     jku: Member<IgnoredAny>,
     #[serde(default)]
     x5u: Member<IgnoredAny>,
+    #[serde(default)]
+    x5c: Member<IgnoredAny>,
 }
 
 /// A JSON object member that is either absent or present with a `T`.
@@ -311,12 +318,11 @@ mod tests {
             ("jwk", r#"{"kty":"RSA"}"#),
             ("jku", r#""http://127.0.0.1:1/keys""#),
             ("x5u", r#""http://127.0.0.1:1/x5u""#),
+            ("x5c", r#"["AAAA"]"#),
         ] {
             let e = header(&format!(r#"{{"alg":"RS256","kid":"k","{m}":{v}}}"#)).unwrap_err();
             assert_eq!(e, VerifyError::RefusedHeader(m.into()));
         }
-        // x5c is never used, so it is merely ignored.
-        header(r#"{"alg":"RS256","kid":"k","x5c":["AAAA"]}"#).unwrap();
     }
 
     #[test]
