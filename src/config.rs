@@ -292,7 +292,9 @@ mod defaults {
         Duration::from_secs(30)
     }
     pub(super) fn max_stale() -> Duration {
-        Duration::from_secs(86400)
+        // Longer than jwks_max_ttl, so a refresh failing right at the TTL
+        // does not make the key set stale at once.
+        Duration::from_secs(72 * 3600)
     }
     pub(super) fn fetch_timeout() -> Duration {
         Duration::from_secs(5)
@@ -459,6 +461,9 @@ impl Config {
             }
             if i.jwks_min_ttl > i.jwks_max_ttl {
                 return Err(src.error(&at("jwks_min_ttl"), "must not exceed jwks_max_ttl"));
+            }
+            if i.max_stale < i.jwks_min_ttl {
+                return Err(src.error(&at("max_stale"), "must be at least jwks_min_ttl"));
             }
             if i.leeway > Duration::from_secs(300) {
                 return Err(src.error(&at("leeway"), "must be at most 5m"));

@@ -489,3 +489,100 @@ async fn the_job_side_cli_prints_the_token_and_fails_with_one_line() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("CISTERN_ID_TOKEN"));
 }
+
+/// Polls `cond` every 100 ms for up to 15 s.
+async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    for _ in 0..150 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_policy_change_is_rejected_and_audited_while_a_good_one_takes_effect() {
+    if !require_peers() {
+        return;
+    }
+    let gitlab = Peer::gitlab_issuer();
+    let mut c = CisternBuilder::new()
+        .issuer("gitlab", gitlab.url(), &[AUD])
+        .policy("deploy.toml", DEPLOY)
+        .ceiling_scopes(&["deploy:*", "artifacts:*"])
+        .set("policy.reload_interval", "200ms")
+        .start();
+
+    // Broken: no immutable id. The old set stays in force.
+    c.write_policy("deploy.toml", &DEPLOY.replace("project_id = \"42\"", ""));
+    eventually("policy_rejected audit", async || {
+        count(
+            &c,
+            "SELECT count(*) FROM audit WHERE kind = 'policy_rejected'",
+        ) >= 1
+    })
+    .await;
+    let (s, b) = c
+        .exchange(&gitlab.mint("main", AUD).await, "deploy", None)
+        .await;
+    assert_eq!(s, 200, "the old policy set must stay in force: {b}");
+
+    // Good: a feature-branch role appears, and the deploy role is narrowed.
+    c.write_policy(
+        "deploy.toml",
+        &DEPLOY.replace(
+            "scopes = [\"deploy:read\", \"deploy:write\"]",
+            "scopes = [\"deploy:read\"]",
+        ),
+    );
+    c.write_policy("artifacts.toml", ARTIFACTS);
+    eventually("the new set", async || {
+        let (s, b) = c
+            .exchange(&gitlab.mint("feature", AUD).await, "artifacts", None)
+            .await;
+        s == 200 && b["scope"] == "artifacts:read"
+    })
+    .await;
+    let (s, b) = c
+        .exchange(&gitlab.mint("main", AUD).await, "deploy", None)
+        .await;
+    assert_eq!((s, b["scope"].as_str()), (200, Some("deploy:read")), "{b}");
+    assert!(
+        count(
+            &c,
+            "SELECT count(*) FROM audit WHERE kind = 'policy_loaded'"
+        ) >= 2
+    );
+
+    // The store and keys survive a restart: the same kid signs, the same ID token stays consumed.
+    let jwks_before: Value = c
+        .http()
+        .get(c.jwks_url())
+        .send()
+        .await
+        .or_fail("jwks")
+        .json()
+        .await
+        .or_fail("json");
+    let once = gitlab.mint("main", AUD).await;
+    assert_eq!(c.exchange(&once, "deploy", None).await.0, 200);
+    c.restart();
+    c.wait_ready(std::time::Duration::from_secs(15)).await;
+    let jwks_after: Value = c
+        .http()
+        .get(c.jwks_url())
+        .send()
+        .await
+        .or_fail("jwks")
+        .json()
+        .await
+        .or_fail("json");
+    assert_eq!(jwks_before, jwks_after);
+    let (s, b) = c.exchange(&once, "deploy", None).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (400, Some("invalid_request")),
+        "replay after restart: {b}"
+    );
+}

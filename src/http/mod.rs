@@ -117,6 +117,7 @@ async fn readyz(State(s): State<AppState>) -> Response {
 }
 
 async fn metrics(State(s): State<AppState>) -> Response {
+    s.exchanger.issuers.export_metrics();
     let mut res = Response::new(s.exchanger.metrics.encode().into());
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -4,7 +4,7 @@
 //! is read for one purpose: to pick, by exact string equality, which
 //! configured issuer verifies it. Keys come from that issuer's discovery
 //! document and JWKS (`jwks.rs`), never from the token header (`jwk`, `jku`
-//! and `x5u` are refused, `x5c` is ignored). The JWS is checked by hand over aws-lc-rs
+//! `x5u` and `x5c` are refused). The JWS is checked by hand over aws-lc-rs
 //! (`jws.rs`) so that keys stay parsed, the algorithm is pinned per key and
 //! the payload is parsed exactly once, into [`claims::GitLabClaims`].
 
