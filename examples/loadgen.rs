@@ -46,11 +46,14 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     half_secs: u64,
     /// Tokens to pre-mint (upper bound on requests).
-    #[arg(long, default_value_t = 150_000)]
+    #[arg(long, default_value_t = 80_000)]
     tokens: usize,
     /// CPU core for the server (`taskset -c`); empty to not pin.
     #[arg(long, default_value = "0")]
     server_core: String,
+    /// CPU core the generator pins itself to after pre-minting; empty to not pin.
+    #[arg(long, default_value = "1")]
+    generator_core: String,
     /// Signing algorithm of cistern's tokens.
     #[arg(long, default_value = "ES256")]
     algorithm: String,
@@ -148,7 +151,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })
     .await??;
     let listening = spawned.elapsed();
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
     let ready = loop {
         let res = client.get(format!("{base}/readyz").parse()?).await;
         if matches!(&res, Ok(r) if r.status() == 200) {
@@ -316,7 +321,7 @@ async fn run_closed(
                 }
                 let _ = h.record(t.elapsed().as_micros() as u64);
             }
-            Ok::<_, anyhow::Error>((h, errors))
+            Ok::<_, anyhow::Error>((h, errors, Instant::now()))
         });
     }
     finish(tasks, start, end, pid).await
@@ -357,14 +362,14 @@ async fn run_open(
                 let _ = h.record(due.elapsed().as_micros() as u64);
                 due += interval;
             }
-            Ok::<_, anyhow::Error>((h, errors))
+            Ok::<_, anyhow::Error>((h, errors, Instant::now()))
         });
     }
     finish(tasks, start, end, pid).await
 }
 
 async fn finish(
-    mut tasks: tokio::task::JoinSet<anyhow::Result<(Histogram<u64>, u64)>>,
+    mut tasks: tokio::task::JoinSet<anyhow::Result<(Histogram<u64>, u64, Instant)>>,
     start: Instant,
     end: Instant,
     pid: u32,
@@ -372,12 +377,15 @@ async fn finish(
     let rss = sample_rss(pid, end).await;
     let mut all = Histogram::<u64>::new(3)?;
     let mut errors = 0;
+    let mut last = start;
     while let Some(r) = tasks.join_next().await {
-        let (h, e) = r??;
+        let (h, e, done) = r??;
         all.add(&h)?;
         errors += e;
+        last = last.max(done);
     }
-    let secs = start.elapsed().as_secs_f64();
+    // Workers stop early when the pre-minted tokens run out.
+    let secs = last.duration_since(start).as_secs_f64().max(1e-3);
     Ok(Phase {
         rate: all.len() as f64 / secs,
         p50_ms: all.value_at_quantile(0.50) as f64 / 1000.0,

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 command -v taskset >/dev/null || { echo "bench: taskset (util-linux) is required" >&2; exit 2; }
 cargo build --release --bin cistern --example loadgen
 echo "== load test (server on core 0, generator on core 1)"
-taskset -c 1 target/release/examples/loadgen --cistern target/release/cistern "$@"
+target/release/examples/loadgen --cistern target/release/cistern --server-core 0 --generator-core 1 "$@"
 if [ "${SKIP_CRITERION:-}" != 1 ]; then
   echo "== criterion micro-benchmarks"
   cargo bench --features bench-fixtures --bench exchange -- --noplot

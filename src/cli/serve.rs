@@ -149,10 +149,17 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         _ => None,
     };
     match tls {
-        None => axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("server")?,
+        None => {
+            use axum::serve::ListenerExt as _;
+            // Small request/response pairs: Nagle + delayed ACK would add milliseconds.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
+                .context("server")?
+        }
         Some((cert, key)) => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
