@@ -54,24 +54,8 @@ pub async fn exchange(args: &ExchangeArgs) -> Result<(), CliError> {
         .timeout(args.timeout)
         .build()
         .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("HTTP client: {e}")))?;
-    let res = client
-        .post(format!("{base}{path}"))
-        .form(&form)
-        .send()
-        .await
-        .map_err(|e| {
-            CliError::new(
-                exit::UNAVAILABLE,
-                format!("cannot reach cistern at {base}: {e}"),
-            )
-        })?;
-    let status = res.status();
-    let body: Value = res.json().await.map_err(|e| {
-        CliError::new(
-            exit::UNAVAILABLE,
-            format!("cistern answered {status} with an unreadable body: {e}"),
-        )
-    })?;
+    let (status, body) =
+        super::send_json(base, client.post(format!("{base}{path}")).form(&form)).await?;
     if !status.is_success() {
         let code = body["error"].as_str().unwrap_or("error");
         let desc = body["error_description"].as_str().unwrap_or("");

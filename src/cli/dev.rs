@@ -28,28 +28,16 @@ pub async fn id_token(
         overrides.insert(k.to_owned(), value);
     }
     let base = url.trim_end_matches('/');
-    let res = reqwest::Client::new()
+    let request = reqwest::Client::new()
         .post(format!("{base}/dev/oidc/mint"))
-        .json(&json!({ "claims": overrides, "audience": audience }))
-        .send()
-        .await
-        .map_err(|e| {
-            CliError::new(
-                exit::UNAVAILABLE,
-                format!("cannot reach cistern at {base}: {e}"),
-            )
-        })?;
-    if res.status() == reqwest::StatusCode::NOT_FOUND {
+        .json(&json!({ "claims": overrides, "audience": audience }));
+    let (status, body) = super::send_json(base, request).await?;
+    if status == reqwest::StatusCode::NOT_FOUND {
         return Err(CliError::new(
             exit::USAGE,
             format!("{base} is not running in dev mode (`cistern serve --dev`)"),
         ));
     }
-    let status = res.status();
-    let body: Value = res
-        .json()
-        .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("bad answer: {e}")))?;
     match body["id_token"].as_str() {
         Some(t) if status.is_success() => {
             println!("{t}");

@@ -205,6 +205,28 @@ impl From<anyhow::Error> for CliError {
     }
 }
 
+/// Sends a request to cistern and reads its JSON answer; transport failures
+/// and unreadable bodies become one-line `UNAVAILABLE` errors.
+pub(crate) async fn send_json(
+    base: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<(reqwest::StatusCode, serde_json::Value), CliError> {
+    let res = request.send().await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cannot reach cistern at {base}: {e}"),
+        )
+    })?;
+    let status = res.status();
+    let body = res.json().await.map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cistern answered {status} with an unreadable body: {e}"),
+        )
+    })?;
+    Ok((status, body))
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
