@@ -212,6 +212,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         half.rate, half.p50_ms, half.p99_ms, half.errors
     );
     let hwm = hwm_kib(pid);
+    let server_side = server_latency(&client, &base).await.unwrap_or_default();
     let _ = child.kill().await;
 
     println!("| metric | value |");
@@ -238,6 +239,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         half.p50_ms, half.p99_ms
     );
     println!("| errors (non-200) | {} |", peak.errors + half.errors);
+    println!(
+        "| server-side handler latency, all phases (from /metrics buckets) p50 / p99 ≤ | {server_side} |"
+    );
     println!(
         "| RSS idle / max under load / high-water mark | {:.1} MB / {:.1} MB / {:.1} MB |",
         rss_idle as f64 / 1024.0,
@@ -450,6 +454,44 @@ fn crypto_ceiling() -> anyhow::Result<f64> {
         best = best.min(run(4000)?.as_secs_f64() / 4000.0);
     }
     Ok(1.0 / best)
+}
+
+/// p50/p99 upper bounds from cistern's own `exchange_duration_seconds`
+/// histogram: time inside the handler, excluding queueing in the kernel and
+/// the runtime before the handler runs.
+async fn server_latency(client: &HttpClient, base: &str) -> anyhow::Result<String> {
+    let res = client.get(format!("{base}/metrics").parse()?).await?;
+    let text = String::from_utf8(res.into_body().collect().await?.to_bytes().to_vec())?;
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("cistern_exchange_duration_seconds_bucket"))
+    {
+        let le = line
+            .split("le=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("");
+        let count: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0.0);
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
+        buckets.push((le, count));
+    }
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |p: f64| {
+        buckets
+            .iter()
+            .find(|(_, c)| *c >= p * total)
+            .map_or(f64::NAN, |b| b.0 * 1000.0)
+    };
+    Ok(format!("{:.2} ms / {:.2} ms", q(0.5), q(0.99)))
 }
 
 fn free_port() -> anyhow::Result<u16> {

@@ -33,6 +33,7 @@
 //!   channel; the writer still drains and commits everything already queued
 //!   before it exits, so no accepted write is lost.
 
+mod checkpoint;
 mod read;
 mod schema;
 mod writer;
@@ -108,9 +109,21 @@ impl SqliteStore {
         let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let counters = Arc::new(Counters::default());
         let writer_counters = Arc::clone(&counters);
+        let checkpointer = schema::open_checkpointer(path)?;
+        // Dropping `stop_tx` (when the writer thread ends) stops the checkpointer.
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("cistern-sqlite-checkpoint".into())
+            .spawn(move || checkpoint::run(checkpointer, stop_rx))
+            .map_err(|e| {
+                StoreError::Unavailable(format!("cannot start SQLite checkpointer: {e}"))
+            })?;
         std::thread::Builder::new()
             .name("cistern-sqlite-writer".into())
-            .spawn(move || writer::run(conn, rx, writer_counters))
+            .spawn(move || {
+                writer::run(conn, rx, writer_counters);
+                drop(stop_tx);
+            })
             .map_err(|e| StoreError::Unavailable(format!("cannot start SQLite writer: {e}")))?;
         Ok(SqliteStore {
             writer: tx,

@@ -186,6 +186,21 @@ pub(super) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
     };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(|e| db_err("set synchronous", e))?;
+    // Checkpoints run on their own connection and thread (`checkpoint.rs`),
+    // never inside a commit that requests are waiting for.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(|e| db_err("set wal_autocheckpoint", e))?;
+    Ok(conn)
+}
+
+/// Opens the checkpointer's connection.
+pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| db_err("open database", e))?;
+    configure(&conn)?;
     Ok(conn)
 }
 
