@@ -17,11 +17,8 @@ pub(super) const INTERVAL: Duration = Duration::from_millis(500);
 /// Checkpoints every [`INTERVAL`] until `stop` is disconnected (the writer
 /// has exited), then once more.
 pub(super) fn run(conn: Connection, stop: Receiver<()>) {
-    loop {
-        match stop.recv_timeout(INTERVAL) {
-            Err(RecvTimeoutError::Timeout) => checkpoint(&conn),
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => break,
-        }
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(INTERVAL) {
+        checkpoint(&conn);
     }
     checkpoint(&conn);
 }
