@@ -483,3 +483,26 @@ async fn ten_thousand_concurrent_exchanges_all_complete() {
     assert_eq!(count(&path, "issued_tokens"), N as i64);
     assert_eq!(stats.requests, N as u64);
 }
+
+#[tokio::test]
+async fn the_checkpointer_moves_committed_pages_into_the_database_while_the_store_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let store = open(&path);
+    let before = std::fs::metadata(&path).unwrap().len();
+    for n in 0..200 {
+        store.commit_exchange(record(n)).await.unwrap();
+    }
+    // The writer never checkpoints (wal_autocheckpoint = 0), so only the
+    // checkpoint thread can grow the main file while the store is open.
+    let mut grown = false;
+    for _ in 0..40 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        if std::fs::metadata(&path).unwrap().len() > before {
+            grown = true;
+            break;
+        }
+    }
+    assert!(grown, "no checkpoint reached {}", path.display());
+    store.close().await;
+}
