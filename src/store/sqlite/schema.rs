@@ -190,6 +190,10 @@ pub(super) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
     // never inside a commit that requests are waiting for.
     conn.pragma_update(None, "wal_autocheckpoint", 0)
         .map_err(|e| db_err("set wal_autocheckpoint", e))?;
+    // Each request runs in a savepoint, whose sub-journal would otherwise be
+    // a temp file: keep it in memory (it holds only this batch's pages).
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(|e| db_err("set temp_store", e))?;
     Ok(conn)
 }
 
