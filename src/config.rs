@@ -377,7 +377,11 @@ impl Config {
         let source = Source::read(path)?;
         let mut config: Config = source.parse()?;
         config.validate(&source)?;
-        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        // `cistern.toml` has the empty path as parent: that is the current directory.
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         config.resolve_paths(&base);
         Ok(config)
     }

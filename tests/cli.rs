@@ -347,3 +347,45 @@ async fn serve_speaks_tls_with_rustls_when_a_certificate_is_configured() {
             .map_or(true, |r| !r.status().is_success())
     );
 }
+
+#[test]
+fn serve_works_with_a_config_file_named_without_a_directory() {
+    // `cistern serve` defaults to `--config cistern.toml`: relative paths in it
+    // resolve against the current directory.
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let text = std::fs::read_to_string("examples/cistern.toml")
+        .unwrap()
+        .replace(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        )
+        .replace(
+            "issuer = \"http://127.0.0.1:8080\"",
+            &format!("issuer = \"http://127.0.0.1:{port}\""),
+        );
+    std::fs::write(dir.path().join("cistern.toml"), text).unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    for entry in std::fs::read_dir("examples/policies").unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(
+            entry.path(),
+            dir.path().join("policies").join(entry.file_name()),
+        )
+        .unwrap();
+    }
+    let mut child = Command::new(std::fs::canonicalize(BIN).unwrap())
+        .args(["serve", "--config", "cistern.toml"])
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _server = Server(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("cistern: listening on"), "{line:?}");
+    assert!(dir.path().join("cistern-data/cistern.db").exists());
+    assert!(dir.path().join("cistern-data/keys/keys.json").exists());
+}

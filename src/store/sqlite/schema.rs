@@ -121,7 +121,11 @@ pub(super) fn companion_path(path: &Path, suffix: &str) -> PathBuf {
 /// Creates each missing ancestor in turn so that exactly the directories we
 /// create, and no pre-existing one, get mode 0700.
 fn create_private_dirs(dir: &Path) -> Result<(), StoreError> {
-    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
+    // A relative path ends in the empty path, which is the current directory.
+    let missing: Vec<&Path> = dir
+        .ancestors()
+        .take_while(|d| !d.as_os_str().is_empty() && !d.exists())
+        .collect();
     for d in missing.into_iter().rev() {
         match std::fs::create_dir(d) {
             Ok(()) => restrict(d, 0o700)?,
