@@ -586,3 +586,35 @@ async fn a_broken_policy_change_is_rejected_and_audited_while_a_good_one_takes_e
         "replay after restart: {b}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_policies_at_once() {
+    if !require_peers() {
+        return;
+    }
+    let gitlab = Peer::gitlab_issuer();
+    // A poll interval far beyond the test: only the signal can reload.
+    let c = CisternBuilder::new()
+        .issuer("gitlab", gitlab.url(), &[AUD])
+        .policy("deploy.toml", DEPLOY)
+        .ceiling_scopes(&["deploy:*", "artifacts:*"])
+        .set("policy.reload_interval", "1h")
+        .start();
+    c.write_policy("artifacts.toml", ARTIFACTS);
+    let (s, _) = c
+        .exchange(&gitlab.mint("feature", AUD).await, "artifacts", None)
+        .await;
+    assert_eq!(s, 400, "the new role must not exist before the signal");
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &c.pid().to_string()])
+        .status()
+        .or_fail("kill -HUP");
+    assert!(status.success());
+    eventually("the reload after SIGHUP", async || {
+        c.exchange(&gitlab.mint("feature", AUD).await, "artifacts", None)
+            .await
+            .0
+            == 200
+    })
+    .await;
+}

@@ -675,6 +675,14 @@ impl Cistern {
         fs::rename(&tmp, &path).or_fail("moving a policy file into place");
     }
 
+    /// The server's process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.proc
+            .as_ref()
+            .map(|p| p.child.id())
+            .or_fail("cistern is not running")
+    }
+
     /// What cistern wrote to stderr (its logs) so far.
     pub fn logs(&self) -> String {
         self.proc.as_ref().map(Proc::stderr).unwrap_or_default()
