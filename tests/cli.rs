@@ -17,6 +17,25 @@ impl Drop for Server {
     }
 }
 
+/// Starts `cistern serve ARGS` in `cwd` and waits for its "listening" line.
+fn serve(args: &[&str], cwd: Option<&std::path::Path>) -> Server {
+    let mut cmd = Command::new(std::fs::canonicalize(BIN).unwrap());
+    cmd.arg("serve")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(dir) = cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let server = Server(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert!(line.starts_with("cistern: listening on"), "{line:?}");
+    server
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -45,17 +64,7 @@ fn the_dev_mode_quickstart_completes_an_exchange_and_explains_a_refusal() {
     let listen = format!("127.0.0.1:{port}");
     let url = format!("http://{listen}");
     let started = Instant::now();
-    let mut child = Command::new(BIN)
-        .args(["serve", "--dev", "--listen", &listen])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let server = Server(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert!(line.starts_with("cistern: listening on"), "{line}");
+    let server = serve(&["--dev", "--listen", &listen], None);
     assert!(started.elapsed() < Duration::from_secs(30));
 
     let (code, token, err) = run(&["dev", "id-token", "--url", &url], &[]);
@@ -307,21 +316,10 @@ async fn serve_speaks_tls_with_rustls_when_a_certificate_is_configured() {
         .replace("issuer = \"http://127.0.0.1:8080\"", &format!("issuer = \"https://127.0.0.1:{port}\"\ntls_cert = \"tls.pem\"\ntls_key = \"tls.key\""))
         .replace("dir = \"policies\"", &format!("dir = \"{}\"", policies.display()));
     std::fs::write(d.join("cistern.toml"), text).unwrap();
-    let mut child = Command::new(BIN)
-        .args([
-            "serve",
-            "--config",
-            d.join("cistern.toml").to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _server = Server(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert!(line.starts_with("cistern: listening on"), "{line}");
+    let _server = serve(
+        &["--config", d.join("cistern.toml").to_str().unwrap()],
+        None,
+    );
 
     let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.pem")).unwrap()).unwrap();
     let client = reqwest::Client::builder()
@@ -374,18 +372,7 @@ fn serve_works_with_a_config_file_named_without_a_directory() {
         )
         .unwrap();
     }
-    let mut child = Command::new(std::fs::canonicalize(BIN).unwrap())
-        .args(["serve", "--config", "cistern.toml"])
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let _server = Server(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    assert!(line.starts_with("cistern: listening on"), "{line:?}");
+    let _server = serve(&["--config", "cistern.toml"], Some(dir.path()));
     assert!(dir.path().join("cistern-data/cistern.db").exists());
     assert!(dir.path().join("cistern-data/keys/keys.json").exists());
 }

@@ -170,12 +170,7 @@ fn io_err(action: &str, path: &Path, e: &std::io::Error) -> StoreError {
 /// Opens the writer's connection: WAL, the configured `synchronous`, and
 /// the shared per-connection settings.
 pub(super) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| db_err("open database", e))?;
-    configure(&conn)?;
+    let conn = open_configured(path)?;
     let mode: String = conn
         .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
         .map_err(|e| db_err("set journal_mode", e))?;
@@ -203,6 +198,11 @@ pub(super) fn open_writer(path: &Path, synchronous: Synchronous) -> Result<Conne
 
 /// Opens the checkpointer's connection.
 pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
+    open_configured(path)
+}
+
+/// Opens a connection with the settings every connection shares.
+fn open_configured(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -215,12 +215,7 @@ pub(super) fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
 /// Opens a read connection. `query_only` makes a stray write on it an
 /// error instead of a second writer competing for the lock.
 pub(super) fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| db_err("open database", e))?;
-    configure(&conn)?;
+    let conn = open_configured(path)?;
     conn.pragma_update(None, "query_only", "ON")
         .map_err(|e| db_err("set query_only", e))?;
     Ok(conn)
