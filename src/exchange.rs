@@ -14,10 +14,12 @@ use serde_json::json;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::mint::{KeyRing, MintError, MintedToken, mint};
+use crate::oidc::claims::GitLabId;
 use crate::oidc::{Issuers, VerifiedIdToken, VerifyError};
-use crate::policy::{Denial, Grant, PolicyStore, RoleRequest, RoleTrace};
+use crate::policy::{Denial, Grant, MatchedBinding, PolicyStore, RoleRequest, RoleTrace};
 use crate::store::{
-    AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store, StoreError,
+    AuditDetail, AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store,
+    StoreError,
 };
 
 /// What the job asked for.
@@ -201,7 +203,8 @@ impl Exchanger {
             role: report.role.clone(),
             project_id: Some(verified.claims.effective_project_id().to_string()),
             reason: report.denial.as_ref().map(|d| d.code.clone()),
-            detail: json!({ "would_grant": report.would_grant, "subject": subject_summary(&verified), "traces": &report.traces }),
+            detail: json!({ "would_grant": report.would_grant, "subject": subject_summary(&verified), "traces": &report.traces })
+                .into(),
         };
         self.store
             .append_audit(event)
@@ -262,16 +265,16 @@ impl Exchanger {
             role: Some(grant.role.to_string()),
             project_id: Some(identity.project_id.clone()),
             reason: None,
-            detail: json!({
-                "jti": minted.jti,
-                "owner": &*grant.owner,
-                "policy_file": &*grant.policy_file,
-                "audience": minted.audience,
-                "scope": minted.scope,
-                "expires_at": minted.expires_at,
-                "matched": grant.matched,
-                "condition_checked": grant.condition_checked,
-                "subject": subject_summary(v),
+            detail: AuditDetail::from_serialize(&GrantDetail {
+                jti: &minted.jti,
+                owner: &grant.owner,
+                policy_file: &grant.policy_file,
+                audience: &minted.audience,
+                scope: &minted.scope,
+                expires_at: minted.expires_at,
+                matched: &grant.matched,
+                condition_checked: grant.condition_checked,
+                subject: subject_summary(v),
             }),
         };
         ExchangeRecord {
@@ -297,7 +300,7 @@ impl Exchanger {
             role: req.role.clone(),
             project_id: verified.map(|v| v.claims.effective_project_id().to_string()),
             reason: Some(reason.to_owned()),
-            detail,
+            detail: detail.into(),
         };
         self.store
             .append_audit(event)
@@ -323,28 +326,67 @@ pub fn token_hash(token: &str) -> String {
 }
 
 /// The claims that identify the job, for audit records. No token, no secret.
-fn subject_summary(v: &VerifiedIdToken) -> serde_json::Value {
+#[derive(Serialize)]
+struct SubjectSummary<'a> {
+    iss: &'a str,
+    jti: &'a str,
+    token_sha256: String,
+    kid: &'a str,
+    project_id: GitLabId,
+    project_path: &'a str,
+    namespace_id: GitLabId,
+    namespace_path: &'a str,
+    job_project_id: Option<GitLabId>,
+    pipeline_id: GitLabId,
+    pipeline_source: &'a str,
+    job_id: GitLabId,
+    #[serde(rename = "ref")]
+    git_ref: &'a str,
+    ref_type: &'static str,
+    ref_protected: bool,
+    environment: Option<&'a str>,
+    environment_protected: Option<bool>,
+    user_id: Option<&'a str>,
+    user_login: Option<&'a str>,
+    sha: &'a str,
+}
+
+fn subject_summary(v: &VerifiedIdToken) -> SubjectSummary<'_> {
     let c = &v.claims;
-    json!({
-        "iss": c.iss,
-        "jti": c.jti,
-        "token_sha256": hex::encode(v.token_sha256),
-        "kid": v.kid,
-        "project_id": c.project_id.to_string(),
-        "project_path": c.project_path,
-        "namespace_id": c.namespace_id.to_string(),
-        "namespace_path": c.namespace_path,
-        "job_project_id": c.job_project_id.map(|i| i.to_string()),
-        "pipeline_id": c.pipeline_id.to_string(),
-        "pipeline_source": c.pipeline_source,
-        "job_id": c.job_id.to_string(),
-        "ref": c.git_ref,
-        "ref_type": c.ref_type.as_str(),
-        "ref_protected": c.ref_protected.0,
-        "environment": c.environment,
-        "environment_protected": c.environment_protected.map(|b| b.0),
-        "user_id": c.user_id,
-        "user_login": c.user_login,
-        "sha": c.sha,
-    })
+    SubjectSummary {
+        iss: &c.iss,
+        jti: &c.jti,
+        token_sha256: hex::encode(v.token_sha256),
+        kid: &v.kid,
+        project_id: c.project_id,
+        project_path: &c.project_path,
+        namespace_id: c.namespace_id,
+        namespace_path: &c.namespace_path,
+        job_project_id: c.job_project_id,
+        pipeline_id: c.pipeline_id,
+        pipeline_source: &c.pipeline_source,
+        job_id: c.job_id,
+        git_ref: &c.git_ref,
+        ref_type: c.ref_type.as_str(),
+        ref_protected: c.ref_protected.0,
+        environment: c.environment.as_deref(),
+        environment_protected: c.environment_protected.map(|b| b.0),
+        user_id: c.user_id.as_deref(),
+        user_login: c.user_login.as_deref(),
+        sha: &c.sha,
+    }
+}
+
+/// The audit detail of a granted exchange.
+#[derive(Serialize)]
+struct GrantDetail<'a> {
+    jti: &'a str,
+    owner: &'a str,
+    policy_file: &'a str,
+    audience: &'a str,
+    scope: &'a str,
+    expires_at: i64,
+    matched: &'a [MatchedBinding],
+    condition_checked: bool,
+    subject: SubjectSummary<'a>,
 }

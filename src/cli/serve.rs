@@ -241,7 +241,8 @@ fn spawn_background(config: &Config, built: &Built) {
                         role: None,
                         project_id: None,
                         reason: None,
-                        detail: json!({ "new_kid": r.new_kid, "retired_kid": r.retired_kid, "dropped": r.dropped }),
+                        detail: json!({ "new_kid": r.new_kid, "retired_kid": r.retired_kid, "dropped": r.dropped })
+                            .into(),
                     };
                     if let Err(e) = ex2.store.append_audit(event).await {
                         tracing::error!(error = %e, "audit of key rotation failed");
@@ -291,7 +292,7 @@ async fn audit_policy(
         role: None,
         project_id: None,
         reason,
-        detail,
+        detail: detail.into(),
     };
     if let Err(e) = store.append_audit(event).await {
         tracing::error!(error = %e, "audit of policy load failed");

@@ -38,6 +38,13 @@ impl GitLabId {
     }
 }
 
+/// Serialized the way GitLab sends it: a string of digits.
+impl serde::Serialize for GitLabId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
 impl<'de> Deserialize<'de> for GitLabId {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;

@@ -113,6 +113,40 @@ impl AuditKind {
     }
 }
 
+/// The structured detail of an audit record, serialized once where it is
+/// built (from a typed struct, without an intermediate JSON map) and
+/// stored as is.
+#[derive(Debug, Clone)]
+pub struct AuditDetail(Box<serde_json::value::RawValue>);
+
+impl AuditDetail {
+    /// Serializes `value`. A value that cannot be JSON (a map with non-string
+    /// keys) is recorded as such rather than lost.
+    pub fn from_serialize<T: Serialize + ?Sized>(value: &T) -> Self {
+        match serde_json::value::to_raw_value(value) {
+            Ok(raw) => Self(raw),
+            Err(e) => Self::from(serde_json::json!({ "unencodable_detail": e.to_string() })),
+        }
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl From<serde_json::Value> for AuditDetail {
+    fn from(value: serde_json::Value) -> Self {
+        Self::from_serialize(&value)
+    }
+}
+
+impl Serialize for AuditDetail {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
 /// One audit record. `detail` carries the reason and the claims that
 /// decided; it never holds a token or a secret (hashes and `jti`s only).
 #[derive(Debug, Clone, Serialize)]
@@ -130,7 +164,7 @@ pub struct AuditEvent {
     /// Machine-readable reason code for denials (`bad_signature`, `binding_mismatch`, …).
     pub reason: Option<String>,
     /// Structured detail: the deciding claims, the trace, the error.
-    pub detail: serde_json::Value,
+    pub detail: AuditDetail,
 }
 
 /// A granted exchange, recorded atomically: the replay entry (if replay

@@ -55,7 +55,7 @@ fn record(n: usize) -> ExchangeRecord {
             role: Some("deploy".into()),
             project_id: Some("42".into()),
             reason: None,
-            detail: json!({ "jti": format!("at-{n}"), "n": n }),
+            detail: json!({ "jti": format!("at-{n}"), "n": n }).into(),
         },
     }
 }
@@ -150,7 +150,7 @@ async fn a_committed_exchange_is_visible_in_every_listing() {
     assert_eq!(audit[0].role.as_deref(), Some("deploy"));
     assert_eq!(audit[0].project_id.as_deref(), Some("42"));
     assert_eq!(audit[0].reason, None);
-    assert_eq!(audit[0].detail, rec.audit.detail);
+    assert_eq!(audit[0].detail.to_string(), rec.audit.detail.as_str());
 }
 
 #[tokio::test]
@@ -371,7 +371,7 @@ async fn appended_audit_events_keep_their_fields() {
             role: Some("deploy".into()),
             project_id: None,
             reason: Some("binding_mismatch".into()),
-            detail: json!({ "trace": ["a", "b"] }),
+            detail: json!({ "trace": ["a", "b"] }).into(),
         })
         .await
         .unwrap();

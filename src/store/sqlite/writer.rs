@@ -337,8 +337,8 @@ fn insert_exchange(conn: &Connection, record: &ExchangeRecord) -> Result<(), Sto
 }
 
 fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), StoreError> {
-    let detail = serde_json::to_string(&event.detail)
-        .map_err(|e| StoreError::Database(format!("encode audit detail: {e}")))?;
+    // Serialized where the event was built; stored verbatim.
+    let detail = event.detail.as_str();
     conn.prepare_cached(
         "INSERT INTO audit (at_ms, kind, issuer, role, project_id, reason, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
