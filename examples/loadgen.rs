@@ -168,45 +168,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let next = Arc::new(AtomicUsize::new(0));
     let url: hyper::Uri = format!("{base}/oauth/token").parse()?;
-    // Warm-up: also makes cistern fetch the issuer's keys once.
-    run_closed(
-        &client,
-        &url,
-        &tokens,
-        &next,
-        4,
-        Duration::from_millis(500),
+    let load = Load {
+        client: client.clone(),
+        url,
+        tokens: tokens.clone(),
+        next,
         pid,
-    )
-    .await?;
+    };
+    // Warm-up: also makes cistern fetch the issuer's keys once.
+    load.run(4, Duration::from_millis(500), None).await?;
     let rss_idle = rss_kib(pid);
 
-    let peak = run_closed(
-        &client,
-        &url,
-        &tokens,
-        &next,
-        args.connections,
-        Duration::from_secs(args.peak_secs),
-        pid,
-    )
-    .await?;
+    let peak = load
+        .run(args.connections, Duration::from_secs(args.peak_secs), None)
+        .await?;
     eprintln!(
         "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)",
         peak.rate, peak.p50_ms, peak.p99_ms, peak.errors
     );
     let half_rate = peak.rate / 2.0;
-    let half = run_open(
-        &client,
-        &url,
-        &tokens,
-        &next,
-        args.connections,
-        half_rate,
-        Duration::from_secs(args.half_secs),
-        pid,
-    )
-    .await?;
+    let half = load
+        .run(
+            args.connections,
+            Duration::from_secs(args.half_secs),
+            Some(half_rate),
+        )
+        .await?;
     eprintln!(
         "half: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)",
         half.rate, half.p50_ms, half.p99_ms, half.errors
@@ -296,80 +283,61 @@ async fn sample_rss(pid: u32, until: Instant) -> u64 {
     max
 }
 
-/// Closed loop: `conns` workers, each sending as soon as the previous answer arrives.
-async fn run_closed(
-    client: &HttpClient,
-    url: &hyper::Uri,
-    tokens: &Arc<Vec<String>>,
-    next: &Arc<AtomicUsize>,
-    conns: usize,
-    dur: Duration,
+/// What every load phase shares.
+struct Load {
+    client: HttpClient,
+    url: hyper::Uri,
+    tokens: Arc<Vec<String>>,
+    next: Arc<AtomicUsize>,
     pid: u32,
-) -> anyhow::Result<Phase> {
-    let start = Instant::now();
-    let end = start + dur;
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..conns {
-        let (client, url, tokens, next) =
-            (client.clone(), url.clone(), tokens.clone(), next.clone());
-        tasks.spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut errors = 0u64;
-            while Instant::now() < end {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(tok) = tokens.get(i) else { break };
-                let t = Instant::now();
-                if !one(&client, &url, tok).await {
-                    errors += 1;
-                }
-                let _ = h.record(t.elapsed().as_micros() as u64);
-            }
-            Ok::<_, anyhow::Error>((h, errors, Instant::now()))
-        });
-    }
-    finish(tasks, start, end, pid).await
 }
 
-/// Open loop at a fixed rate; latency counts from each request's scheduled
-/// send time, so a stalled server cannot hide its queueing (no coordinated omission).
-#[allow(clippy::too_many_arguments)]
-async fn run_open(
-    client: &HttpClient,
-    url: &hyper::Uri,
-    tokens: &Arc<Vec<String>>,
-    next: &Arc<AtomicUsize>,
-    conns: usize,
-    rate: f64,
-    dur: Duration,
-    pid: u32,
-) -> anyhow::Result<Phase> {
-    let start = Instant::now();
-    let end = start + dur;
-    let interval = Duration::from_secs_f64(conns as f64 / rate.max(1.0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for w in 0..conns {
-        let (client, url, tokens, next) =
-            (client.clone(), url.clone(), tokens.clone(), next.clone());
-        tasks.spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let mut errors = 0u64;
-            let mut due = start + interval.mul_f64(w as f64 / conns as f64);
-            while due < end {
-                tokio::time::sleep_until(due.into()).await;
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(tok) = tokens.get(i) else { break };
-                if !one(&client, &url, tok).await {
-                    errors += 1;
+impl Load {
+    /// Runs `conns` workers for `dur`. Without a `rate` it is a closed loop:
+    /// each worker sends as soon as its previous answer arrives. With one it
+    /// is an open loop at that total rate, and latency counts from each
+    /// request's scheduled send time, so a stalled server cannot hide its
+    /// queueing (no coordinated omission).
+    async fn run(&self, conns: usize, dur: Duration, rate: Option<f64>) -> anyhow::Result<Phase> {
+        let start = Instant::now();
+        let end = start + dur;
+        let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r.max(1.0)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..conns {
+            let (client, url, tokens, next) = (
+                self.client.clone(),
+                self.url.clone(),
+                self.tokens.clone(),
+                self.next.clone(),
+            );
+            tasks.spawn(async move {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let mut errors = 0u64;
+                // Paced workers start staggered across one interval.
+                let mut due =
+                    start + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / conns as f64));
+                while due < end {
+                    match interval {
+                        Some(_) => tokio::time::sleep_until(due.into()).await,
+                        None => due = Instant::now(),
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(tok) = tokens.get(i) else { break };
+                    if !one(&client, &url, tok).await {
+                        errors += 1;
+                    }
+                    let _ = h.record(due.elapsed().as_micros() as u64);
+                    due = match interval {
+                        Some(i) => due + i,
+                        None => Instant::now(),
+                    };
                 }
-                let _ = h.record(due.elapsed().as_micros() as u64);
-                due += interval;
-            }
-            Ok::<_, anyhow::Error>((h, errors, Instant::now()))
-        });
+                Ok::<_, anyhow::Error>((h, errors, Instant::now()))
+            });
+        }
+        finish(tasks, start, end, self.pid).await
     }
-    finish(tasks, start, end, pid).await
 }
 
 async fn finish(
