@@ -29,7 +29,7 @@ fn mint_benches(c: &mut Criterion) {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let token = fixtures::verified_id_token().expect("fixture payload");
     let grant = fixtures::grant("https://deploy.example.com", Duration::from_secs(900));
-    let now = clock.now_secs();
+    let now = clock.now_millis();
 
     let mut group = c.benchmark_group("mint");
     for alg in [SigningAlgorithm::ES256, SigningAlgorithm::EdDSA] {

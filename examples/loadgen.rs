@@ -171,6 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let load = Load {
         client: client.clone(),
         url,
+        base: base.clone(),
         tokens: tokens.clone(),
         next,
         pid,
@@ -183,8 +184,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .run(args.connections, Duration::from_secs(args.peak_secs), None)
         .await?;
     eprintln!(
-        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)",
-        peak.rate, peak.p50_ms, peak.p99_ms, peak.errors
+        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors); in the handler p50 / p99 ≤ {}; server CPU per exchange {}",
+        peak.rate,
+        peak.p50_ms,
+        peak.p99_ms,
+        peak.errors,
+        peak.server_side,
+        cpu_summary(&peak)
     );
     let half_rate = peak.rate / 2.0;
     let half = load
@@ -195,11 +201,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
     eprintln!(
-        "half: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors)",
-        half.rate, half.p50_ms, half.p99_ms, half.errors
+        "half: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors); in the handler p50 / p99 ≤ {}",
+        half.rate, half.p50_ms, half.p99_ms, half.errors, half.server_side
     );
     let hwm = hwm_kib(pid);
-    let server_side = server_latency(&client, &base).await.unwrap_or_default();
     let _ = child.kill().await;
 
     println!("| metric | value |");
@@ -227,7 +232,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("| errors (non-200) | {} |", peak.errors + half.errors);
     println!(
-        "| server-side handler latency, all phases (from /metrics buckets) p50 / p99 ≤ | {server_side} |"
+        "| server CPU per exchange at peak (by thread) | {} |",
+        cpu_summary(&peak)
+    );
+    println!(
+        "| inside the handler (cistern's histogram) at peak / at half peak, p50 / p99 ≤ | {} · {} |",
+        peak.server_side, half.server_side
     );
     println!(
         "| RSS idle / max under load / high-water mark | {:.1} MB / {:.1} MB / {:.1} MB |",
@@ -245,6 +255,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 struct Phase {
     rate: f64,
+    /// p50 / p99 inside cistern's handler, from its own histogram.
+    server_side: String,
+    /// Server CPU time per answered request, by thread name, in µs.
+    cpu_us: Vec<(String, f64)>,
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
@@ -287,56 +301,81 @@ async fn sample_rss(pid: u32, until: Instant) -> u64 {
 struct Load {
     client: HttpClient,
     url: hyper::Uri,
+    /// cistern's base URL, for its `/metrics`.
+    base: String,
     tokens: Arc<Vec<String>>,
     next: Arc<AtomicUsize>,
     pid: u32,
 }
 
+/// Where each worker takes the scheduled send time of its next request.
+type Schedule = Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Instant>>>;
+
 impl Load {
     /// Runs `conns` workers for `dur`. Without a `rate` it is a closed loop:
     /// each worker sends as soon as its previous answer arrives. With one it
-    /// is an open loop at that total rate, and latency counts from each
-    /// request's scheduled send time, so a stalled server cannot hide its
-    /// queueing (no coordinated omission).
+    /// is an open loop at that total rate: a pacer thread schedules every
+    /// request (an OS sleep, not the runtime's millisecond timer, so the
+    /// generator adds no lateness of its own), idle workers take them in
+    /// order, and latency counts from each request's scheduled time, so a
+    /// stalled server cannot hide its queueing (no coordinated omission).
     async fn run(&self, conns: usize, dur: Duration, rate: Option<f64>) -> anyhow::Result<Phase> {
+        let before = server_buckets(&self.client, &self.base).await?;
         let start = Instant::now();
         let end = start + dur;
-        let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r.max(1.0)));
+        let schedule: Option<Schedule> = rate.map(|r| {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let interval = Duration::from_secs_f64(1.0 / r.max(1.0));
+            std::thread::spawn(move || {
+                let mut due = start;
+                while due < end {
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if tx.send(due).is_err() {
+                        break;
+                    }
+                    due += interval;
+                }
+            });
+            Arc::new(tokio::sync::Mutex::new(rx))
+        });
         let mut tasks = tokio::task::JoinSet::new();
-        for w in 0..conns {
-            let (client, url, tokens, next) = (
+        for _ in 0..conns {
+            let (client, url, tokens, next, schedule) = (
                 self.client.clone(),
                 self.url.clone(),
                 self.tokens.clone(),
                 self.next.clone(),
+                schedule.clone(),
             );
             tasks.spawn(async move {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
                 let mut errors = 0u64;
-                // Paced workers start staggered across one interval.
-                let mut due =
-                    start + interval.map_or(Duration::ZERO, |i| i.mul_f64(w as f64 / conns as f64));
-                while due < end {
-                    match interval {
-                        Some(_) => tokio::time::sleep_until(due.into()).await,
-                        None => due = Instant::now(),
-                    }
+                loop {
+                    let due = match &schedule {
+                        Some(s) => match s.lock().await.recv().await {
+                            Some(due) => due,
+                            None => break,
+                        },
+                        None if Instant::now() < end => Instant::now(),
+                        None => break,
+                    };
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(tok) = tokens.get(i) else { break };
                     if !one(&client, &url, tok).await {
                         errors += 1;
                     }
                     let _ = h.record(due.elapsed().as_micros() as u64);
-                    due = match interval {
-                        Some(i) => due + i,
-                        None => Instant::now(),
-                    };
                 }
                 Ok::<_, anyhow::Error>((h, errors, Instant::now()))
             });
         }
-        finish(tasks, start, end, self.pid).await
+        let mut phase = finish(tasks, start, end, self.pid).await?;
+        let after = server_buckets(&self.client, &self.base).await?;
+        phase.server_side = server_quantiles(&before, &after);
+        Ok(phase)
     }
 }
 
@@ -346,6 +385,7 @@ async fn finish(
     end: Instant,
     pid: u32,
 ) -> anyhow::Result<Phase> {
+    let cpu_before = cpu_ticks(pid);
     let rss = sample_rss(pid, end).await;
     let mut all = Histogram::<u64>::new(3)?;
     let mut errors = 0;
@@ -358,7 +398,18 @@ async fn finish(
     }
     // Workers stop early when the pre-minted tokens run out.
     let secs = last.duration_since(start).as_secs_f64().max(1e-3);
+    let cpu_after = cpu_ticks(pid);
+    let requests = all.len().max(1) as f64;
+    let cpu_us = cpu_after
+        .iter()
+        .map(|(name, t)| {
+            let used = t.saturating_sub(cpu_before.get(name).copied().unwrap_or(0));
+            (name.clone(), used as f64 * 1e6 / TICKS_PER_SEC / requests)
+        })
+        .collect();
     Ok(Phase {
+        server_side: String::new(),
+        cpu_us,
         rate: all.len() as f64 / secs,
         p50_ms: all.value_at_quantile(0.50) as f64 / 1000.0,
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
@@ -424,10 +475,10 @@ fn crypto_ceiling() -> anyhow::Result<f64> {
     Ok(1.0 / best)
 }
 
-/// p50/p99 upper bounds from cistern's own `exchange_duration_seconds`
-/// histogram: time inside the handler, excluding queueing in the kernel and
-/// the runtime before the handler runs.
-async fn server_latency(client: &HttpClient, base: &str) -> anyhow::Result<String> {
+/// Cumulative `(le, count)` buckets of cistern's own
+/// `exchange_duration_seconds` histogram: time inside the handler,
+/// excluding queueing in the kernel and the runtime before it runs.
+async fn server_buckets(client: &HttpClient, base: &str) -> anyhow::Result<Vec<(f64, f64)>> {
     let res = client.get(format!("{base}/metrics").parse()?).await?;
     let text = String::from_utf8(res.into_body().collect().await?.to_bytes().to_vec())?;
     let mut buckets: Vec<(f64, f64)> = Vec::new();
@@ -452,14 +503,29 @@ async fn server_latency(client: &HttpClient, base: &str) -> anyhow::Result<Strin
         };
         buckets.push((le, count));
     }
-    let total = buckets.last().map_or(0.0, |b| b.1);
+    Ok(buckets)
+}
+
+/// p50/p99 upper bounds (bucket edges, ms) of the requests counted between
+/// two snapshots of the server's histogram.
+fn server_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> String {
+    let diff: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let earlier = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, c - earlier)
+        })
+        .collect();
+    let total = diff.last().map_or(0.0, |b| b.1);
     let q = |p: f64| {
-        buckets
-            .iter()
+        diff.iter()
             .find(|(_, c)| *c >= p * total)
             .map_or(f64::NAN, |b| b.0 * 1000.0)
     };
-    Ok(format!("{:.2} ms / {:.2} ms", q(0.5), q(0.99)))
+    format!("{:.2} ms / {:.2} ms", q(0.5), q(0.99))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -477,6 +543,50 @@ fn status_kib(pid: u32, key: &str) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// `USER_HZ`, the unit of `/proc/<pid>/task/*/stat` times (100 on Linux).
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// User + system CPU ticks of each of `pid`'s threads, summed by thread name.
+fn cpu_ticks(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (comm) state ..." — comm may hold spaces, so split at the last ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15 of the whole line.
+        let ticks = fields
+            .get(11)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        *by_name.entry(name).or_insert(0) += ticks;
+    }
+    by_name
+}
+
+fn cpu_summary(p: &Phase) -> String {
+    let total: f64 = p.cpu_us.iter().map(|(_, us)| us).sum();
+    let parts: Vec<String> = p
+        .cpu_us
+        .iter()
+        .filter(|(_, us)| *us >= 0.5)
+        .map(|(name, us)| format!("{name} {us:.0}"))
+        .collect();
+    format!("{total:.0} µs ({})", parts.join(", "))
 }
 
 fn rss_kib(pid: u32) -> u64 {

@@ -139,13 +139,7 @@ impl Exchanger {
                 return Err(ExchangeError::Denied(denial));
             }
         };
-        let minted = mint(
-            &self.keys,
-            &self.issuer_url,
-            &grant,
-            &verified,
-            now_ms.div_euclid(1000),
-        )?;
+        let minted = mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms)?;
         let record = self.record(&verified, &grant, &minted, now_ms);
         match self.store.commit_exchange(record).await {
             Ok(()) => Ok(minted),

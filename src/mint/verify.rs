@@ -276,7 +276,9 @@ mod tests {
         .unwrap();
         let grant = fixtures::grant(AUD, Duration::from_secs(900));
         let id = fixtures::verified_id_token().unwrap();
-        let token = mint(&ring, ISS, &grant, &id, NOW).unwrap().access_token;
+        let token = mint(&ring, ISS, &grant, &id, NOW * 1000)
+            .unwrap()
+            .access_token;
         Fixture {
             _tmp: tmp,
             ring,

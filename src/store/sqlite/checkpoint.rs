@@ -23,7 +23,8 @@ pub(super) fn run(conn: Connection, stop: Receiver<()>) {
     checkpoint(&conn);
 }
 
-fn checkpoint(conn: &Connection) {
+/// One `PASSIVE` checkpoint; a failure is logged, never fatal.
+pub(super) fn checkpoint(conn: &Connection) {
     // (busy, frames in the WAL, frames checkpointed)
     let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
         Ok((

@@ -21,9 +21,9 @@
 //!   (bounded so a stalled disk pushes back on callers instead of growing
 //!   memory without limit).
 //! * The writer takes everything pending, up to 256 requests, and runs them
-//!   in one `BEGIN IMMEDIATE` transaction, each inside its own `SAVEPOINT`.
-//!   A request that fails, typically a replayed ID token, is rolled back to
-//!   its savepoint and answered [`StoreError::Replay`]; the rest commit.
+//!   in one `BEGIN IMMEDIATE` transaction. A replayed ID token writes
+//!   nothing and is answered [`StoreError::Replay`]; the rest commit. Any
+//!   other failure refuses the whole batch.
 //! * Replies are sent only after `COMMIT` returns: an acknowledged write is
 //!   on disk (to the durability `synchronous` promises). If the commit
 //!   fails, every request in the batch gets [`StoreError::Database`].

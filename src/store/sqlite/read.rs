@@ -112,8 +112,8 @@ pub(super) fn issued_tokens(
             "SELECT issuer, project_id, namespace_id, role, project_path, namespace_path, owner,
                     jti, kind, audience, scope, issued_at_ms, expires_at_ms, subject_jti,
                     pipeline_id, job_id, git_ref
-             FROM (SELECT rowid AS r, * FROM issued_tokens ORDER BY rowid DESC LIMIT ?1)
-             ORDER BY r ASC",
+             FROM (SELECT * FROM issued_tokens ORDER BY jti DESC LIMIT ?1)
+             ORDER BY jti ASC",
         )
         .map_err(|e| db_err("read issued tokens", e))?;
     let rows = stmt

@@ -120,7 +120,7 @@ async fn opening_twice_runs_migrations_once_and_keeps_data() {
     let first = open(&path);
     first.commit_exchange(record(1)).await.unwrap();
     let second = open(&path);
-    assert_eq!(count(&path, "schema_version"), 1);
+    assert_eq!(count(&path, "schema_version"), 2);
     assert_eq!(second.issued_tokens(10).await.unwrap().len(), 1);
     second.ping().await.unwrap();
 }
@@ -249,7 +249,7 @@ async fn one_replay_among_concurrent_commits_fails_alone() {
 }
 
 #[tokio::test]
-async fn within_one_batch_a_replay_rolls_back_only_its_own_request() {
+async fn within_one_batch_a_replay_is_refused_alone() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     schema::prepare_files(&path).unwrap();
@@ -258,21 +258,15 @@ async fn within_one_batch_a_replay_rolls_back_only_its_own_request() {
 
     let mut dup = record(1);
     dup.token.jti = "at-dup".into();
-    // Same minted jti as #1 but a fresh ID token: fails on issued_tokens
-    // after its replay row went in, which must be undone too.
-    let mut clash = record(3);
-    clash.token.jti = "at-1".into();
     let batch = vec![
         request(WriteOp::Exchange(Box::new(record(1)))).0,
         request(WriteOp::Exchange(Box::new(dup))).0,
-        request(WriteOp::Exchange(Box::new(clash))).0,
         request(WriteOp::Exchange(Box::new(record(2)))).0,
     ];
     let outcomes = writer::commit_batch(&mut conn, &batch).unwrap();
     assert!(outcomes[0].is_ok());
     assert!(matches!(outcomes[1], Err(StoreError::Replay)));
-    assert!(matches!(outcomes[2], Err(StoreError::Database(_))));
-    assert!(outcomes[3].is_ok());
+    assert!(outcomes[2].is_ok());
 
     let jtis: Vec<String> = conn
         .prepare("SELECT jti FROM replay ORDER BY jti")
@@ -288,6 +282,35 @@ async fn within_one_batch_a_replay_rolls_back_only_its_own_request() {
         .query_row("SELECT exchanges FROM identities", [], |r| r.get(0))
         .unwrap();
     assert_eq!(exchanges, 2);
+}
+
+#[tokio::test]
+async fn any_other_failure_refuses_the_whole_batch_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    schema::prepare_files(&path).unwrap();
+    let mut conn = schema::open_writer(&path, Synchronous::Normal).unwrap();
+    schema::migrate(&mut conn).unwrap();
+
+    // Same minted jti as #1 with a fresh ID token: the database refuses the
+    // credential row after the replay row went in.
+    let mut clash = record(3);
+    clash.token.jti = "at-1".into();
+    let batch = vec![
+        request(WriteOp::Exchange(Box::new(record(1)))).0,
+        request(WriteOp::Exchange(Box::new(clash))).0,
+        request(WriteOp::Exchange(Box::new(record(2)))).0,
+    ];
+    assert!(matches!(
+        writer::commit_batch(&mut conn, &batch),
+        Err(StoreError::Database(_))
+    ));
+    for table in ["replay", "issued_tokens", "audit", "identities"] {
+        assert_eq!(count(&path, table), 0, "{table}");
+    }
+    // The connection is usable again for the next batch.
+    let batch = vec![request(WriteOp::Exchange(Box::new(record(4)))).0];
+    assert!(writer::commit_batch(&mut conn, &batch).unwrap()[0].is_ok());
 }
 
 #[tokio::test]
