@@ -97,6 +97,19 @@ pub enum AuditKind {
     PolicyRejected,
     /// A signing key was generated or rotated.
     KeyRotated,
+    /// A revocation rule was recorded (RFC 7009 self-revocation, admin,
+    /// offboarding).
+    TokenRevoked,
+    /// An issued credential reached its expiry (recorded by a sweep).
+    CredentialExpired,
+    /// New exchanges were blocked for a project, namespace or role.
+    Offboarded,
+    /// A block was lifted.
+    Reenabled,
+    /// Any other operator action (bootstrap credential made, ...).
+    AdminAction,
+    /// An introspection request (RFC 7662), with its answer.
+    Introspected,
 }
 
 impl AuditKind {
@@ -109,6 +122,12 @@ impl AuditKind {
             AuditKind::PolicyLoaded => "policy_loaded",
             AuditKind::PolicyRejected => "policy_rejected",
             AuditKind::KeyRotated => "key_rotated",
+            AuditKind::TokenRevoked => "token_revoked",
+            AuditKind::CredentialExpired => "credential_expired",
+            AuditKind::Offboarded => "offboarded",
+            AuditKind::Reenabled => "reenabled",
+            AuditKind::AdminAction => "admin_action",
+            AuditKind::Introspected => "introspected",
         }
     }
 }

@@ -22,7 +22,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Forward-only migrations, applied in order. Never edit a released entry;
 /// append a new one instead.
-const MIGRATIONS: &[(i64, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, MIGRATION_1),
+    (2, MIGRATION_2),
+    (3, MIGRATION_3),
+];
 
 /// The initial schema. Times are integer milliseconds since the epoch, ids
 /// are text, and `detail` is JSON text, so the same shape maps onto any SQL
@@ -157,6 +161,51 @@ INSERT INTO audit_v2 SELECT seq, at_ms, kind, issuer, role, project_id, reason, 
     prev_hash, hash FROM audit;
 DROP TABLE audit;
 ALTER TABLE audit_v2 RENAME TO audit;
+";
+
+/// Credential lifecycle: revocation rules, offboarding blocks and signed
+/// audit checkpoints.
+/// - `revocations`: one row per revocation rule. `grain` is `jti`,
+///   `project`, `namespace`, `role`, `issuer` or `all`; `value` the jti, id,
+///   role or issuer URL (`''` for `all`); `issuer` scopes project and
+///   namespace ids, which are only unique per issuer (`''` when the grain
+///   needs none). A credential matching the rule and issued before
+///   `issued_before_ms` is revoked. `requested_at_ms` is when the request
+///   arrived, `effective_at_ms` when the running server's check started
+///   refusing (NULL until then): time-to-revoke is measured, not claimed.
+/// - `offboarded`: persisted blocks on new exchanges, until re-enabled.
+/// - `audit_checkpoints`: the chain head at `seq`, signed (a compact JWS).
+const MIGRATION_3: &str = "
+CREATE TABLE revocations (
+    id               INTEGER PRIMARY KEY,
+    grain            TEXT    NOT NULL,
+    value            TEXT    NOT NULL,
+    issuer           TEXT    NOT NULL DEFAULT '',
+    issued_before_ms INTEGER NOT NULL,
+    requested_at_ms  INTEGER NOT NULL,
+    effective_at_ms  INTEGER,
+    actor            TEXT    NOT NULL,
+    reason           TEXT    NOT NULL,
+    source           TEXT    NOT NULL
+);
+
+CREATE TABLE offboarded (
+    grain   TEXT    NOT NULL,
+    issuer  TEXT    NOT NULL,
+    value   TEXT    NOT NULL,
+    actor   TEXT    NOT NULL,
+    reason  TEXT    NOT NULL,
+    at_ms   INTEGER NOT NULL,
+    PRIMARY KEY (grain, issuer, value)
+) WITHOUT ROWID;
+
+CREATE TABLE audit_checkpoints (
+    seq    INTEGER PRIMARY KEY,
+    at_ms  INTEGER NOT NULL,
+    hash   BLOB    NOT NULL,
+    kid    TEXT    NOT NULL,
+    jws    TEXT    NOT NULL
+);
 ";
 
 /// Creates the missing parent directories (0700) and the database file
@@ -364,7 +413,7 @@ mod tests {
              INSERT INTO audit (at_ms, kind, detail) VALUES (1000, 'exchange_granted', '{{}}');"
         ))
         .unwrap();
-        assert_eq!(migrate(&mut conn).unwrap(), 2);
+        assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len() as i64);
         let replay: (i64, String, String) = conn
             .query_row("SELECT expires_at_ms, issuer, jti FROM replay", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
