@@ -35,6 +35,27 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogConfig,
+    /// `cistern inventory` and `cistern report`.
+    #[serde(default)]
+    pub inventory: InventoryConfig,
+}
+
+/// `[inventory]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryConfig {
+    /// An identity not used for this many days is flagged `unused` (and
+    /// listed by `cistern report` as a candidate for offboarding).
+    #[serde(default = "defaults::unused_after_days")]
+    pub unused_after_days: u32,
+}
+
+impl Default for InventoryConfig {
+    fn default() -> Self {
+        Self {
+            unused_after_days: defaults::unused_after_days(),
+        }
+    }
 }
 
 /// `[server]`
@@ -313,6 +334,9 @@ mod defaults {
     }
     pub(super) fn reload_interval() -> Duration {
         Duration::from_secs(5)
+    }
+    pub(super) fn unused_after_days() -> u32 {
+        30
     }
     pub(super) fn log_level() -> String {
         "info".to_owned()

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::clock::Clock;
 use crate::metrics::Metrics;
 use crate::mint::{KeyRing, MintError, MintedToken, mint};
-use crate::oidc::claims::GitLabId;
+use crate::oidc::claims::{GitLabClaims, GitLabId};
 use crate::oidc::{Issuers, VerifiedIdToken, VerifyError};
 use crate::policy::{Denial, Grant, MatchedBinding, PolicyStore, RoleRequest, RoleTrace};
 use crate::store::{
@@ -130,7 +130,7 @@ impl Exchanger {
         {
             Ok(g) => g,
             Err(denial) => {
-                let mut detail = json!({ "description": denial.public_description(), "subject": subject_summary(&verified) });
+                let mut detail = json!({ "description": denial.public_description(), "subject": subject_summary(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
                 if let Denial::NotPermitted { trace, .. } = &denial {
                     detail["trace"] = serde_json::to_value(trace).unwrap_or_default();
                 }
@@ -140,11 +140,11 @@ impl Exchanger {
             }
         };
         let minted = mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms)?;
-        let record = self.record(&verified, &grant, &minted, now_ms);
+        let record = self.record(&verified, req, &grant, &minted, now_ms);
         match self.store.commit_exchange(record).await {
             Ok(()) => Ok(minted),
             Err(StoreError::Replay) => {
-                let detail = json!({ "description": "subject_token has already been exchanged", "subject": subject_summary(&verified) });
+                let detail = json!({ "description": "subject_token has already been exchanged", "subject": subject_summary(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
                 self.audit_denied(now_ms, Some(&verified), req, "replay", detail)
                     .await?;
                 Err(ExchangeError::Replay)
@@ -210,6 +210,7 @@ impl Exchanger {
     fn record(
         &self,
         v: &VerifiedIdToken,
+        req: &ExchangeRequest,
         grant: &Grant,
         minted: &MintedToken,
         now_ms: i64,
@@ -269,6 +270,8 @@ impl Exchanger {
                 matched: &grant.matched,
                 condition_checked: grant.condition_checked,
                 subject: subject_summary(v),
+                claims: &v.claims,
+                request: RequestSummary::of(req),
             }),
         };
         ExchangeRecord {
@@ -383,4 +386,26 @@ struct GrantDetail<'a> {
     matched: &'a [MatchedBinding],
     condition_checked: bool,
     subject: SubjectSummary<'a>,
+    /// Every verified claim, so `policy diff` can replay the request.
+    claims: &'a GitLabClaims,
+    request: RequestSummary<'a>,
+}
+
+/// What the job asked for, recorded with granted and denied exchanges so
+/// `policy diff` can replay the request as it was made.
+#[derive(Serialize)]
+struct RequestSummary<'a> {
+    role: Option<&'a str>,
+    audience: Option<&'a str>,
+    scopes: Option<&'a [String]>,
+}
+
+impl<'a> RequestSummary<'a> {
+    fn of(req: &'a ExchangeRequest) -> Self {
+        Self {
+            role: req.role.as_deref(),
+            audience: req.audience.as_deref(),
+            scopes: req.scopes.as_deref(),
+        }
+    }
 }

@@ -1,8 +1,12 @@
-//! The command line: `serve`, `policy check|test`, `exchange`, `dev id-token`.
+//! The command line: `serve`, `policy check|test|diff`, `exchange`,
+//! `dev id-token`, `inventory`, `report`.
 
 pub mod client;
 pub mod dev;
+pub mod inventory;
 pub mod policy;
+pub mod policy_diff;
+pub mod report;
 pub mod serve;
 
 use std::net::SocketAddr;
@@ -32,6 +36,10 @@ pub enum Command {
     /// Development helpers for `serve --dev`.
     #[command(subcommand)]
     Dev(DevCommand),
+    /// List pipeline identities: owners, scopes, use, outstanding credentials.
+    Inventory(inventory::InventoryArgs),
+    /// The three questions: where credentials exist, who owns them, how fast revocation works.
+    Report(report::ReportArgs),
 }
 
 /// `cistern serve`
@@ -62,6 +70,9 @@ pub enum PolicyCommand {
     },
     /// Dry-run: which roles would these claims get, and why not the others.
     Test(PolicyTestArgs),
+    /// Replay recorded exchanges against a proposed policy directory: which
+    /// roles and scopes each identity would gain or lose.
+    Diff(policy_diff::PolicyDiffArgs),
 }
 
 /// `cistern policy test`
@@ -244,5 +255,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             claims_json,
             audience,
         }) => dev::id_token(&url, &claims, &claims_json, audience.as_deref()).await,
+        Command::Inventory(args) => inventory::run(&args),
+        Command::Report(args) => report::run(&args),
+        Command::Policy(PolicyCommand::Diff(args)) => policy::diff(&args),
     }
 }

@@ -1,4 +1,5 @@
-//! `cistern policy check` and `cistern policy test`.
+//! `cistern policy check`, `cistern policy test` and `cistern policy diff`
+//! (whose logic lives in `policy_diff.rs`).
 
 use std::path::Path;
 
@@ -118,4 +119,9 @@ pub fn test(args: &PolicyTestArgs) -> Result<(), CliError> {
     } else {
         Err(CliError::new(exit::DENIED, "no role would be granted"))
     }
+}
+
+/// Replays recorded exchanges against a proposed policy directory.
+pub fn diff(args: &super::policy_diff::PolicyDiffArgs) -> Result<(), CliError> {
+    super::policy_diff::run(args)
 }

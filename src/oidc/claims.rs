@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use serde::{Deserialize, Deserializer, de};
+use serde::{Deserialize, Deserializer, Serialize, Serializer, de};
 
 /// A GitLab numeric id (project, namespace, pipeline, job, user), carried as a
 /// JSON string of ASCII digits in ID tokens.
@@ -39,8 +39,8 @@ impl GitLabId {
 }
 
 /// Serialized the way GitLab sends it: a string of digits.
-impl serde::Serialize for GitLabId {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+impl Serialize for GitLabId {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&self.0)
     }
 }
@@ -65,6 +65,13 @@ impl<'de> Deserialize<'de> for GitLabId {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StrBool(pub bool);
 
+/// Serialized the way GitLab sends it: `"true"` or `"false"`.
+impl Serialize for StrBool {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0 { "true" } else { "false" })
+    }
+}
+
 impl<'de> Deserialize<'de> for StrBool {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -87,7 +94,7 @@ impl<'de> Deserialize<'de> for StrBool {
 
 /// A NumericDate (RFC 7519 §2) restricted to whole seconds, as GitLab emits.
 /// Strings, floats, booleans and null are type errors (cf. CVE-2026-25537).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct NumericDate(pub i64);
 
@@ -99,6 +106,13 @@ impl Audience {
     /// True when any audience value equals `want` exactly.
     pub fn contains(&self, want: &str) -> bool {
         self.0.iter().any(|a| a == want)
+    }
+}
+
+/// Serialized as an array (which deserializes back to the same value).
+impl Serialize for Audience {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
     }
 }
 
@@ -124,7 +138,7 @@ impl<'de> Deserialize<'de> for Audience {
 }
 
 /// `ref_type`: what kind of git ref the pipeline runs for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RefType {
     /// A branch (`refs/heads/…`).
@@ -150,7 +164,10 @@ impl RefType {
 /// Claims GitLab added in later releases (`job_project_*` in 18.4,
 /// `job_source` in 18.9, …) are optional so older instances still work;
 /// policies that bind them simply do not match when they are absent.
-#[derive(Debug, Clone, Deserialize)]
+///
+/// `Serialize` writes GitLab's own types (ids and booleans as strings), so
+/// the JSON recorded in audit details parses back into the same value.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct GitLabClaims {
     /// Issuer URL; must equal the configured issuer exactly.
     pub iss: String,
@@ -510,6 +527,24 @@ mod tests {
             assert_eq!(GitLabId::parse(bad), None, "{bad}");
         }
         assert_eq!(GitLabId::parse("0"), Some(GitLabId(0)));
+    }
+
+    #[test]
+    fn serialized_claims_parse_back_into_the_same_claims() {
+        let mut v = sample();
+        v["environment_protected"] = serde_json::json!("false");
+        v["aud"] = serde_json::json!("single");
+        let c: GitLabClaims = serde_json::from_value(v).unwrap();
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(json["project_id"], "20");
+        assert_eq!(json["ref_protected"], "true");
+        assert_eq!(json["environment_protected"], "false");
+        assert_eq!(json["ref_type"], "branch");
+        let back: GitLabClaims = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+        assert_eq!(back.project_id, c.project_id);
+        assert_eq!(back.aud, c.aud);
+        assert_eq!(back.exp, c.exp);
     }
 
     #[test]

@@ -34,6 +34,7 @@
 //!   before it exits, so no accepted write is lost.
 
 mod checkpoint;
+pub mod inventory;
 mod read;
 mod schema;
 mod writer;

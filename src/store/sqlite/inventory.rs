@@ -1,0 +1,436 @@
+//! Read-only queries behind `cistern inventory`, `cistern report` and
+//! `cistern policy diff`.
+//!
+//! An operator's CLI opens the database file directly, on one `query_only`
+//! connection: no writer thread, no migration, nothing written. WAL lets it
+//! read the last committed snapshot while a server keeps writing.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension};
+use serde::Serialize;
+
+use super::{db_err, read, schema};
+use crate::store::{Identity, IssuedToken, StoreError, StoredIdentity};
+
+/// A read-only view of a SQLite store.
+pub struct InventoryReader {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for InventoryReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InventoryReader").finish_non_exhaustive()
+    }
+}
+
+/// One path under which an id was seen (paths are display only: GitLab
+/// reuses them, ids are forever).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PathSighting {
+    /// Configured issuer name.
+    pub issuer: String,
+    /// Project id.
+    pub project_id: String,
+    /// Namespace id.
+    pub namespace_id: String,
+    /// Project path seen with these ids.
+    pub project_path: String,
+    /// Namespace path seen with these ids.
+    pub namespace_path: String,
+    /// First credential issued under this path (ms).
+    pub first_seen_ms: i64,
+}
+
+/// A `revocations` row (schema v3): a rule, not a list of tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RevocationRule {
+    /// Row id.
+    pub id: i64,
+    /// `jti`, `project`, `namespace`, `role`, `issuer` or `all`.
+    pub grain: String,
+    /// The jti, id, role or issuer (`''` for `all`).
+    pub value: String,
+    /// Scopes project and namespace ids (`''`: any issuer).
+    pub issuer: String,
+    /// Credentials issued before this instant are covered (ms).
+    pub issued_before_ms: i64,
+    /// When the revocation was asked for (ms).
+    pub requested_at_ms: i64,
+    /// When the running server started refusing (ms); `None` until then.
+    pub effective_at_ms: Option<i64>,
+    /// Who asked.
+    pub actor: String,
+    /// Why.
+    pub reason: String,
+    /// Where the request came from (`rfc7009`, `admin`, `offboard`, …).
+    pub source: String,
+}
+
+impl RevocationRule {
+    /// Whether this rule revokes `token`, issued to `identity`.
+    /// `issuer_url` is the configured URL of `identity.issuer` (rules may
+    /// name an issuer by its configured name or by its URL).
+    pub fn covers(&self, identity: &Identity, token: &IssuedToken, issuer_url: &str) -> bool {
+        let same_issuer =
+            |i: &str| i == identity.issuer || (!issuer_url.is_empty() && i == issuer_url);
+        let scoped = self.issuer.is_empty() || same_issuer(&self.issuer);
+        let matches = match self.grain.as_str() {
+            // A jti is unique by itself: the rule names one credential.
+            "jti" => return self.value == token.jti,
+            "project" => scoped && self.value == identity.project_id,
+            "namespace" => scoped && self.value == identity.namespace_id,
+            "role" => scoped && self.value == identity.role,
+            "issuer" => same_issuer(&self.value),
+            "all" => scoped,
+            // A grain this build does not know revokes nothing it can name;
+            // never guess wider.
+            _ => false,
+        };
+        matches && token.issued_at_ms < self.issued_before_ms
+    }
+}
+
+/// An issued credential that has not expired yet, with its identity.
+#[derive(Debug, Clone, Serialize)]
+pub struct Credential {
+    /// Who it was issued to.
+    pub identity: Identity,
+    /// The credential (its `jti`, never the token).
+    pub token: IssuedToken,
+}
+
+/// A granted or denied exchange, as recorded in the audit log, with the
+/// verified claims the job presented and what it asked for.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    /// Audit sequence number.
+    pub seq: i64,
+    /// When (ms).
+    pub at_ms: i64,
+    /// Configured issuer name.
+    pub issuer: String,
+    /// `exchange_granted` or `exchange_denied`.
+    pub kind: String,
+    /// The audit detail (holds `claims` and `request`).
+    pub detail: serde_json::Value,
+}
+
+impl InventoryReader {
+    /// Opens the database at `path` for reading. A missing file is an error
+    /// (it is never created here).
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.is_file() {
+            return Err(StoreError::Unavailable(format!(
+                "no store at {}",
+                path.display()
+            )));
+        }
+        let conn = schema::open_reader(path)?;
+        read::ping(&conn)?;
+        Ok(Self { conn })
+    }
+
+    /// Every identity, in key order.
+    pub fn identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
+        read::identities(&self.conn)
+    }
+
+    /// Credentials with `expires_at_ms > now_ms`, oldest first.
+    pub fn unexpired(&self, now_ms: i64) -> Result<Vec<Credential>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT issuer, project_id, namespace_id, role, project_path, namespace_path, owner,
+                        jti, kind, audience, scope, issued_at_ms, expires_at_ms, subject_jti,
+                        pipeline_id, job_id, git_ref
+                 FROM issued_tokens WHERE expires_at_ms > ?1 ORDER BY jti",
+            )
+            .map_err(|e| db_err("read issued tokens", e))?;
+        let rows = stmt
+            .query_map([now_ms], |row| {
+                Ok(Credential {
+                    identity: Identity {
+                        issuer: row.get(0)?,
+                        project_id: row.get(1)?,
+                        namespace_id: row.get(2)?,
+                        role: row.get(3)?,
+                        project_path: row.get(4)?,
+                        namespace_path: row.get(5)?,
+                        owner: row.get(6)?,
+                    },
+                    token: IssuedToken {
+                        jti: row.get(7)?,
+                        kind: row.get(8)?,
+                        audience: row.get(9)?,
+                        scope: row.get(10)?,
+                        issued_at_ms: row.get(11)?,
+                        expires_at_ms: row.get(12)?,
+                        subject_jti: row.get(13)?,
+                        pipeline_id: row.get(14)?,
+                        job_id: row.get(15)?,
+                        git_ref: row.get(16)?,
+                    },
+                })
+            })
+            .map_err(|e| db_err("read issued tokens", e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| db_err("read issued tokens", e))
+    }
+
+    /// Every distinct (ids, paths) pair credentials were issued under.
+    pub fn path_history(&self) -> Result<Vec<PathSighting>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT issuer, project_id, namespace_id, project_path, namespace_path,
+                        MIN(issued_at_ms)
+                 FROM issued_tokens
+                 GROUP BY issuer, project_id, namespace_id, project_path, namespace_path
+                 ORDER BY issuer, project_id, namespace_id, MIN(issued_at_ms)",
+            )
+            .map_err(|e| db_err("read path history", e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(PathSighting {
+                    issuer: row.get(0)?,
+                    project_id: row.get(1)?,
+                    namespace_id: row.get(2)?,
+                    project_path: row.get(3)?,
+                    namespace_path: row.get(4)?,
+                    first_seen_ms: row.get(5)?,
+                })
+            })
+            .map_err(|e| db_err("read path history", e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| db_err("read path history", e))
+    }
+
+    /// Distinct (issuer, project, namespace, role, scope string) granted.
+    pub fn granted_scopes(&self) -> Result<Vec<(Identity, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT DISTINCT issuer, project_id, namespace_id, role, scope FROM issued_tokens",
+            )
+            .map_err(|e| db_err("read granted scopes", e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    Identity {
+                        issuer: row.get(0)?,
+                        project_id: row.get(1)?,
+                        namespace_id: row.get(2)?,
+                        role: row.get(3)?,
+                        project_path: String::new(),
+                        namespace_path: String::new(),
+                        owner: String::new(),
+                    },
+                    row.get(4)?,
+                ))
+            })
+            .map_err(|e| db_err("read granted scopes", e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| db_err("read granted scopes", e))
+    }
+
+    /// The policy file of the latest grant per (issuer, project id, role).
+    pub fn latest_policy_files(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT issuer, project_id, role, detail FROM audit
+                 WHERE seq IN (SELECT MAX(seq) FROM audit WHERE kind = 'exchange_granted'
+                               GROUP BY issuer, project_id, role)",
+            )
+            .map_err(|e| db_err("read grants", e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, Option<String>>(0)?,
+                    row.get::<_, Option<String>>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, String>(3)?,
+                ))
+            })
+            .map_err(|e| db_err("read grants", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (issuer, project, role, detail) = row.map_err(|e| db_err("read grants", e))?;
+            let (Some(issuer), Some(project), Some(role)) = (issuer, project, role) else {
+                continue;
+            };
+            let file = serde_json::from_str::<serde_json::Value>(&detail)
+                .ok()
+                .and_then(|d| d.get("policy_file")?.as_str().map(str::to_owned));
+            if let Some(file) = file {
+                out.push((issuer, project, role, file));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every revocation rule, in id order; none when the schema predates
+    /// revocation (v3).
+    pub fn revocations(&self) -> Result<Vec<RevocationRule>, StoreError> {
+        let exists: Option<i64> = self
+            .conn
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'revocations'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(|e| db_err("read schema", e))?;
+        if exists.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, grain, value, issuer, issued_before_ms, requested_at_ms,
+                        effective_at_ms, actor, reason, source
+                 FROM revocations ORDER BY id",
+            )
+            .map_err(|e| db_err("read revocations", e))?;
+        let rows = stmt
+            .query_map([], |row| {
+                Ok(RevocationRule {
+                    id: row.get(0)?,
+                    grain: row.get(1)?,
+                    value: row.get(2)?,
+                    issuer: row.get(3)?,
+                    issued_before_ms: row.get(4)?,
+                    requested_at_ms: row.get(5)?,
+                    effective_at_ms: row.get(6)?,
+                    actor: row.get(7)?,
+                    reason: row.get(8)?,
+                    source: row.get(9)?,
+                })
+            })
+            .map_err(|e| db_err("read revocations", e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| db_err("read revocations", e))
+    }
+
+    /// Granted and denied exchanges recorded at or after `since_ms` whose
+    /// detail carries the presented claims, oldest first.
+    pub fn exchange_requests(&self, since_ms: i64) -> Result<Vec<RecordedRequest>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT seq, at_ms, issuer, kind, detail FROM audit
+                 WHERE kind IN ('exchange_granted', 'exchange_denied') AND at_ms >= ?1
+                   AND issuer IS NOT NULL
+                 ORDER BY seq",
+            )
+            .map_err(|e| db_err("read exchanges", e))?;
+        let rows = stmt
+            .query_map([since_ms], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, String>(3)?,
+                    row.get::<_, String>(4)?,
+                ))
+            })
+            .map_err(|e| db_err("read exchanges", e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at_ms, issuer, kind, detail) =
+                row.map_err(|e| db_err("read exchanges", e))?;
+            let detail: serde_json::Value = serde_json::from_str(&detail).map_err(|e| {
+                StoreError::Database(format!("audit row {seq}: detail is not JSON: {e}"))
+            })?;
+            // Records from before claims were kept cannot be replayed.
+            if detail
+                .get("claims")
+                .is_some_and(serde_json::Value::is_object)
+            {
+                out.push(RecordedRequest {
+                    seq,
+                    at_ms,
+                    issuer,
+                    kind,
+                    detail,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn identity() -> Identity {
+        Identity {
+            issuer: "gitlab".into(),
+            project_id: "42".into(),
+            namespace_id: "7".into(),
+            role: "deploy".into(),
+            project_path: "grp/proj".into(),
+            namespace_path: "grp".into(),
+            owner: "team".into(),
+        }
+    }
+
+    fn token(jti: &str, issued_at_ms: i64) -> IssuedToken {
+        IssuedToken {
+            jti: jti.into(),
+            kind: "access_token".into(),
+            audience: "https://deploy.test".into(),
+            scope: "deploy:read".into(),
+            issued_at_ms,
+            expires_at_ms: issued_at_ms + 600_000,
+            subject_jti: "s".into(),
+            pipeline_id: "1".into(),
+            job_id: "2".into(),
+            git_ref: "main".into(),
+        }
+    }
+
+    fn rule(grain: &str, value: &str, issuer: &str, before: i64) -> RevocationRule {
+        RevocationRule {
+            id: 1,
+            grain: grain.into(),
+            value: value.into(),
+            issuer: issuer.into(),
+            issued_before_ms: before,
+            requested_at_ms: before,
+            effective_at_ms: None,
+            actor: "a".into(),
+            reason: "r".into(),
+            source: "admin".into(),
+        }
+    }
+
+    #[test]
+    fn rules_cover_by_grain_issuer_and_issue_time() {
+        let id = identity();
+        let t = token("j1", 1_000);
+        let url = "https://gitlab.example.com";
+        assert!(rule("jti", "j1", "", 0).covers(&id, &t, url));
+        assert!(!rule("jti", "j2", "", i64::MAX).covers(&id, &t, url));
+        assert!(rule("project", "42", "", 2_000).covers(&id, &t, url));
+        assert!(rule("project", "42", "gitlab", 2_000).covers(&id, &t, url));
+        assert!(rule("project", "42", url, 2_000).covers(&id, &t, url));
+        assert!(!rule("project", "42", "other", 2_000).covers(&id, &t, url));
+        assert!(
+            !rule("project", "42", "", 1_000).covers(&id, &t, url),
+            "issued_before is strict"
+        );
+        assert!(!rule("project", "43", "", 2_000).covers(&id, &t, url));
+        assert!(rule("namespace", "7", "", 2_000).covers(&id, &t, url));
+        assert!(rule("role", "deploy", "", 2_000).covers(&id, &t, url));
+        assert!(!rule("role", "build", "", 2_000).covers(&id, &t, url));
+        assert!(rule("issuer", url, "", 2_000).covers(&id, &t, url));
+        assert!(rule("issuer", "gitlab", "", 2_000).covers(&id, &t, url));
+        assert!(rule("all", "", "", 2_000).covers(&id, &t, url));
+        assert!(!rule("all", "", "", 500).covers(&id, &t, url));
+        assert!(!rule("bogus", "42", "", 2_000).covers(&id, &t, url));
+    }
+}
