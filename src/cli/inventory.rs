@@ -568,21 +568,23 @@ mod tests {
     fn data() -> InventoryData {
         let a = ident("42", "grp/app", "deploy", "team-a");
         let b = ident("43", "grp/lib", "build", "");
-        let mut d = InventoryData::default();
-        d.identities = vec![
-            StoredIdentity {
-                identity: a.clone(),
-                first_seen_ms: NOW - 10 * DAY_MS,
-                last_used_ms: NOW - 1_000,
-                exchanges: 3,
-            },
-            StoredIdentity {
-                identity: b.clone(),
-                first_seen_ms: NOW - 90 * DAY_MS,
-                last_used_ms: NOW - 40 * DAY_MS,
-                exchanges: 1,
-            },
-        ];
+        let mut d = InventoryData {
+            identities: vec![
+                StoredIdentity {
+                    identity: a.clone(),
+                    first_seen_ms: NOW - 10 * DAY_MS,
+                    last_used_ms: NOW - 1_000,
+                    exchanges: 3,
+                },
+                StoredIdentity {
+                    identity: b.clone(),
+                    first_seen_ms: NOW - 90 * DAY_MS,
+                    last_used_ms: NOW - 40 * DAY_MS,
+                    exchanges: 1,
+                },
+            ],
+            ..InventoryData::default()
+        };
         d.unexpired = vec![
             cred(&a, "j1", NOW - 5_000, NOW + 60_000, "deploy:read"),
             cred(

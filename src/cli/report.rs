@@ -347,8 +347,10 @@ pub fn human_ms(ms: i64) -> String {
         format!("{:.3}s", ms as f64 / 1000.0)
     } else if ms.abs() < 2 * 3_600_000 {
         format!("{:.1}min", ms as f64 / 60_000.0)
-    } else {
+    } else if ms.abs() < 2 * DAY_MS {
         format!("{:.1}h", ms as f64 / 3_600_000.0)
+    } else {
+        format!("{:.1}d", ms as f64 / DAY_MS as f64)
     }
 }
 
@@ -636,6 +638,15 @@ mod tests {
         assert_eq!(percentile(&[], 50), None);
     }
 
+    #[test]
+    fn durations_read_in_sensible_units() {
+        assert_eq!(human_ms(4), "4ms");
+        assert_eq!(human_ms(1_500), "1.500s");
+        assert_eq!(human_ms(15 * 60_000), "15.0min");
+        assert_eq!(human_ms(3 * 3_600_000), "3.0h");
+        assert_eq!(human_ms(60 * DAY_MS), "60.0d");
+    }
+
     fn rule(id: i64, requested: i64, effective: Option<i64>) -> RevocationRule {
         RevocationRule {
             id,
@@ -661,13 +672,15 @@ mod tests {
             namespace_path: "grp".into(),
             owner: String::new(),
         };
-        let mut d = InventoryData::default();
-        d.identities = vec![StoredIdentity {
-            identity: a.clone(),
-            first_seen_ms: NOW - 50 * DAY_MS,
-            last_used_ms: NOW - 45 * DAY_MS,
-            exchanges: 2,
-        }];
+        let mut d = InventoryData {
+            identities: vec![StoredIdentity {
+                identity: a.clone(),
+                first_seen_ms: NOW - 50 * DAY_MS,
+                last_used_ms: NOW - 45 * DAY_MS,
+                exchanges: 2,
+            }],
+            ..InventoryData::default()
+        };
         for (jti, life) in [("short", 60_000), ("long", 3_600_000)] {
             d.unexpired.push(Credential {
                 identity: a.clone(),
