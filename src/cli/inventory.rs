@@ -15,7 +15,9 @@ use super::{CliError, exit};
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreConfig};
 use crate::store::StoredIdentity;
-use crate::store::sqlite::inventory::{Credential, InventoryReader, PathSighting, RevocationRule};
+use crate::store::sqlite::inventory::{
+    Credential, InventoryReader, PathSighting, RevocationIndex, RevocationRule,
+};
 
 /// Milliseconds in a day.
 pub(crate) const DAY_MS: i64 = 86_400_000;
@@ -164,6 +166,7 @@ impl InventoryData {
 
     /// Unexpired credentials that no revocation rule covers.
     pub fn outstanding(&self) -> Vec<&Credential> {
+        let index = RevocationIndex::new(&self.revocations);
         self.unexpired
             .iter()
             .filter(|c| {
@@ -171,10 +174,7 @@ impl InventoryData {
                     .issuer_urls
                     .get(&c.identity.issuer)
                     .map_or("", String::as_str);
-                !self
-                    .revocations
-                    .iter()
-                    .any(|r| r.covers(&c.identity, &c.token, url))
+                !index.revoked(&c.identity, &c.token, url)
             })
             .collect()
     }

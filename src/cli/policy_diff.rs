@@ -62,14 +62,15 @@ struct RecordedAsk {
 }
 
 /// A request ready to replay.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Replay {
-    /// Configured issuer name.
-    pub issuer: String,
-    /// The verified claims presented then.
-    pub claims: GitLabClaims,
+    /// The claims presented then, as the decision takes them. They were
+    /// verified when the exchange was recorded; this value only feeds
+    /// [`PolicySet::decide`], and the `Grant` that may come back is
+    /// inspected, never minted.
+    token: VerifiedIdToken,
     /// What was asked for.
-    pub request: RoleRequest,
+    request: RoleRequest,
 }
 
 impl Replay {
@@ -82,8 +83,13 @@ impl Replay {
             .and_then(|v| serde_json::from_value(v.clone()).ok())
             .unwrap_or_default();
         Some(Self {
-            issuer: r.issuer.clone(),
-            claims,
+            token: VerifiedIdToken {
+                issuer: Arc::from(r.issuer.as_str()),
+                claims,
+                kid: String::new(),
+                token_sha256: [0; 32],
+                _proof: (),
+            },
             request: RoleRequest {
                 role: ask.role,
                 audience: ask.audience,
@@ -94,17 +100,7 @@ impl Replay {
 
     /// Decides the request under `set`.
     pub fn decide(&self, set: &PolicySet) -> Outcome {
-        // These claims were verified when the exchange was recorded; the
-        // token built here only feeds the decision and the resulting Grant
-        // is inspected, never minted.
-        let token = VerifiedIdToken {
-            issuer: Arc::from(self.issuer.as_str()),
-            claims: self.claims.clone(),
-            kid: String::new(),
-            token_sha256: [0; 32],
-            _proof: (),
-        };
-        match set.decide(&token, &self.request) {
+        match set.decide(&self.token, &self.request) {
             Ok(g) => Outcome::Granted {
                 role: g.role.to_string(),
                 scopes: g.scopes.into_iter().collect(),
@@ -185,42 +181,68 @@ pub struct PolicyDiff {
 
 type ChangeKey = (DiffIdentity, ChangeKind, String);
 
-/// Replays `replays` under `current` and `proposed`.
-pub fn diff(
-    replays: &[Replay],
-    current: &PolicySet,
-    proposed: &PolicySet,
-    since_ms: i64,
+/// Accumulates the changes of replayed requests, one request at a time, so
+/// memory grows with the number of changes, not of records.
+pub struct Differ<'a> {
+    current: &'a PolicySet,
+    proposed: &'a PolicySet,
+    replayed: u64,
     skipped: u64,
-) -> PolicyDiff {
-    let mut acc: BTreeMap<ChangeKey, (BTreeSet<String>, u64, Option<String>, String)> =
-        BTreeMap::new();
-    for r in replays {
-        let before = r.decide(current);
-        let after = r.decide(proposed);
-        if before == after {
-            continue;
+    acc: BTreeMap<ChangeKey, (BTreeSet<String>, u64, Option<String>, String)>,
+}
+
+impl<'a> Differ<'a> {
+    /// Compares `current` with `proposed`.
+    pub fn new(current: &'a PolicySet, proposed: &'a PolicySet) -> Self {
+        Self {
+            current,
+            proposed,
+            replayed: 0,
+            skipped: 0,
+            acc: BTreeMap::new(),
         }
-        let c = &r.claims;
+    }
+
+    /// Replays one recorded request (counted as skipped if unreadable).
+    pub fn record(&mut self, r: &RecordedRequest) {
+        match Replay::from_record(r) {
+            Some(replay) => self.replay(&replay),
+            None => self.skipped += 1,
+        }
+    }
+
+    /// Counts `n` records that could not be replayed.
+    pub fn skip(&mut self, n: u64) {
+        self.skipped += n;
+    }
+
+    /// Replays one request under both sets.
+    pub fn replay(&mut self, r: &Replay) {
+        self.replayed += 1;
+        let before = r.decide(self.current);
+        let after = r.decide(self.proposed);
+        if before == after {
+            return;
+        }
+        let c = &r.token.claims;
         let id = DiffIdentity {
-            issuer: r.issuer.clone(),
+            issuer: r.token.issuer.to_string(),
             project_id: c.effective_project_id().to_string(),
             namespace_id: c.job_namespace_id.unwrap_or(c.namespace_id).to_string(),
         };
-        let path = c
-            .job_project_path
-            .clone()
-            .unwrap_or_else(|| c.project_path.clone());
+        let path = c.job_project_path.as_deref().unwrap_or(&c.project_path);
+        let acc = &mut self.acc;
         let mut add = |kind, role: &str, scopes: &BTreeSet<String>, denial: Option<&str>| {
             let e = acc
                 .entry((id.clone(), kind, role.to_owned()))
-                .or_insert_with(|| (BTreeSet::new(), 0, None, path.clone()));
+                .or_insert_with(|| (BTreeSet::new(), 0, None, String::new()));
             e.0.extend(scopes.iter().cloned());
             e.1 += 1;
             if let Some(d) = denial {
                 e.2 = Some(d.to_owned());
             }
-            e.3.clone_from(&path);
+            // Requests come oldest first: keep the latest path.
+            path.clone_into(&mut e.3);
         };
         match (&before, &after) {
             (
@@ -256,24 +278,29 @@ pub fn diff(
             }
         }
     }
-    PolicyDiff {
-        since_ms,
-        replayed: replays.len() as u64,
-        skipped,
-        changes: acc
-            .into_iter()
-            .map(
-                |((identity, change, role), (scopes, requests, denial, project_path))| Change {
-                    identity,
-                    project_path,
-                    change,
-                    role,
-                    scopes: scopes.into_iter().collect(),
-                    requests,
-                    denial,
-                },
-            )
-            .collect(),
+
+    /// The diff, by identity.
+    pub fn finish(self, since_ms: i64) -> PolicyDiff {
+        PolicyDiff {
+            since_ms,
+            replayed: self.replayed,
+            skipped: self.skipped,
+            changes: self
+                .acc
+                .into_iter()
+                .map(
+                    |((identity, change, role), (scopes, requests, denial, project_path))| Change {
+                        identity,
+                        project_path,
+                        change,
+                        role,
+                        scopes: scopes.into_iter().collect(),
+                        requests,
+                        denial,
+                    },
+                )
+                .collect(),
+        }
     }
 }
 
@@ -343,12 +370,12 @@ pub fn run(args: &PolicyDiffArgs) -> Result<(), CliError> {
     let proposed = load(&args.to, "proposed")?;
     let now_ms = SystemClock.now_millis();
     let since_ms = now_ms.saturating_sub(i64::try_from(args.since.as_millis()).unwrap_or(i64::MAX));
-    let records = open_reader(&config)?
-        .exchange_requests(since_ms)
+    let mut differ = Differ::new(&current, &proposed);
+    let unreadable = open_reader(&config)?
+        .for_each_exchange_request(since_ms, |r| differ.record(&r))
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
-    let replays: Vec<Replay> = records.iter().filter_map(Replay::from_record).collect();
-    let skipped = (records.len() - replays.len()) as u64;
-    let d = diff(&replays, &current, &proposed, since_ms, skipped);
+    differ.skip(unreadable);
+    let d = differ.finish(since_ms);
     match args.format {
         TextOrJson::Text => print!("{}", render(&d)),
         TextOrJson::Json => println!("{}", serde_json::to_string_pretty(&d).unwrap_or_default()),
@@ -446,13 +473,15 @@ ttl = "10m"
                 r#"["artifacts:read", "artifacts:write"]"#,
             ),
         )]);
-        let replays = vec![
+        let replays = [
             replay("deploy", "20", "7"),
             replay("deploy", "20", "7"),
             replay("build", "20", "7"),
             replay("build", "21", "8"),
         ];
-        let d = diff(&replays, &current, &proposed, 0, 0);
+        let mut differ = Differ::new(&current, &proposed);
+        replays.iter().for_each(|r| differ.replay(r));
+        let d = differ.finish(0);
         let lines: Vec<(String, ChangeKind, String, Vec<String>, u64)> = d
             .changes
             .iter()
@@ -490,7 +519,9 @@ ttl = "10m"
         assert!(text.contains("role lost"), "{text}");
         assert!(text.contains("scope gained"));
         // Identical sets: no change.
-        let same = diff(&replays, &current, &current, 0, 0);
+        let mut differ = Differ::new(&current, &current);
+        replays.iter().for_each(|r| differ.replay(r));
+        let same = differ.finish(0);
         assert!(same.changes.is_empty());
         assert!(render(&same).ends_with("no change\n"));
     }

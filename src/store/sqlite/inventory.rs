@@ -5,6 +5,7 @@
 //! connection: no writer thread, no migration, nothing written. WAL lets it
 //! read the last committed snapshot while a server keeps writing.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension};
@@ -88,6 +89,44 @@ impl RevocationRule {
             _ => false,
         };
         matches && token.issued_at_ms < self.issued_before_ms
+    }
+}
+
+/// Revocation rules indexed by (grain, value), so checking a credential
+/// costs a handful of hash lookups however many rules there are.
+#[derive(Debug, Default)]
+pub struct RevocationIndex<'a> {
+    by_key: HashMap<(&'a str, &'a str), Vec<&'a RevocationRule>>,
+}
+
+impl<'a> RevocationIndex<'a> {
+    /// Indexes `rules`.
+    pub fn new(rules: &'a [RevocationRule]) -> Self {
+        let mut by_key: HashMap<(&str, &str), Vec<&RevocationRule>> = HashMap::new();
+        for r in rules {
+            by_key
+                .entry((r.grain.as_str(), r.value.as_str()))
+                .or_default()
+                .push(r);
+        }
+        Self { by_key }
+    }
+
+    /// Whether any rule revokes `token` (see [`RevocationRule::covers`]).
+    pub fn revoked(&self, identity: &Identity, token: &IssuedToken, issuer_url: &str) -> bool {
+        let keys = [
+            ("jti", token.jti.as_str()),
+            ("project", identity.project_id.as_str()),
+            ("namespace", identity.namespace_id.as_str()),
+            ("role", identity.role.as_str()),
+            ("issuer", identity.issuer.as_str()),
+            ("issuer", issuer_url),
+            ("all", ""),
+        ];
+        keys.iter()
+            .filter_map(|k| self.by_key.get(k))
+            .flatten()
+            .any(|r| r.covers(identity, token, issuer_url))
     }
 }
 
@@ -313,9 +352,15 @@ impl InventoryReader {
             .map_err(|e| db_err("read revocations", e))
     }
 
-    /// Granted and denied exchanges recorded at or after `since_ms` whose
-    /// detail carries the presented claims, oldest first.
-    pub fn exchange_requests(&self, since_ms: i64) -> Result<Vec<RecordedRequest>, StoreError> {
+    /// Calls `f` on every granted and denied exchange recorded at or after
+    /// `since_ms` whose detail carries the presented claims, oldest first,
+    /// one row at a time (the window may hold millions). Returns how many
+    /// records were skipped because they predate recorded claims.
+    pub fn for_each_exchange_request(
+        &self,
+        since_ms: i64,
+        mut f: impl FnMut(RecordedRequest),
+    ) -> Result<u64, StoreError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -325,39 +370,34 @@ impl InventoryReader {
                  ORDER BY seq",
             )
             .map_err(|e| db_err("read exchanges", e))?;
-        let rows = stmt
-            .query_map([since_ms], |row| {
-                Ok((
-                    row.get::<_, i64>(0)?,
-                    row.get::<_, i64>(1)?,
-                    row.get::<_, String>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, String>(4)?,
-                ))
-            })
+        let mut rows = stmt
+            .query([since_ms])
             .map_err(|e| db_err("read exchanges", e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, at_ms, issuer, kind, detail) =
-                row.map_err(|e| db_err("read exchanges", e))?;
+        let mut skipped = 0;
+        while let Some(row) = rows.next().map_err(|e| db_err("read exchanges", e))? {
+            let get = |e| db_err("read exchanges", e);
+            let seq: i64 = row.get(0).map_err(get)?;
+            let detail: String = row.get(4).map_err(get)?;
             let detail: serde_json::Value = serde_json::from_str(&detail).map_err(|e| {
                 StoreError::Database(format!("audit row {seq}: detail is not JSON: {e}"))
             })?;
             // Records from before claims were kept cannot be replayed.
-            if detail
+            if !detail
                 .get("claims")
                 .is_some_and(serde_json::Value::is_object)
             {
-                out.push(RecordedRequest {
-                    seq,
-                    at_ms,
-                    issuer,
-                    kind,
-                    detail,
-                });
+                skipped += 1;
+                continue;
             }
+            f(RecordedRequest {
+                seq,
+                at_ms: row.get(1).map_err(get)?,
+                issuer: row.get(2).map_err(get)?,
+                kind: row.get(3).map_err(get)?,
+                detail,
+            });
         }
-        Ok(out)
+        Ok(skipped)
     }
 }
 
@@ -432,5 +472,35 @@ mod tests {
         assert!(rule("all", "", "", 2_000).covers(&id, &t, url));
         assert!(!rule("all", "", "", 500).covers(&id, &t, url));
         assert!(!rule("bogus", "42", "", 2_000).covers(&id, &t, url));
+    }
+
+    #[test]
+    fn the_index_finds_the_rule_that_covers_a_credential() {
+        let id = identity();
+        let t = token("j1", 1_000);
+        let url = "https://gitlab.example.com";
+        let mut rules: Vec<RevocationRule> = (0..10_000)
+            .map(|i| rule("jti", &format!("other-{i}"), "", i64::MAX))
+            .collect();
+        rules.push(rule("project", "43", "", i64::MAX));
+        assert!(!RevocationIndex::new(&rules).revoked(&id, &t, url));
+        for extra in [
+            rule("jti", "j1", "", 0),
+            rule("project", "42", "gitlab", 2_000),
+            rule("issuer", url, "", 2_000),
+            rule("all", "", "", 2_000),
+        ] {
+            let mut with = rules.clone();
+            with.push(extra.clone());
+            assert!(
+                RevocationIndex::new(&with).revoked(&id, &t, url),
+                "{extra:?}"
+            );
+        }
+        rules.push(rule("role", "deploy", "", 1_000));
+        assert!(
+            !RevocationIndex::new(&rules).revoked(&id, &t, url),
+            "issued after"
+        );
     }
 }
