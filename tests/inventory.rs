@@ -506,3 +506,37 @@ fn inventory_report_and_policy_diff_answer_from_recorded_exchanges() {
     assert!(err.contains("broken.toml"), "{err}");
     assert!(err.contains(":2"), "{err}");
 }
+
+#[test]
+fn a_missing_store_is_a_usage_error_and_is_not_created() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("policies")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/cistern.toml"),
+    )
+    .unwrap();
+    let config = dir.path().join("cistern.toml");
+    std::fs::write(&config, text).unwrap();
+    let cfg = config.to_str().unwrap();
+    for args in [
+        vec!["inventory", "--config", cfg],
+        vec!["report", "--config", cfg],
+        vec!["policy", "diff", "--config", cfg, "--to", "policies"],
+    ] {
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("no store at") || err.contains("policies"),
+            "{err}"
+        );
+    }
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "nothing created next to the config: {names:?}"
+    );
+}

@@ -188,6 +188,12 @@ pub(crate) fn load_config(path: &Path) -> Result<Config, CliError> {
 /// Opens the configured store read-only.
 pub(crate) fn open_reader(config: &Config) -> Result<InventoryReader, CliError> {
     match &config.store {
+        // A missing file is a wrong config or path (local input), not a
+        // failing store; it is never created here.
+        StoreConfig::Sqlite { path, .. } if !path.is_file() => Err(CliError::new(
+            exit::USAGE,
+            format!("no store at {} (see [store] path)", path.display()),
+        )),
         StoreConfig::Sqlite { path, .. } => {
             InventoryReader::open(path).map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))
         }
