@@ -62,7 +62,7 @@ struct RecordedAsk {
 }
 
 /// A request ready to replay.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Replay {
     /// The claims presented then, as the decision takes them. They were
     /// verified when the exchange was recorded; this value only feeds
@@ -96,6 +96,16 @@ impl Replay {
                 scopes: ask.scopes,
             },
         })
+    }
+
+    /// The identity that made the request.
+    pub fn identity(&self) -> DiffIdentity {
+        let c = &self.token.claims;
+        DiffIdentity {
+            issuer: self.token.issuer.to_string(),
+            project_id: c.effective_project_id().to_string(),
+            namespace_id: c.job_namespace_id.unwrap_or(c.namespace_id).to_string(),
+        }
     }
 
     /// Decides the request under `set`.
@@ -133,6 +143,12 @@ pub enum ChangeKind {
     ScopeLost,
     /// Scopes not granted now would be.
     ScopeGained,
+    /// The identity's latest claims would satisfy a role they do not now,
+    /// though no recorded request asked for it (a widening to review).
+    NowPermitted,
+    /// The identity's latest claims would no longer satisfy a role they do
+    /// now, though no recorded request asked for it.
+    NoLongerPermitted,
 }
 
 impl ChangeKind {
@@ -143,6 +159,8 @@ impl ChangeKind {
             ChangeKind::RoleGained => "role gained",
             ChangeKind::ScopeLost => "scope lost",
             ChangeKind::ScopeGained => "scope gained",
+            ChangeKind::NowPermitted => "now permitted",
+            ChangeKind::NoLongerPermitted => "no longer permitted",
         }
     }
 }
@@ -160,7 +178,9 @@ pub struct Change {
     pub role: String,
     /// The scopes gained or lost (for a role: the scopes it carried).
     pub scopes: Vec<String>,
-    /// Recorded requests that would change this way.
+    /// Recorded requests that would change this way (0 for the
+    /// `now_permitted` / `no_longer_permitted` changes, found from the
+    /// identity's latest claims rather than from a request).
     pub requests: u64,
     /// Why the proposed set refuses (role lost only).
     pub denial: Option<String>,
@@ -189,6 +209,9 @@ pub struct Differ<'a> {
     replayed: u64,
     skipped: u64,
     acc: BTreeMap<ChangeKey, (BTreeSet<String>, u64, Option<String>, String)>,
+    /// The latest replay of each identity: its claims decide which roles
+    /// the identity is permitted under each set.
+    latest: BTreeMap<DiffIdentity, Replay>,
 }
 
 impl<'a> Differ<'a> {
@@ -200,13 +223,14 @@ impl<'a> Differ<'a> {
             replayed: 0,
             skipped: 0,
             acc: BTreeMap::new(),
+            latest: BTreeMap::new(),
         }
     }
 
     /// Replays one recorded request (counted as skipped if unreadable).
     pub fn record(&mut self, r: &RecordedRequest) {
         match Replay::from_record(r) {
-            Some(replay) => self.replay(&replay),
+            Some(replay) => self.replay(replay),
             None => self.skipped += 1,
         }
     }
@@ -217,19 +241,20 @@ impl<'a> Differ<'a> {
     }
 
     /// Replays one request under both sets.
-    pub fn replay(&mut self, r: &Replay) {
+    pub fn replay(&mut self, r: Replay) {
         self.replayed += 1;
+        let id = r.identity();
+        self.compare(&id, &r);
+        self.latest.insert(id, r);
+    }
+
+    fn compare(&mut self, id: &DiffIdentity, r: &Replay) {
         let before = r.decide(self.current);
         let after = r.decide(self.proposed);
         if before == after {
             return;
         }
         let c = &r.token.claims;
-        let id = DiffIdentity {
-            issuer: r.token.issuer.to_string(),
-            project_id: c.effective_project_id().to_string(),
-            namespace_id: c.job_namespace_id.unwrap_or(c.namespace_id).to_string(),
-        };
         let path = c.job_project_path.as_deref().unwrap_or(&c.project_path);
         let acc = &mut self.acc;
         let mut add = |kind, role: &str, scopes: &BTreeSet<String>, denial: Option<&str>| {
@@ -279,8 +304,67 @@ impl<'a> Differ<'a> {
         }
     }
 
+    /// Roles whose permission changes for an identity's latest claims and
+    /// that no request-level change already reports.
+    fn compare_permitted(&mut self) {
+        let permitted = |set: &PolicySet, r: &Replay| -> BTreeMap<String, BTreeSet<String>> {
+            set.roles()
+                .filter(|p| p.permits(&r.token.issuer, &r.token.claims))
+                .map(|p| {
+                    (
+                        p.role().to_owned(),
+                        p.grant_scopes().iter().cloned().collect(),
+                    )
+                })
+                .collect()
+        };
+        for (id, r) in &self.latest {
+            let before = permitted(self.current, r);
+            let after = permitted(self.proposed, r);
+            let c = &r.token.claims;
+            let path = c.job_project_path.as_deref().unwrap_or(&c.project_path);
+            let changes = after
+                .iter()
+                .filter(|(role, _)| !before.contains_key(*role))
+                .map(|(role, scopes)| {
+                    (
+                        ChangeKind::NowPermitted,
+                        ChangeKind::RoleGained,
+                        role,
+                        scopes,
+                    )
+                })
+                .chain(
+                    before
+                        .iter()
+                        .filter(|(role, _)| !after.contains_key(*role))
+                        .map(|(role, scopes)| {
+                            (
+                                ChangeKind::NoLongerPermitted,
+                                ChangeKind::RoleLost,
+                                role,
+                                scopes,
+                            )
+                        }),
+                );
+            for (kind, requested_kind, role, scopes) in changes {
+                if self
+                    .acc
+                    .contains_key(&(id.clone(), requested_kind, role.clone()))
+                {
+                    continue;
+                }
+                self.acc.insert(
+                    (id.clone(), kind, role.clone()),
+                    (scopes.clone(), 0, None, path.to_owned()),
+                );
+            }
+        }
+    }
+
     /// The diff, by identity.
-    pub fn finish(self, since_ms: i64) -> PolicyDiff {
+    pub fn finish(mut self, since_ms: i64) -> PolicyDiff {
+        self.compare_permitted();
         PolicyDiff {
             since_ms,
             replayed: self.replayed,
@@ -480,7 +564,7 @@ ttl = "10m"
             replay("build", "21", "8"),
         ];
         let mut differ = Differ::new(&current, &proposed);
-        replays.iter().for_each(|r| differ.replay(r));
+        replays.iter().for_each(|r| differ.replay(r.clone()));
         let d = differ.finish(0);
         let lines: Vec<(String, ChangeKind, String, Vec<String>, u64)> = d
             .changes
@@ -520,9 +604,42 @@ ttl = "10m"
         assert!(text.contains("scope gained"));
         // Identical sets: no change.
         let mut differ = Differ::new(&current, &current);
-        replays.iter().for_each(|r| differ.replay(r));
+        replays.iter().for_each(|r| differ.replay(r.clone()));
         let same = differ.finish(0);
         assert!(same.changes.is_empty());
         assert!(render(&same).ends_with("no change\n"));
+    }
+
+    #[test]
+    fn a_widened_role_shows_for_identities_that_never_asked_for_it() {
+        let current = set(&[("deploy.toml", DEPLOY), ("build.toml", BUILD)]);
+        let widened = DEPLOY.replace(r#"project_id = "20""#, r#"namespace_id = "8""#);
+        let proposed = set(&[("deploy.toml", &widened), ("build.toml", BUILD)]);
+        let mut differ = Differ::new(&current, &proposed);
+        differ.replay(replay("deploy", "20", "7"));
+        differ.replay(replay("build", "21", "8"));
+        let d = differ.finish(0);
+        let lines: Vec<(String, ChangeKind, String, u64)> = d
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c.identity.project_id.clone(),
+                    c.change,
+                    c.role.clone(),
+                    c.requests,
+                )
+            })
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                // Asked for and now refused; not repeated as "no longer permitted".
+                ("20".into(), ChangeKind::RoleLost, "deploy".into(), 1),
+                // Never asked for deploy, but would now be permitted it.
+                ("21".into(), ChangeKind::NowPermitted, "deploy".into(), 0),
+            ]
+        );
+        assert!(render(&d).contains("now permitted"));
     }
 }
