@@ -439,6 +439,12 @@ fn inventory_report_and_policy_diff_answer_from_recorded_exchanges() {
         ),
     )
     .unwrap();
+    // A new role admitting namespace 8, which has only ever asked for deploy.
+    std::fs::write(
+        proposed.join("ns8.toml"),
+        "role = \"ns8-read\"\nowner = \"team-other\"\nissuer = \"dev\"\n\n[bindings]\nnamespace_id = \"8\"\n\n[grant]\nkind = \"access_token\"\naudience = \"https://artifacts.dev.example\"\nscopes = [\"artifacts:read\"]\nttl = \"5m\"\n",
+    )
+    .unwrap();
     let to = proposed.to_str().unwrap();
     let d = run_json(&[
         "policy", "diff", "--config", cfg, "--to", to, "--format", "json",
@@ -480,12 +486,20 @@ fn inventory_report_and_policy_diff_answer_from_recorded_exchanges() {
             json!(["artifacts:write"]),
             2,
         ),
+        (
+            "77".into(),
+            "now_permitted".into(),
+            "ns8-read".into(),
+            json!(["artifacts:read"]),
+            0,
+        ),
     ];
     assert_eq!(changes, expected, "{d:#}");
     let text = run_ok(&["policy", "diff", "--config", cfg, "--to", to]);
     assert!(text.contains("role lost"), "{text}");
     assert!(text.contains("scope gained"));
     assert!(text.contains("artifacts:write"));
+    assert!(text.contains("now permitted"));
 
     // The current directory against itself: no change.
     let current = dir.path().join("policies");
