@@ -16,8 +16,11 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreConfig};
 use crate::store::StoredIdentity;
 use crate::store::sqlite::inventory::{
-    Credential, InventoryReader, PathSighting, RevocationIndex, RevocationRule,
+    Credential, InventoryReader, PathSighting, RevocationIndex, RevocationRule, RevocationTimes,
 };
+
+/// Revocations not yet effective that the report lists by name.
+const PENDING_LISTED: usize = 100;
 
 /// Milliseconds in a day.
 pub(crate) const DAY_MS: i64 = 86_400_000;
@@ -138,8 +141,10 @@ pub struct InventoryData {
     pub granted_scopes: Vec<(crate::store::Identity, String)>,
     /// Latest grant's policy file per (issuer, project id, role).
     pub policy_files: Vec<(String, String, String, String)>,
-    /// Revocation rules.
+    /// Revocation rules that may cover an unexpired credential.
     pub revocations: Vec<RevocationRule>,
+    /// Time-to-revoke of every rule.
+    pub revocation_times: RevocationTimes,
     /// Configured issuer name → URL.
     pub issuer_urls: BTreeMap<String, String>,
 }
@@ -155,7 +160,8 @@ impl InventoryData {
             paths: reader.path_history().map_err(err)?,
             granted_scopes: reader.granted_scopes().map_err(err)?,
             policy_files: reader.latest_policy_files().map_err(err)?,
-            revocations: reader.revocations().map_err(err)?,
+            revocations: reader.revocations_covering(now_ms).map_err(err)?,
+            revocation_times: reader.revocation_times(PENDING_LISTED).map_err(err)?,
             issuer_urls: config
                 .issuers
                 .iter()

@@ -139,9 +139,9 @@ pub struct PendingRevocation {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct RevocationStats {
     /// Revocation rules recorded.
-    pub total: usize,
+    pub total: u64,
     /// Of which effective (have `effective_at_ms`).
-    pub effective: usize,
+    pub effective: u64,
     /// Median time to revoke (ms).
     pub p50_ms: Option<i64>,
     /// 90th percentile (ms).
@@ -150,7 +150,9 @@ pub struct RevocationStats {
     pub p99_ms: Option<i64>,
     /// Slowest (ms).
     pub max_ms: Option<i64>,
-    /// Rules not yet effective.
+    /// How many rules are not yet effective.
+    pub not_yet_effective_total: u64,
+    /// The oldest of them (at most 100).
     pub not_yet_effective: Vec<PendingRevocation>,
 }
 
@@ -260,26 +262,20 @@ pub fn build_report(data: &InventoryData, now_ms: i64, unused_days: u32) -> Repo
         }
     }
 
-    let mut times: Vec<i64> = data
-        .revocations
-        .iter()
-        .filter_map(|r| {
-            r.effective_at_ms
-                .map(|e| e.saturating_sub(r.requested_at_ms))
-        })
-        .collect();
+    let t = &data.revocation_times;
+    let mut times = t.effective_ms.clone();
     times.sort_unstable();
     let revocation = RevocationStats {
-        total: data.revocations.len(),
-        effective: times.len(),
+        total: times.len() as u64 + t.pending_total,
+        effective: times.len() as u64,
         p50_ms: percentile(&times, 50),
         p90_ms: percentile(&times, 90),
         p99_ms: percentile(&times, 99),
         max_ms: times.last().copied(),
-        not_yet_effective: data
-            .revocations
+        not_yet_effective_total: t.pending_total,
+        not_yet_effective: t
+            .pending
             .iter()
-            .filter(|r| r.effective_at_ms.is_none())
             .map(|r| PendingRevocation {
                 id: r.id,
                 grain: r.grain.clone(),
@@ -517,8 +513,8 @@ pub fn render_text(r: &Report, markdown: bool) -> String {
             opt_ms(s.max_ms),
         ]],
     );
-    if !s.not_yet_effective.is_empty() {
-        let _ = writeln!(o, "\nNot yet effective:");
+    if s.not_yet_effective_total > 0 {
+        let _ = writeln!(o, "\nNot yet effective: {}", s.not_yet_effective_total);
         for p in &s.not_yet_effective {
             let _ = writeln!(
                 o,
@@ -622,7 +618,7 @@ pub fn run(args: &ReportArgs) -> Result<(), CliError> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::store::sqlite::inventory::{Credential, RevocationRule};
+    use crate::store::sqlite::inventory::{Credential, RevocationRule, RevocationTimes};
     use crate::store::{Identity, IssuedToken, StoredIdentity};
 
     const NOW: i64 = 1_800_000_000_000;
@@ -704,6 +700,7 @@ mod tests {
             rule(3, 3_000, Some(3_250)),
             rule(4, 4_000, None),
         ];
+        d.revocation_times = RevocationTimes::from_rules(&d.revocations);
         d
     }
 

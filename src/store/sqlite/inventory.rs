@@ -130,6 +130,54 @@ impl<'a> RevocationIndex<'a> {
     }
 }
 
+/// What `cistern report` needs of every revocation rule: how long each
+/// took to take effect, and which have not yet.
+#[derive(Debug, Clone, Default)]
+pub struct RevocationTimes {
+    /// `effective_at_ms - requested_at_ms` of every effective rule, unsorted.
+    pub effective_ms: Vec<i64>,
+    /// How many rules are not yet effective.
+    pub pending_total: u64,
+    /// The oldest of them (a bounded list).
+    pub pending: Vec<RevocationRule>,
+}
+
+impl RevocationTimes {
+    /// The times of `rules` (all pending ones listed).
+    pub fn from_rules(rules: &[RevocationRule]) -> Self {
+        Self {
+            effective_ms: rules
+                .iter()
+                .filter_map(|r| {
+                    r.effective_at_ms
+                        .map(|e| e.saturating_sub(r.requested_at_ms))
+                })
+                .collect(),
+            pending_total: rules.iter().filter(|r| r.effective_at_ms.is_none()).count() as u64,
+            pending: rules
+                .iter()
+                .filter(|r| r.effective_at_ms.is_none())
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+fn rule_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RevocationRule> {
+    Ok(RevocationRule {
+        id: row.get(0)?,
+        grain: row.get(1)?,
+        value: row.get(2)?,
+        issuer: row.get(3)?,
+        issued_before_ms: row.get(4)?,
+        requested_at_ms: row.get(5)?,
+        effective_at_ms: row.get(6)?,
+        actor: row.get(7)?,
+        reason: row.get(8)?,
+        source: row.get(9)?,
+    })
+}
+
 /// An issued credential that has not expired yet, with its identity.
 #[derive(Debug, Clone, Serialize)]
 pub struct Credential {
@@ -309,19 +357,25 @@ impl InventoryReader {
         Ok(out)
     }
 
-    /// Every revocation rule, in id order; none when the schema predates
-    /// revocation (v3).
-    pub fn revocations(&self) -> Result<Vec<RevocationRule>, StoreError> {
-        let exists: Option<i64> = self
-            .conn
+    fn has_revocations(&self) -> Result<bool, StoreError> {
+        self.conn
             .query_row(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'revocations'",
                 [],
-                |row| row.get(0),
+                |row| row.get::<_, i64>(0),
             )
             .optional()
-            .map_err(|e| db_err("read schema", e))?;
-        if exists.is_none() {
+            .map(|r| r.is_some())
+            .map_err(|e| db_err("read schema", e))
+    }
+
+    /// The revocation rules that can cover a credential unexpired at
+    /// `now_ms`: `jti` rules naming one of them, and other rules whose
+    /// `issued_before_ms` is later than the oldest of them. The revoked set
+    /// may hold millions of `jti` rules for long-expired credentials; they
+    /// are never loaded. None when the schema predates revocation (v3).
+    pub fn revocations_covering(&self, now_ms: i64) -> Result<Vec<RevocationRule>, StoreError> {
+        if !self.has_revocations()? {
             return Ok(Vec::new());
         }
         let mut stmt = self
@@ -329,27 +383,66 @@ impl InventoryReader {
             .prepare(
                 "SELECT id, grain, value, issuer, issued_before_ms, requested_at_ms,
                         effective_at_ms, actor, reason, source
-                 FROM revocations ORDER BY id",
+                 FROM revocations
+                 WHERE (grain = 'jti'
+                        AND value IN (SELECT jti FROM issued_tokens WHERE expires_at_ms > ?1))
+                    OR (grain != 'jti'
+                        AND issued_before_ms > (SELECT COALESCE(MIN(issued_at_ms), 9223372036854775807)
+                                                FROM issued_tokens WHERE expires_at_ms > ?1))
+                 ORDER BY id",
             )
             .map_err(|e| db_err("read revocations", e))?;
         let rows = stmt
-            .query_map([], |row| {
-                Ok(RevocationRule {
-                    id: row.get(0)?,
-                    grain: row.get(1)?,
-                    value: row.get(2)?,
-                    issuer: row.get(3)?,
-                    issued_before_ms: row.get(4)?,
-                    requested_at_ms: row.get(5)?,
-                    effective_at_ms: row.get(6)?,
-                    actor: row.get(7)?,
-                    reason: row.get(8)?,
-                    source: row.get(9)?,
-                })
-            })
+            .query_map([now_ms], rule_row)
             .map_err(|e| db_err("read revocations", e))?;
         rows.collect::<Result<_, _>>()
             .map_err(|e| db_err("read revocations", e))
+    }
+
+    /// Time-to-revoke of every rule, and the rules not yet effective
+    /// (at most `pending_limit` listed, oldest first).
+    pub fn revocation_times(&self, pending_limit: usize) -> Result<RevocationTimes, StoreError> {
+        if !self.has_revocations()? {
+            return Ok(RevocationTimes::default());
+        }
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT effective_at_ms - requested_at_ms FROM revocations
+                 WHERE effective_at_ms IS NOT NULL",
+            )
+            .map_err(|e| db_err("read revocations", e))?;
+        let effective_ms = stmt
+            .query_map([], |row| row.get::<_, i64>(0))
+            .map_err(|e| db_err("read revocations", e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| db_err("read revocations", e))?;
+        let pending_total: i64 = self
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM revocations WHERE effective_at_ms IS NULL",
+                [],
+                |row| row.get(0),
+            )
+            .map_err(|e| db_err("read revocations", e))?;
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, grain, value, issuer, issued_before_ms, requested_at_ms,
+                        effective_at_ms, actor, reason, source
+                 FROM revocations WHERE effective_at_ms IS NULL ORDER BY id LIMIT ?1",
+            )
+            .map_err(|e| db_err("read revocations", e))?;
+        let pending = stmt
+            .query_map([i64::try_from(pending_limit).unwrap_or(i64::MAX)], rule_row)
+            .map_err(|e| db_err("read revocations", e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| db_err("read revocations", e))?;
+        Ok(RevocationTimes {
+            pending_total: u64::try_from(pending_total).unwrap_or(0),
+            effective_ms,
+            pending,
+        })
     }
 
     /// Calls `f` on every granted and denied exchange recorded at or after
@@ -502,5 +595,57 @@ mod tests {
             !RevocationIndex::new(&rules).revoked(&id, &t, url),
             "issued after"
         );
+    }
+
+    #[test]
+    fn only_rules_that_can_cover_an_unexpired_credential_are_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        drop(super::super::SqliteStore::open(&path, crate::config::Synchronous::Normal).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        for (jti, issued, expires) in [("live", 5_000, 20_000), ("old", 1_000, 2_000)] {
+            conn.execute(
+                "INSERT INTO issued_tokens VALUES (?1, 'access_token', 'gitlab', '42', '7', 'deploy',
+                     'grp/app', 'grp', 'team', 'aud', 'deploy:read', ?2, ?3, 's', '1', '2', 'main')",
+                rusqlite::params![jti, issued, expires],
+            )
+            .unwrap();
+        }
+        for (grain, value, before, effective) in [
+            ("jti", "live", 10_000, Some(10_007)),
+            ("jti", "old", 10_000, Some(10_003)),
+            ("project", "42", 4_000, Some(10_001)),
+            ("project", "42", 6_000, None),
+        ] {
+            conn.execute(
+                "INSERT INTO revocations (grain, value, issuer, issued_before_ms, requested_at_ms,
+                     effective_at_ms, actor, reason, source)
+                 VALUES (?1, ?2, '', ?3, 10000, ?4, 'a', 'r', 'admin')",
+                rusqlite::params![grain, value, before, effective],
+            )
+            .unwrap();
+        }
+        let reader = InventoryReader::open(&path).unwrap();
+        let covering: Vec<(String, String, i64)> = reader
+            .revocations_covering(10_000)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.grain, r.value, r.issued_before_ms))
+            .collect();
+        assert_eq!(
+            covering,
+            vec![
+                ("jti".into(), "live".into(), 10_000),
+                ("project".into(), "42".into(), 6_000),
+            ]
+        );
+        let times = reader.revocation_times(10).unwrap();
+        let mut ms = times.effective_ms.clone();
+        ms.sort_unstable();
+        assert_eq!(ms, [1, 3, 7]);
+        assert_eq!(times.pending_total, 1);
+        assert_eq!(reader.unexpired(10_000).unwrap().len(), 1);
+        // Nothing is written: the reader refuses writes outright.
+        assert!(reader.conn.execute("DELETE FROM revocations", []).is_err());
     }
 }
