@@ -199,8 +199,9 @@ pub struct RecordedRequest {
     pub issuer: String,
     /// `exchange_granted` or `exchange_denied`.
     pub kind: String,
-    /// The audit detail (holds `claims` and `request`).
-    pub detail: serde_json::Value,
+    /// The audit detail, JSON text (holds `claims` and `request` since
+    /// they are recorded).
+    pub detail: String,
 }
 
 impl InventoryReader {
@@ -446,14 +447,13 @@ impl InventoryReader {
     }
 
     /// Calls `f` on every granted and denied exchange recorded at or after
-    /// `since_ms` whose detail carries the presented claims, oldest first,
-    /// one row at a time (the window may hold millions). Returns how many
-    /// records were skipped because they predate recorded claims.
+    /// `since_ms`, oldest first, one row at a time (the window may hold
+    /// millions). The detail is handed over as stored, unparsed.
     pub fn for_each_exchange_request(
         &self,
         since_ms: i64,
         mut f: impl FnMut(RecordedRequest),
-    ) -> Result<u64, StoreError> {
+    ) -> Result<(), StoreError> {
         let mut stmt = self
             .conn
             .prepare(
@@ -466,31 +466,17 @@ impl InventoryReader {
         let mut rows = stmt
             .query([since_ms])
             .map_err(|e| db_err("read exchanges", e))?;
-        let mut skipped = 0;
         while let Some(row) = rows.next().map_err(|e| db_err("read exchanges", e))? {
             let get = |e| db_err("read exchanges", e);
-            let seq: i64 = row.get(0).map_err(get)?;
-            let detail: String = row.get(4).map_err(get)?;
-            let detail: serde_json::Value = serde_json::from_str(&detail).map_err(|e| {
-                StoreError::Database(format!("audit row {seq}: detail is not JSON: {e}"))
-            })?;
-            // Records from before claims were kept cannot be replayed.
-            if !detail
-                .get("claims")
-                .is_some_and(serde_json::Value::is_object)
-            {
-                skipped += 1;
-                continue;
-            }
             f(RecordedRequest {
-                seq,
+                seq: row.get(0).map_err(get)?,
                 at_ms: row.get(1).map_err(get)?,
                 issuer: row.get(2).map_err(get)?,
                 kind: row.get(3).map_err(get)?,
-                detail,
+                detail: row.get(4).map_err(get)?,
             });
         }
-        Ok(skipped)
+        Ok(())
     }
 }
 
