@@ -402,11 +402,11 @@ pub fn render_text(r: &Report, markdown: bool) -> String {
         }
     };
     let none = |o: &mut String, what: &str| {
-        let _ = writeln!(o, "{}{what}", if markdown { "_" } else { "  " });
-        if markdown {
-            o.pop();
-            let _ = writeln!(o, "_");
-        }
+        let _ = if markdown {
+            writeln!(o, "_{what}_")
+        } else {
+            writeln!(o, "  {what}")
+        };
     };
 
     if markdown {
@@ -737,5 +737,17 @@ mod tests {
         assert!(text.contains("#4 project 99"));
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["revocation"]["p90_ms"], 250);
+    }
+
+    #[test]
+    fn an_empty_store_reports_none_in_every_section() {
+        let r = build_report(&InventoryData::default(), NOW, 30);
+        let md = render_text(&r, true);
+        assert!(md.contains("0 outstanding credential(s)"));
+        assert!(md.contains("_none_"));
+        assert!(md.contains("Identities with no known owner: none."));
+        assert!(md.contains("| 0 | - | - | - | - |"), "{md}");
+        let text = render_text(&r, false);
+        assert!(text.contains("  no identities"), "{text}");
     }
 }
