@@ -17,6 +17,7 @@
 
 mod set;
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use serde_json::json;
 
 pub use self::set::{Credential, RevocationSet, SHARDS};
 use crate::clock::Clock;
+use crate::config::IssuerConfig;
 use crate::mint::AccessTokenClaims;
 use crate::store::{AuditEvent, AuditKind, Store, StoreError};
 
@@ -280,6 +282,18 @@ pub struct Lifecycle {
     pub set: Option<Arc<RevocationSet>>,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// Configured issuers: name → name and issuer URL → name. Issuer scopes
+    /// and `issuer` rules must name one of them (rules speak in names).
+    pub issuer_names: Arc<HashMap<String, String>>,
+}
+
+/// What a re-enable did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReenableOutcome {
+    /// The block lifted.
+    pub block: Block,
+    /// Whether it was in force.
+    pub was_blocked: bool,
 }
 
 fn check_text(what: &str, s: &str, max: usize) -> Result<(), LifecycleError> {
@@ -291,7 +305,29 @@ fn check_text(what: &str, s: &str, max: usize) -> Result<(), LifecycleError> {
     Ok(())
 }
 
+/// name → name and issuer URL → name, for [`Lifecycle::issuer_names`].
+pub fn issuer_names(issuers: &BTreeMap<String, IssuerConfig>) -> HashMap<String, String> {
+    let mut m = HashMap::new();
+    for (name, c) in issuers {
+        m.insert(name.clone(), name.clone());
+        m.insert(c.issuer.clone(), name.clone());
+        m.insert(c.issuer.trim_end_matches('/').to_owned(), name.clone());
+    }
+    m
+}
+
 impl Lifecycle {
+    fn resolve_issuer(&self, issuer: &str) -> Result<String, LifecycleError> {
+        if issuer.is_empty() {
+            return Ok(String::new());
+        }
+        self.issuer_names.get(issuer).cloned().ok_or_else(|| {
+            LifecycleError::Invalid(format!(
+                "unknown issuer {issuer:?}: give a configured issuer name or URL"
+            ))
+        })
+    }
+
     /// Validates, records, applies and reports a rule. `before_ms` defaults
     /// to now and must not be in the future.
     pub async fn revoke(
@@ -305,7 +341,13 @@ impl Lifecycle {
         source: &str,
     ) -> Result<RevokeOutcome, LifecycleError> {
         let now = self.clock.now_millis();
-        let rule = validate_rule(grain, value, issuer, before_ms, now)?;
+        let issuer = self.resolve_issuer(issuer)?;
+        let value = if grain == Grain::Issuer {
+            self.resolve_issuer(value)?
+        } else {
+            value.to_owned()
+        };
+        let rule = validate_rule(grain, &value, &issuer, before_ms, now)?;
         if reason.trim().is_empty() {
             return Err(LifecycleError::Invalid("a reason is required".into()));
         }
@@ -361,7 +403,10 @@ impl Lifecycle {
         source: &str,
     ) -> Result<OffboardOutcome, LifecycleError> {
         let now = self.clock.now_millis();
-        let block = validate_block(block)?;
+        let block = validate_block(Block {
+            issuer: self.resolve_issuer(&block.issuer)?,
+            ..block
+        })?;
         if reason.trim().is_empty() {
             return Err(LifecycleError::Invalid("a reason is required".into()));
         }
@@ -387,27 +432,30 @@ impl Lifecycle {
         Ok(OffboardOutcome { block, revocation })
     }
 
-    /// Lifts a block. Returns whether one was in force.
+    /// Lifts a block (audited), reporting whether one was in force.
     pub async fn reenable(
         &self,
         block: Block,
         actor: &str,
         reason: &str,
-    ) -> Result<bool, LifecycleError> {
-        let block = validate_block(block)?;
+    ) -> Result<ReenableOutcome, LifecycleError> {
+        let block = validate_block(Block {
+            issuer: self.resolve_issuer(&block.issuer)?,
+            ..block
+        })?;
         if reason.trim().is_empty() {
             return Err(LifecycleError::Invalid("a reason is required".into()));
         }
         check_text("reason", reason, 1000)?;
         let now = self.clock.now_millis();
-        let existed = self
+        let was_blocked = self
             .store
             .reenable(block.clone(), actor.to_owned(), reason.to_owned(), now)
             .await?;
         if let Some(set) = &self.set {
             set.remove_block(&block);
         }
-        Ok(existed)
+        Ok(ReenableOutcome { block, was_blocked })
     }
 
     /// Applies every rule the set has not seen yet and marks those no server
