@@ -62,7 +62,10 @@ pub struct AdminConfig {
 pub struct RevocationConfig {
     /// How often the store is polled for rules and blocks written by another
     /// process (the CLI acting directly on the store).
-    #[serde(default = "defaults::revocation_poll_interval", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::revocation_poll_interval",
+        with = "humantime_serde"
+    )]
     pub poll_interval: Duration,
 }
 

@@ -52,11 +52,23 @@ fn revoke_target(a: &RevokeArgs) -> (Grain, String, String) {
 fn block_of(a: &BlockArgs) -> Block {
     let issuer = a.issuer.clone().unwrap_or_default();
     if let Some(p) = &a.project {
-        Block { grain: BlockGrain::Project, issuer, value: p.clone() }
+        Block {
+            grain: BlockGrain::Project,
+            issuer,
+            value: p.clone(),
+        }
     } else if let Some(n) = &a.namespace {
-        Block { grain: BlockGrain::Namespace, issuer, value: n.clone() }
+        Block {
+            grain: BlockGrain::Namespace,
+            issuer,
+            value: n.clone(),
+        }
     } else {
-        Block { grain: BlockGrain::Role, issuer, value: a.role.clone().unwrap_or_default() }
+        Block {
+            grain: BlockGrain::Role,
+            issuer,
+            value: a.role.clone().unwrap_or_default(),
+        }
     }
 }
 
@@ -68,7 +80,10 @@ async fn direct(conn: &AdminConnection) -> Result<(Lifecycle, SqliteStore), CliE
     let config = Config::load(path).map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let StoreConfig::Sqlite { path, synchronous } = &config.store;
     let store = SqliteStore::open(path, *synchronous).map_err(|e| {
-        CliError::new(exit::UNAVAILABLE, format!("opening store {}: {e}", path.display()))
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("opening store {}: {e}", path.display()),
+        )
     })?;
     let lifecycle = Lifecycle {
         store: Arc::new(store.clone()),
@@ -141,7 +156,10 @@ async fn call(conn: &AdminConnection, path: &str, body: Option<Value>) -> Result
     } else {
         exit::DENIED
     };
-    Err(CliError::new(code, format!("cistern refused ({status}): {why}")))
+    Err(CliError::new(
+        code,
+        format!("cistern refused ({status}): {why}"),
+    ))
 }
 
 fn print_revocation(v: &Value, json_out: bool) {
@@ -177,12 +195,21 @@ pub async fn revoke(a: &RevokeArgs) -> Result<(), CliError> {
     let out = if a.conn.direct {
         let (lc, store) = direct(&a.conn).await?;
         let r = lc
-            .revoke(grain, &value, &issuer, before, "cli", &a.reason, "cli_direct")
+            .revoke(
+                grain,
+                &value,
+                &issuer,
+                before,
+                "cli",
+                &a.reason,
+                "cli_direct",
+            )
             .await;
         store.close().await;
         serde_json::to_value(r.map_err(lifecycle_err)?).unwrap_or_default()
     } else {
-        let mut body = json!({ "grain": grain, "value": value, "issuer": issuer, "reason": a.reason });
+        let mut body =
+            json!({ "grain": grain, "value": value, "issuer": issuer, "reason": a.reason });
         if let Some(b) = &a.before {
             body["before"] = json!(b);
         }

@@ -16,11 +16,11 @@ use crate::dev::{DevIssuer, DevMode};
 use crate::exchange::Exchanger;
 use crate::http::admin::LifecycleState;
 use crate::http::{self, AppState, DEV_ISSUER_PATH};
-use crate::revoke::{Lifecycle, RevocationSet, issuer_names};
 use crate::metrics::Metrics;
 use crate::mint::KeyRing;
 use crate::oidc::Issuers;
 use crate::policy::{PolicyErrors, PolicyStore, ReloadOutcome, spawn_reloader};
+use crate::revoke::{Lifecycle, RevocationSet, issuer_names};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AuditEvent, AuditKind, Store};
 

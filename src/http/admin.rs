@@ -184,7 +184,15 @@ pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Byt
     match state
         .lifecycle
         .lifecycle
-        .revoke(b.grain, &b.value, &b.issuer, before, &actor, &b.reason, "admin_api")
+        .revoke(
+            b.grain,
+            &b.value,
+            &b.issuer,
+            before,
+            &actor,
+            &b.reason,
+            "admin_api",
+        )
         .await
     {
         Ok(o) => Json(o).into_response(),
@@ -239,7 +247,9 @@ pub async fn reenable(State(state): State<AppState>, headers: HeaderMap, body: B
         .reenable(block, &actor, &b.reason)
         .await
     {
-        Ok(o) => Json(json!({ "reenabled": o.block, "was_blocked": o.was_blocked })).into_response(),
+        Ok(o) => {
+            Json(json!({ "reenabled": o.block, "was_blocked": o.was_blocked })).into_response()
+        }
         Err(e) => failure(e),
     }
 }

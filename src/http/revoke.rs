@@ -53,14 +53,8 @@ fn no_store(mut res: Response) -> Response {
 /// Verifies one of cistern's tokens and checks it is not revoked.
 fn active_claims(state: &AppState, token: &str) -> Option<AccessTokenClaims> {
     let ex = &state.exchanger;
-    let claims = verify_access_token(
-        &ex.keys,
-        token,
-        &ex.issuer_url,
-        None,
-        ex.clock.now_secs(),
-    )
-    .ok()?;
+    let claims =
+        verify_access_token(&ex.keys, token, &ex.issuer_url, None, ex.clock.now_secs()).ok()?;
     (!ex.revocations.is_revoked(&credential_of(&claims))).then_some(claims)
 }
 
@@ -92,7 +86,9 @@ pub async fn revoke(
             )
             .await;
         match outcome {
-            Ok(o) => tracing::info!(jti = %claims.jti, rule_id = o.rule_id, "token revoked by its holder"),
+            Ok(o) => {
+                tracing::info!(jti = %claims.jti, rule_id = o.rule_id, "token revoked by its holder")
+            }
             Err(e) => {
                 tracing::error!(jti = %claims.jti, error = %e, "self-revocation failed");
                 // RFC 7009 §2.2.1: 503 tells the client to retry.
@@ -220,10 +216,15 @@ pub async fn introspect(
     };
     let claims = active_claims(&state, token);
     let record = match &claims {
-        Some(c) => state.exchanger.store.issued_token(&c.jti).await.map_err(|e| {
-            tracing::error!(error = %e, "introspection lookup failed");
-            AppError::internal()
-        })?,
+        Some(c) => state
+            .exchanger
+            .store
+            .issued_token(&c.jti)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "introspection lookup failed");
+                AppError::internal()
+            })?,
         None => None,
     };
     let event = AuditEvent {

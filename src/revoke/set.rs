@@ -182,9 +182,12 @@ impl RevocationSet {
             Grain::All => {
                 self.all.fetch_max(cutoff, Ordering::AcqRel);
             }
-            Grain::Project => {
-                raise_scoped(&mut write(&self.cutoffs).project, &rule.value, &rule.issuer, cutoff)
-            }
+            Grain::Project => raise_scoped(
+                &mut write(&self.cutoffs).project,
+                &rule.value,
+                &rule.issuer,
+                cutoff,
+            ),
             Grain::Namespace => raise_scoped(
                 &mut write(&self.cutoffs).namespace,
                 &rule.value,

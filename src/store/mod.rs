@@ -277,8 +277,7 @@ pub trait Store: Send + Sync + 'static {
     async fn mark_revocation_effective(&self, id: i64, at_ms: i64) -> Result<bool, StoreError>;
 
     /// Rules with an id above `after_id`, in id order (`0` for all).
-    async fn revocations_since(&self, after_id: i64)
-    -> Result<Vec<StoredRevocation>, StoreError>;
+    async fn revocations_since(&self, after_id: i64) -> Result<Vec<StoredRevocation>, StoreError>;
 
     /// jtis of unexpired issued credentials that `rule` covers.
     async fn outstanding_for_rule(

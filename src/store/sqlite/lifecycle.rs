@@ -96,7 +96,9 @@ pub(super) fn apply(
                 .prepare_cached(
                     "DELETE FROM offboarded WHERE grain = ?1 AND issuer = ?2 AND value = ?3",
                 )
-                .and_then(|mut s| s.execute(params![block.grain.as_str(), block.issuer, block.value]))
+                .and_then(|mut s| {
+                    s.execute(params![block.grain.as_str(), block.issuer, block.value])
+                })
                 .map_err(|e| db_err("delete offboarded", e))?;
             insert_audit(
                 conn,
@@ -186,7 +188,9 @@ pub(super) fn outstanding_for_rule(
     let (filter, value) = match rule.grain {
         Grain::Jti => {
             return conn
-                .prepare_cached("SELECT jti FROM issued_tokens WHERE jti = ?1 AND expires_at_ms > ?2")
+                .prepare_cached(
+                    "SELECT jti FROM issued_tokens WHERE jti = ?1 AND expires_at_ms > ?2",
+                )
                 .and_then(|mut s| {
                     s.query_map(params![rule.value, now_ms], |r| r.get(0))?
                         .collect::<Result<Vec<String>, _>>()
@@ -194,7 +198,10 @@ pub(super) fn outstanding_for_rule(
                 .map_err(|e| db_err("read outstanding", e));
         }
         Grain::Project => ("project_id = ?3 AND (?4 = '' OR issuer = ?4)", &rule.value),
-        Grain::Namespace => ("namespace_id = ?3 AND (?4 = '' OR issuer = ?4)", &rule.value),
+        Grain::Namespace => (
+            "namespace_id = ?3 AND (?4 = '' OR issuer = ?4)",
+            &rule.value,
+        ),
         Grain::Role => ("role = ?3 AND ?4 = ''", &rule.value),
         Grain::Issuer => ("issuer = ?3 AND ?4 = ''", &rule.value),
         Grain::All => ("?3 = '' AND ?4 = ''", &rule.value),

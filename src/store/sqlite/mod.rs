@@ -46,10 +46,10 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
+use self::lifecycle::LifecycleOp;
 use self::read::ReadPool;
 use self::writer::{Counters, Message, WriteOp, WriteRequest};
 use crate::config::Synchronous;
-use self::lifecycle::LifecycleOp;
 use crate::revoke::{Block, NewRevocation, RevocationRule, StoredBlock, StoredRevocation};
 use crate::store::{
     AuditEvent, ExchangeRecord, Identity, IssuedToken, Store, StoreError, StoredAudit,
@@ -238,10 +238,7 @@ impl Store for SqliteStore {
             > 0)
     }
 
-    async fn revocations_since(
-        &self,
-        after_id: i64,
-    ) -> Result<Vec<StoredRevocation>, StoreError> {
+    async fn revocations_since(&self, after_id: i64) -> Result<Vec<StoredRevocation>, StoreError> {
         self.read(move |conn| lifecycle::revocations_since(conn, after_id))
             .await
     }
@@ -285,10 +282,7 @@ impl Store for SqliteStore {
         self.read(lifecycle::offboarded).await
     }
 
-    async fn issued_token(
-        &self,
-        jti: &str,
-    ) -> Result<Option<(Identity, IssuedToken)>, StoreError> {
+    async fn issued_token(&self, jti: &str) -> Result<Option<(Identity, IssuedToken)>, StoreError> {
         let jti = jti.to_owned();
         self.read(move |conn| lifecycle::issued_token(conn, &jti))
             .await

@@ -22,11 +22,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Forward-only migrations, applied in order. Never edit a released entry;
 /// append a new one instead.
-const MIGRATIONS: &[(i64, &str)] = &[
-    (1, MIGRATION_1),
-    (2, MIGRATION_2),
-    (3, MIGRATION_3),
-];
+const MIGRATIONS: &[(i64, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
 
 /// The initial schema. Times are integer milliseconds since the epoch, ids
 /// are text, and `detail` is JSON text, so the same shape maps onto any SQL

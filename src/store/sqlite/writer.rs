@@ -32,7 +32,9 @@ pub(super) struct WriteRequest {
 pub(super) enum WriteOp {
     Exchange(Box<ExchangeRecord>),
     Audit(AuditEvent),
-    PruneReplay { now_ms: i64 },
+    PruneReplay {
+        now_ms: i64,
+    },
     /// Revocation rules and offboarding blocks (`lifecycle.rs`).
     Lifecycle(Box<super::lifecycle::LifecycleOp>),
 }
