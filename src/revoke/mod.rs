@@ -371,7 +371,9 @@ impl Lifecycle {
             Some(set) => {
                 set.apply(&rule);
                 let at = self.clock.now_millis();
-                self.store.mark_revocation_effective(id, at).await?;
+                self.store
+                    .mark_revocations_effective(id - 1, id, at)
+                    .await?;
                 Some(at)
             }
             None => None,
@@ -465,13 +467,17 @@ impl Lifecycle {
         let Some(set) = &self.set else {
             return Ok(0);
         };
-        let rules = self.store.revocations_since(set.last_seen()).await?;
+        let after = set.last_seen();
+        let rules = self.store.revocations_since(after).await?;
         if !rules.is_empty() {
             let plain: Vec<RevocationRule> = rules.iter().map(|r| r.rule.clone()).collect();
             set.apply_all(&plain);
             let at = self.clock.now_millis();
-            for r in rules.iter().filter(|r| r.effective_at_ms.is_none()) {
-                self.store.mark_revocation_effective(r.rule.id, at).await?;
+            if rules.iter().any(|r| r.effective_at_ms.is_none()) {
+                // One statement for the whole range, however many rules.
+                self.store
+                    .mark_revocations_effective(after, set.last_seen(), at)
+                    .await?;
             }
         }
         set.set_blocks(

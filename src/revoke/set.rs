@@ -167,7 +167,9 @@ impl RevocationSet {
         c.issued_at_ms < newest
     }
 
-    /// Applies one rule (idempotent) and remembers its id as seen.
+    /// Applies one rule (idempotent). Does not move [`Self::last_seen`]:
+    /// a rule this server just made may have a higher id than rules another
+    /// process wrote that the poll has not read yet.
     pub fn apply(&self, rule: &RevocationRule) {
         let cutoff = rule.issued_before_ms;
         match rule.grain {
@@ -209,19 +211,16 @@ impl RevocationSet {
                 cutoff,
             ),
         }
-        self.last_seen.fetch_max(rule.id, Ordering::AcqRel);
     }
 
-    /// Applies many rules at once (start-up load): jtis are grouped by
+    /// Applies every rule read from the store (start-up load and poll) and
+    /// moves [`Self::last_seen`] to the highest id. jtis are grouped by
     /// shard off-lock, so each shard lock is taken once.
     pub fn apply_all(&self, rules: &[RevocationRule]) {
         let mut by_shard: Vec<Vec<u128>> = vec![Vec::new(); SHARDS];
         for rule in rules {
             match (rule.grain, uuid_of(&rule.value)) {
-                (Grain::Jti, Some(id)) => {
-                    by_shard[self.shard(id)].push(id);
-                    self.last_seen.fetch_max(rule.id, Ordering::AcqRel);
-                }
+                (Grain::Jti, Some(id)) => by_shard[self.shard(id)].push(id),
                 _ => self.apply(rule),
             }
         }
@@ -230,9 +229,12 @@ impl RevocationSet {
                 write(shard).extend(ids);
             }
         }
+        if let Some(max) = rules.iter().map(|r| r.id).max() {
+            self.last_seen.fetch_max(max, Ordering::AcqRel);
+        }
     }
 
-    /// Highest rule id applied so far (0 if none).
+    /// Highest rule id read from the store and applied (0 if none).
     pub fn last_seen(&self) -> i64 {
         self.last_seen.load(Ordering::Acquire)
     }

@@ -63,7 +63,8 @@ fn a_revoked_jti_is_revoked_and_no_other() {
     set.apply(&rule(2, Grain::Jti, "opaque-1", "", T0));
     assert!(set.is_revoked(&cred("opaque-1", T0)));
     assert!(!set.is_revoked(&cred("opaque-2", T0)));
-    assert_eq!(set.last_seen(), 2);
+    // Only rules read from the store move the poll's position.
+    assert_eq!(set.last_seen(), 0);
     assert_eq!(set.jti_count(), 2);
 }
 
@@ -343,11 +344,12 @@ async fn a_revocation_is_recorded_applied_marked_effective_and_counts_what_it_co
     assert_eq!(rows[0].effective_at_ms, Some(T0));
     assert_eq!(rows[0].actor, "tester");
     // Marking again does nothing.
-    assert!(
-        !w.store
-            .mark_revocation_effective(out.rule_id, T0 + 5)
+    assert_eq!(
+        w.store
+            .mark_revocations_effective(0, out.rule_id, T0 + 5)
             .await
-            .unwrap()
+            .unwrap(),
+        0
     );
     let audit = w.store.recent_audit(10).await.unwrap();
     let last = audit.last().unwrap();
@@ -474,6 +476,35 @@ async fn sync_applies_rules_written_elsewhere_and_marks_them_effective() {
     assert!(rows.iter().all(|r| r.effective_at_ms == Some(T0 + 1000)));
     // Nothing new: nothing applied.
     assert_eq!(w.lc.sync().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_rule_made_in_process_does_not_hide_an_older_unpolled_one() {
+    let w = world();
+    let cli = Lifecycle {
+        set: None,
+        ..w.lc.clone()
+    };
+    let (a, b) = (v7(T0 - 20), v7(T0 - 10));
+    let first = cli
+        .revoke(Grain::Jti, &a, "", None, "cli", "r", "cli_direct")
+        .await
+        .unwrap();
+    let second =
+        w.lc.revoke(Grain::Jti, &b, "", None, "admin", "r", "admin_api")
+            .await
+            .unwrap();
+    assert!(second.rule_id > first.rule_id);
+    // The in-process rule marked itself only.
+    let rows = w.store.revocations_since(0).await.unwrap();
+    assert_eq!(rows[0].effective_at_ms, None);
+    assert_eq!(rows[1].effective_at_ms, Some(T0));
+    w.clock.advance_secs(2);
+    assert_eq!(w.lc.sync().await.unwrap(), 2);
+    assert!(w.set.is_revoked(&cred(&a, T0 - 20)));
+    let rows = w.store.revocations_since(0).await.unwrap();
+    assert_eq!(rows[0].effective_at_ms, Some(T0 + 2000));
+    assert_eq!(rows[1].effective_at_ms, Some(T0), "kept its own time");
 }
 
 #[tokio::test]

@@ -272,9 +272,14 @@ pub trait Store: Send + Sync + 'static {
     /// transaction; returns the rule's id.
     async fn record_revocation(&self, new: NewRevocation) -> Result<i64, StoreError>;
 
-    /// Sets a rule's `effective_at_ms` if no server has yet; returns whether
-    /// this call set it.
-    async fn mark_revocation_effective(&self, id: i64, at_ms: i64) -> Result<bool, StoreError>;
+    /// Sets `effective_at_ms` on the rules with `after_id < id <= up_to_id`
+    /// that no server has marked yet; returns how many this call set.
+    async fn mark_revocations_effective(
+        &self,
+        after_id: i64,
+        up_to_id: i64,
+        at_ms: i64,
+    ) -> Result<u64, StoreError>;
 
     /// Rules with an id above `after_id`, in id order (`0` for all).
     async fn revocations_since(&self, after_id: i64) -> Result<Vec<StoredRevocation>, StoreError>;

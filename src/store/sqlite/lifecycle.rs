@@ -16,8 +16,13 @@ use crate::store::{AuditEvent, AuditKind, Identity, IssuedToken, StoreError};
 pub(crate) enum LifecycleOp {
     /// Insert a rule and its audit event; replies with the rule id.
     Revoke(NewRevocation),
-    /// Set `effective_at_ms` if unset; replies 1 if this set it.
-    MarkEffective { id: i64, at_ms: i64 },
+    /// Set `effective_at_ms` where unset on ids in `(after_id, up_to_id]`;
+    /// replies with how many rows this set.
+    MarkEffective {
+        after_id: i64,
+        up_to_id: i64,
+        at_ms: i64,
+    },
     /// Insert (or refresh) a block, insert the rule revoking what it covers,
     /// audit both; replies with the rule id.
     Offboard(Block, NewRevocation),
@@ -45,12 +50,16 @@ pub(super) fn apply(
             insert_audit(conn, &revocation_audit(id, new))?;
             Ok(id.unsigned_abs())
         }
-        LifecycleOp::MarkEffective { id, at_ms } => conn
+        LifecycleOp::MarkEffective {
+            after_id,
+            up_to_id,
+            at_ms,
+        } => conn
             .prepare_cached(
-                "UPDATE revocations SET effective_at_ms = ?2
-                 WHERE id = ?1 AND effective_at_ms IS NULL",
+                "UPDATE revocations SET effective_at_ms = ?3
+                 WHERE id > ?1 AND id <= ?2 AND effective_at_ms IS NULL",
             )
-            .and_then(|mut s| s.execute(params![id, at_ms]))
+            .and_then(|mut s| s.execute(params![after_id, up_to_id, at_ms]))
             .map(|n| n as u64)
             .map_err(|e| db_err("mark revocation effective", e)),
         LifecycleOp::Offboard(block, new) => {

@@ -231,11 +231,18 @@ impl Store for SqliteStore {
         rule_id(id)
     }
 
-    async fn mark_revocation_effective(&self, id: i64, at_ms: i64) -> Result<bool, StoreError> {
-        Ok(self
-            .lifecycle(LifecycleOp::MarkEffective { id, at_ms })
-            .await?
-            > 0)
+    async fn mark_revocations_effective(
+        &self,
+        after_id: i64,
+        up_to_id: i64,
+        at_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.lifecycle(LifecycleOp::MarkEffective {
+            after_id,
+            up_to_id,
+            at_ms,
+        })
+        .await
     }
 
     async fn revocations_since(&self, after_id: i64) -> Result<Vec<StoredRevocation>, StoreError> {
