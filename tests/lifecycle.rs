@@ -212,6 +212,9 @@ impl World {
     }
 }
 
+/// (project id, namespace id, role) of a job.
+type Job = (&'static str, &'static str, &'static str);
+
 fn jti_of(token: &str) -> String {
     common::decode_jwt(token).1["jti"]
         .as_str()
@@ -412,7 +415,7 @@ async fn the_admin_api_refuses_anyone_without_an_admin_credential() {
 async fn each_admin_grain_revokes_what_it_names_and_nothing_else() {
     let w = start();
     // (rule, token it must revoke, token it must leave active)
-    let cases: Vec<(Value, (&str, &str, &str), (&str, &str, &str))> = vec![
+    let cases: Vec<(Value, Job, Job)> = vec![
         (
             json!({ "grain": "project", "value": "42" }),
             ("42", "7", "deploy"),

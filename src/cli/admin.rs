@@ -13,7 +13,7 @@ use super::{AdminConnection, BlockArgs, CliError, RevokeArgs, exit, send_json};
 use crate::clock::SystemClock;
 use crate::config::{Config, StoreConfig};
 use crate::http::admin::{BOOTSTRAP_PREFIX, parse_instant};
-use crate::revoke::{Block, BlockGrain, Grain, Lifecycle, LifecycleError, issuer_names};
+use crate::revoke::{Block, BlockGrain, Grain, Lifecycle, LifecycleError, Requester, issuer_names};
 use crate::store::sqlite::SqliteStore;
 
 /// `cistern admin bootstrap`: a fresh break-glass credential, shown once,
@@ -200,9 +200,11 @@ pub async fn revoke(a: &RevokeArgs) -> Result<(), CliError> {
                 &value,
                 &issuer,
                 before,
-                "cli",
-                &a.reason,
-                "cli_direct",
+                &Requester {
+                    actor: "cli",
+                    reason: &a.reason,
+                    source: "cli_direct",
+                },
             )
             .await;
         store.close().await;

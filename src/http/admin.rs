@@ -18,7 +18,9 @@ use subtle::ConstantTimeEq as _;
 use super::AppState;
 use super::revoke::sha256;
 use crate::mint::verify_access_token;
-use crate::revoke::{Block, BlockGrain, Grain, Lifecycle, LifecycleError, credential_of};
+use crate::revoke::{
+    Block, BlockGrain, Grain, Lifecycle, LifecycleError, Requester, credential_of,
+};
 
 /// The scope an admin token must carry.
 pub const ADMIN_SCOPE: &str = "cistern:admin";
@@ -35,6 +37,24 @@ pub struct LifecycleState {
     pub bootstrap_sha256: Option<[u8; 32]>,
     /// `aud` an admin token must carry.
     pub admin_audience: String,
+}
+
+/// A refused admin request, rendered on the way out (small, so `Result`s
+/// carrying it stay cheap).
+enum Refusal {
+    /// RFC 6750: no credential (`None`) or a bad one.
+    Unauthorized(Option<&'static str>),
+    /// A malformed body.
+    BadRequest(String),
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::Unauthorized(e) => unauthorized(e),
+            Refusal::BadRequest(m) => bad_request(m),
+        }
+    }
 }
 
 /// A refused admin request (RFC 6750 error codes).
@@ -60,23 +80,23 @@ fn unauthorized(error: Option<&'static str>) -> Response {
 }
 
 /// Who is calling: `bootstrap`, or the admin token's `sub` and `jti`.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Response> {
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Refusal> {
     let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim())
-        .ok_or_else(|| unauthorized(None))?;
+        .ok_or(Refusal::Unauthorized(None))?;
     let lc = &state.lifecycle;
     if bearer.starts_with(BOOTSTRAP_PREFIX) {
         let expected = lc
             .bootstrap_sha256
-            .ok_or_else(|| unauthorized(Some("invalid_token")))?;
+            .ok_or(Refusal::Unauthorized(Some("invalid_token")))?;
         return if bool::from(sha256(bearer.as_bytes()).ct_eq(&expected)) {
             Ok("bootstrap".to_owned())
         } else {
-            Err(unauthorized(Some("invalid_token")))
+            Err(Refusal::Unauthorized(Some("invalid_token")))
         };
     }
     let ex = &state.exchanger;
@@ -87,12 +107,12 @@ fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Respons
         Some(&lc.admin_audience),
         ex.clock.now_secs(),
     )
-    .map_err(|_| unauthorized(Some("invalid_token")))?;
+    .map_err(|_| Refusal::Unauthorized(Some("invalid_token")))?;
     if ex.revocations.is_revoked(&credential_of(&claims)) {
-        return Err(unauthorized(Some("invalid_token")));
+        return Err(Refusal::Unauthorized(Some("invalid_token")));
     }
     if !claims.scope.split(' ').any(|s| s == ADMIN_SCOPE) {
-        return Err(unauthorized(Some("insufficient_scope")));
+        return Err(Refusal::Unauthorized(Some("insufficient_scope")));
     }
     Ok(format!("{} jti={}", claims.sub, claims.jti))
 }
@@ -119,8 +139,8 @@ fn failure(e: LifecycleError) -> Response {
     }
 }
 
-fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| bad_request(format!("bad request body: {e}")))
+fn parse_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, Refusal> {
+    serde_json::from_slice(body).map_err(|e| Refusal::BadRequest(format!("bad request body: {e}")))
 }
 
 /// Body of `POST /v1/admin/revoke`.
@@ -171,11 +191,11 @@ pub fn parse_instant(s: &str) -> Result<i64, String> {
 pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let actor = match authenticate(&state, &headers) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let b: RevokeBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let before = match b.before.as_deref().map(parse_instant).transpose() {
         Ok(b) => b,
@@ -189,9 +209,11 @@ pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Byt
             &b.value,
             &b.issuer,
             before,
-            &actor,
-            &b.reason,
-            "admin_api",
+            &Requester {
+                actor: &actor,
+                reason: &b.reason,
+                source: "admin_api",
+            },
         )
         .await
     {
@@ -204,11 +226,11 @@ pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Byt
 pub async fn offboard(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let actor = match authenticate(&state, &headers) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let b: BlockBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let block = Block {
         grain: b.grain,
@@ -230,11 +252,11 @@ pub async fn offboard(State(state): State<AppState>, headers: HeaderMap, body: B
 pub async fn reenable(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let actor = match authenticate(&state, &headers) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let b: BlockBody = match parse_body(&body) {
         Ok(b) => b,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let block = Block {
         grain: b.grain,
@@ -257,7 +279,7 @@ pub async fn reenable(State(state): State<AppState>, headers: HeaderMap, body: B
 /// `GET /v1/admin/offboarded`
 pub async fn offboarded(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Err(r) = authenticate(&state, &headers) {
-        return r;
+        return r.into_response();
     }
     match state.exchanger.store.offboarded().await {
         Ok(list) => Json(json!({ "offboarded": list })).into_response(),

@@ -16,7 +16,7 @@ use super::AppState;
 use super::error::{AppError, OAuthCode};
 use crate::exchange::token_hash;
 use crate::mint::{AccessTokenClaims, verify_access_token};
-use crate::revoke::{Grain, credential_of};
+use crate::revoke::{Grain, Requester, credential_of};
 use crate::store::{AuditEvent, AuditKind};
 
 /// Parses an `application/x-www-form-urlencoded` body into its parameters;
@@ -80,9 +80,11 @@ pub async fn revoke(
                 &claims.jti,
                 "",
                 None,
-                &claims.sub,
-                "self-revocation (RFC 7009)",
-                "rfc7009",
+                &Requester {
+                    actor: &claims.sub,
+                    reason: "self-revocation (RFC 7009)",
+                    source: "rfc7009",
+                },
             )
             .await;
         match outcome {

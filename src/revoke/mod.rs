@@ -259,6 +259,17 @@ pub struct RevokeOutcome {
     pub jtis: Vec<String>,
 }
 
+/// Who asks for a revocation, why, and through what.
+#[derive(Debug, Clone, Copy)]
+pub struct Requester<'a> {
+    /// `bootstrap`, an admin token's `sub` + `jti`, a token's own `sub`, `cli`.
+    pub actor: &'a str,
+    /// Why (required, recorded).
+    pub reason: &'a str,
+    /// `rfc7009`, `admin_api`, `cli_direct`.
+    pub source: &'a str,
+}
+
 /// Most jtis listed in an outcome.
 pub const MAX_LISTED: usize = 100;
 
@@ -336,10 +347,13 @@ impl Lifecycle {
         value: &str,
         issuer: &str,
         before_ms: Option<i64>,
-        actor: &str,
-        reason: &str,
-        source: &str,
+        by: &Requester<'_>,
     ) -> Result<RevokeOutcome, LifecycleError> {
+        let Requester {
+            actor,
+            reason,
+            source,
+        } = *by;
         let now = self.clock.now_millis();
         let issuer = self.resolve_issuer(issuer)?;
         let value = if grain == Grain::Issuer {
