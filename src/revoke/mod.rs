@@ -270,6 +270,9 @@ pub struct Requester<'a> {
     pub source: &'a str,
 }
 
+/// Rules read per store query by [`Lifecycle::sync`].
+const SYNC_PAGE: usize = 10_000;
+
 /// Most jtis listed in an outcome.
 pub const MAX_LISTED: usize = 100;
 
@@ -481,17 +484,28 @@ impl Lifecycle {
         let Some(set) = &self.set else {
             return Ok(0);
         };
-        let after = set.last_seen();
-        let rules = self.store.revocations_since(after).await?;
-        if !rules.is_empty() {
-            let plain: Vec<RevocationRule> = rules.iter().map(|r| r.rule.clone()).collect();
-            set.apply_all(&plain);
-            let at = self.clock.now_millis();
-            if rules.iter().any(|r| r.effective_at_ms.is_none()) {
-                // One statement for the whole range, however many rules.
+        let mut applied = 0;
+        // Pages bound memory when a million rules load at start.
+        loop {
+            let after = set.last_seen();
+            let page = self.store.revocations_since(after, SYNC_PAGE).await?;
+            if page.is_empty() {
+                break;
+            }
+            let unmarked = page.iter().any(|r| r.effective_at_ms.is_none());
+            let full = page.len() == SYNC_PAGE;
+            applied += page.len();
+            let rules: Vec<RevocationRule> = page.into_iter().map(|r| r.rule).collect();
+            set.apply_all(&rules);
+            if unmarked {
+                // One statement for the whole page.
+                let at = self.clock.now_millis();
                 self.store
                     .mark_revocations_effective(after, set.last_seen(), at)
                     .await?;
+            }
+            if !full {
+                break;
             }
         }
         set.set_blocks(
@@ -503,7 +517,7 @@ impl Lifecycle {
                 .map(|b| b.block)
                 .collect::<Vec<_>>(),
         );
-        Ok(rules.len())
+        Ok(applied)
     }
 
     /// Polls the store every `interval` for rules and blocks written by

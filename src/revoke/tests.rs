@@ -344,7 +344,7 @@ async fn a_revocation_is_recorded_applied_marked_effective_and_counts_what_it_co
         issued_at_ms: T0 + 400
     }));
 
-    let rows = w.store.revocations_since(0).await.unwrap();
+    let rows = w.store.revocations_since(0, 100).await.unwrap();
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].rule.id, out.rule_id);
     assert_eq!(rows[0].effective_at_ms, Some(T0));
@@ -386,7 +386,7 @@ async fn invalid_requests_are_refused_before_anything_is_written() {
             "{g:?} {v:?} {i:?}: {e}"
         );
     }
-    assert!(w.store.revocations_since(0).await.unwrap().is_empty());
+    assert!(w.store.revocations_since(0, 100).await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -478,7 +478,7 @@ async fn sync_applies_rules_written_elsewhere_and_marks_them_effective() {
         w.set.blocked("gitlab", "1", &["2"], "ops"),
         Some(BlockGrain::Role)
     );
-    let rows = w.store.revocations_since(0).await.unwrap();
+    let rows = w.store.revocations_since(0, 100).await.unwrap();
     assert!(rows.iter().all(|r| r.effective_at_ms == Some(T0 + 1000)));
     // Nothing new: nothing applied.
     assert_eq!(w.lc.sync().await.unwrap(), 0);
@@ -502,15 +502,44 @@ async fn a_rule_made_in_process_does_not_hide_an_older_unpolled_one() {
             .unwrap();
     assert!(second.rule_id > first.rule_id);
     // The in-process rule marked itself only.
-    let rows = w.store.revocations_since(0).await.unwrap();
+    let rows = w.store.revocations_since(0, 100).await.unwrap();
     assert_eq!(rows[0].effective_at_ms, None);
     assert_eq!(rows[1].effective_at_ms, Some(T0));
     w.clock.advance_secs(2);
     assert_eq!(w.lc.sync().await.unwrap(), 2);
     assert!(w.set.is_revoked(&cred(&a, T0 - 20)));
-    let rows = w.store.revocations_since(0).await.unwrap();
+    let rows = w.store.revocations_since(0, 100).await.unwrap();
     assert_eq!(rows[0].effective_at_ms, Some(T0 + 2000));
     assert_eq!(rows[1].effective_at_ms, Some(T0), "kept its own time");
+}
+
+#[tokio::test]
+async fn rules_are_read_in_pages_in_id_order() {
+    let w = world();
+    let cli = Lifecycle {
+        set: None,
+        ..w.lc.clone()
+    };
+    for role in ["a", "b", "c"] {
+        cli.revoke(Grain::Role, role, "", None, &by("cli", "r", "cli_direct"))
+            .await
+            .unwrap();
+    }
+    let first = w.store.revocations_since(0, 2).await.unwrap();
+    assert_eq!(
+        first
+            .iter()
+            .map(|r| r.rule.value.as_str())
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+    let rest = w
+        .store
+        .revocations_since(first[1].rule.id, 2)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].rule.value, "c");
 }
 
 #[tokio::test]

@@ -281,8 +281,13 @@ pub trait Store: Send + Sync + 'static {
         at_ms: i64,
     ) -> Result<u64, StoreError>;
 
-    /// Rules with an id above `after_id`, in id order (`0` for all).
-    async fn revocations_since(&self, after_id: i64) -> Result<Vec<StoredRevocation>, StoreError>;
+    /// At most `limit` rules with an id above `after_id`, in id order
+    /// (`0` for the first page).
+    async fn revocations_since(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredRevocation>, StoreError>;
 
     /// jtis of unexpired issued credentials that `rule` covers.
     async fn outstanding_for_rule(

@@ -145,34 +145,38 @@ fn insert_rule(conn: &Connection, new: &NewRevocation) -> Result<i64, StoreError
 pub(super) fn revocations_since(
     conn: &Connection,
     after_id: i64,
+    limit: usize,
 ) -> Result<Vec<StoredRevocation>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
             "SELECT id, grain, value, issuer, issued_before_ms, requested_at_ms,
                     effective_at_ms, actor, reason, source
-             FROM revocations WHERE id > ?1 ORDER BY id",
+             FROM revocations WHERE id > ?1 ORDER BY id LIMIT ?2",
         )
         .map_err(|e| db_err("read revocations", e))?;
     let rows = stmt
-        .query_map([after_id], |row| {
-            Ok((
-                row.get::<_, String>(1)?,
-                StoredRevocation {
-                    rule: RevocationRule {
-                        id: row.get(0)?,
-                        grain: Grain::All,
-                        value: row.get(2)?,
-                        issuer: row.get(3)?,
-                        issued_before_ms: row.get(4)?,
+        .query_map(
+            [after_id, i64::try_from(limit).unwrap_or(i64::MAX)],
+            |row| {
+                Ok((
+                    row.get::<_, String>(1)?,
+                    StoredRevocation {
+                        rule: RevocationRule {
+                            id: row.get(0)?,
+                            grain: Grain::All,
+                            value: row.get(2)?,
+                            issuer: row.get(3)?,
+                            issued_before_ms: row.get(4)?,
+                        },
+                        requested_at_ms: row.get(5)?,
+                        effective_at_ms: row.get(6)?,
+                        actor: row.get(7)?,
+                        reason: row.get(8)?,
+                        source: row.get(9)?,
                     },
-                    requested_at_ms: row.get(5)?,
-                    effective_at_ms: row.get(6)?,
-                    actor: row.get(7)?,
-                    reason: row.get(8)?,
-                    source: row.get(9)?,
-                },
-            ))
-        })
+                ))
+            },
+        )
         .map_err(|e| db_err("read revocations", e))?;
     rows.map(|row| {
         let (grain, mut r) = row.map_err(|e| db_err("read revocations", e))?;

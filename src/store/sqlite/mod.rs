@@ -245,8 +245,12 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn revocations_since(&self, after_id: i64) -> Result<Vec<StoredRevocation>, StoreError> {
-        self.read(move |conn| lifecycle::revocations_since(conn, after_id))
+    async fn revocations_since(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredRevocation>, StoreError> {
+        self.read(move |conn| lifecycle::revocations_since(conn, after_id, limit))
             .await
     }
 
