@@ -38,6 +38,12 @@ pub struct Config {
     /// `cistern inventory` and `cistern report`.
     #[serde(default)]
     pub inventory: InventoryConfig,
+    /// Admin API authentication.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// The in-memory revocation set.
+    #[serde(default)]
+    pub revocation: RevocationConfig,
 }
 
 /// `[inventory]`
@@ -54,6 +60,40 @@ impl Default for InventoryConfig {
     fn default() -> Self {
         Self {
             unused_after_days: defaults::unused_after_days(),
+        }
+    }
+}
+
+/// `[admin]`: who may call `/v1/admin/*`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Hex SHA-256 of the break-glass bootstrap credential
+    /// (`cistern admin bootstrap` prints it); unset = no bootstrap access.
+    #[serde(default)]
+    pub bootstrap_sha256: Option<String>,
+    /// The `aud` an admin access token must carry; default: cistern's issuer URL.
+    #[serde(default)]
+    pub audience: Option<String>,
+}
+
+/// `[revocation]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationConfig {
+    /// How often the store is polled for rules and blocks written by another
+    /// process (the CLI acting directly on the store).
+    #[serde(
+        default = "defaults::revocation_poll_interval",
+        with = "humantime_serde"
+    )]
+    pub poll_interval: Duration,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: defaults::revocation_poll_interval(),
         }
     }
 }
@@ -294,6 +334,9 @@ mod defaults {
     pub(super) fn max_body_bytes() -> usize {
         64 * 1024
     }
+    pub(super) fn revocation_poll_interval() -> Duration {
+        Duration::from_millis(250)
+    }
     pub(super) fn request_timeout() -> Duration {
         Duration::from_secs(10)
     }
@@ -463,6 +506,22 @@ impl Config {
                     "must be 64 hex digits (sha256 of the secret)",
                 ));
             }
+        }
+        if let Some(h) = &self.admin.bootstrap_sha256
+            && (h.len() != 64 || hex::decode(h).is_err())
+        {
+            return Err(src.error(
+                "admin.bootstrap_sha256",
+                "must be 64 hex digits (sha256 of the credential)",
+            ));
+        }
+        if self.admin.audience.as_deref() == Some("") {
+            return Err(src.error("admin.audience", "must not be empty"));
+        }
+        if self.revocation.poll_interval < Duration::from_millis(10)
+            || self.revocation.poll_interval > Duration::from_secs(60)
+        {
+            return Err(src.error("revocation.poll_interval", "must be between 10ms and 60s"));
         }
         if self.signing.rotation_period < Duration::from_secs(3600) {
             return Err(src.error("signing.rotation_period", "must be at least 1h"));

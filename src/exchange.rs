@@ -17,6 +17,7 @@ use crate::mint::{KeyRing, MintError, MintedToken, mint};
 use crate::oidc::claims::{GitLabClaims, GitLabId};
 use crate::oidc::{Issuers, VerifiedIdToken, VerifyError};
 use crate::policy::{Denial, Grant, MatchedBinding, PolicyStore, RoleRequest, RoleTrace};
+use crate::revoke::{BlockGrain, RevocationSet};
 use crate::store::{
     AuditDetail, AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store,
     StoreError,
@@ -45,6 +46,9 @@ pub enum ExchangeError {
     /// The subject token was already exchanged.
     #[error("subject token replayed")]
     Replay,
+    /// The identity is offboarded: new exchanges are blocked until re-enabled.
+    #[error("identity offboarded ({})", .0.as_str())]
+    Offboarded(BlockGrain),
     /// Minting failed (a server fault).
     #[error("mint failed: {0}")]
     Mint(#[from] MintError),
@@ -99,6 +103,8 @@ pub struct Exchanger {
     pub issuer_url: String,
     /// Per configured issuer: whether replay protection is on.
     pub replay_protection: HashMap<String, bool>,
+    /// Revoked credentials and offboarding blocks (checked in memory).
+    pub revocations: Arc<RevocationSet>,
 }
 
 impl Exchanger {
@@ -139,6 +145,12 @@ impl Exchanger {
                 return Err(ExchangeError::Denied(denial));
             }
         };
+        if let Some(grain) = self.offboarded(&verified, &grant.role) {
+            let detail = json!({ "description": "identity offboarded", "block": grain.as_str(), "subject": subject_summary(&verified) });
+            self.audit_denied(now_ms, Some(&verified), req, "offboarded", detail)
+                .await?;
+            return Err(ExchangeError::Offboarded(grain));
+        }
         let minted = mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms)?;
         let record = self.record(&verified, req, &grant, &minted, now_ms);
         match self.store.commit_exchange(record).await {
@@ -205,6 +217,19 @@ impl Exchanger {
             .await
             .map_err(ExchangeError::Store)?;
         Ok(report)
+    }
+
+    /// The block, if any, on this identity: O(1), in memory. Both namespace
+    /// ids count (the job's and the token's differ in fork pipelines).
+    fn offboarded(&self, v: &VerifiedIdToken, role: &str) -> Option<BlockGrain> {
+        let c = &v.claims;
+        let project = c.effective_project_id().to_string();
+        let ns = c.namespace_id.to_string();
+        let job_ns = c.job_namespace_id.map(|n| n.to_string());
+        let mut namespaces = vec![ns.as_str()];
+        namespaces.extend(job_ns.as_deref());
+        self.revocations
+            .blocked(&v.issuer, &project, &namespaces, role)
     }
 
     fn record(

@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod mint;
 pub mod oidc;
 pub mod policy;
+pub mod revoke;
 pub mod source;
 pub mod store;

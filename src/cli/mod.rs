@@ -1,6 +1,7 @@
 //! The command line: `serve`, `policy check|test|diff`, `exchange`,
 //! `dev id-token`, `inventory`, `report`.
 
+pub mod admin;
 pub mod client;
 pub mod dev;
 pub mod inventory;
@@ -40,6 +41,108 @@ pub enum Command {
     Inventory(inventory::InventoryArgs),
     /// The three questions: where credentials exist, who owns them, how fast revocation works.
     Report(report::ReportArgs),
+    /// Revoke credentials: one jti, a project, namespace, role, issuer, or all.
+    Revoke(RevokeArgs),
+    /// Block new exchanges for a project, namespace or role and revoke what it holds.
+    Offboard(BlockArgs),
+    /// Lift an offboarding block.
+    Reenable(BlockArgs),
+    /// Admin credentials and listings.
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+/// How an admin command reaches cistern.
+#[derive(Debug, Args)]
+pub struct AdminConnection {
+    /// cistern's base URL (admin API).
+    #[arg(long, env = "CISTERN_URL", conflicts_with = "direct")]
+    pub server: Option<String>,
+    /// File holding the admin credential (bootstrap or `cistern:admin` token);
+    /// default: env `CISTERN_ADMIN_TOKEN`.
+    #[arg(long, conflicts_with = "direct")]
+    pub token_file: Option<PathBuf>,
+    /// Config file (with `--direct`).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Act on the store named by `--config` directly (on the server's host);
+    /// the running server applies the change at its next poll.
+    #[arg(long, requires = "config")]
+    pub direct: bool,
+}
+
+/// `cistern revoke`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("grain").required(true).args(["jti", "project", "namespace", "role", "all", "issuer"]).multiple(true)))]
+pub struct RevokeArgs {
+    /// One credential by jti.
+    #[arg(long, conflicts_with_all = ["project", "namespace", "role", "all", "issuer", "before"])]
+    pub jti: Option<String>,
+    /// Everything issued to this project id.
+    #[arg(long, conflicts_with_all = ["namespace", "role", "all"])]
+    pub project: Option<String>,
+    /// Everything issued to this namespace id.
+    #[arg(long, conflicts_with_all = ["role", "all"])]
+    pub namespace: Option<String>,
+    /// Everything issued for this role.
+    #[arg(long, conflicts_with_all = ["all", "issuer"])]
+    pub role: Option<String>,
+    /// Issuer (name or URL): scopes --project/--namespace, or alone revokes
+    /// everything issued to that issuer's jobs.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// Everything.
+    #[arg(long, conflicts_with = "issuer")]
+    pub all: bool,
+    /// Only credentials issued before this RFC 3339 instant (default: now).
+    #[arg(long)]
+    pub before: Option<String>,
+    /// Why (recorded in the audit log).
+    #[arg(long)]
+    pub reason: String,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: AdminConnection,
+}
+
+/// `cistern offboard` / `cistern reenable`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["project", "namespace", "role"])))]
+pub struct BlockArgs {
+    /// A project id.
+    #[arg(long)]
+    pub project: Option<String>,
+    /// A namespace id.
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// A role.
+    #[arg(long, conflicts_with = "issuer")]
+    pub role: Option<String>,
+    /// Issuer (name or URL) scoping --project/--namespace; default: every issuer.
+    #[arg(long)]
+    pub issuer: Option<String>,
+    /// Why (recorded in the audit log).
+    #[arg(long)]
+    pub reason: String,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Connection.
+    #[command(flatten)]
+    pub conn: AdminConnection,
+}
+
+/// `cistern admin …`
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Generate a break-glass bootstrap credential: printed once, with the
+    /// `[admin] bootstrap_sha256` line to put in the config.
+    Bootstrap,
+    /// List the offboarding blocks in force (JSON).
+    Offboarded(AdminConnection),
 }
 
 /// `cistern serve`
@@ -258,5 +361,10 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Inventory(args) => inventory::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Policy(PolicyCommand::Diff(args)) => policy::diff(&args),
+        Command::Revoke(args) => admin::revoke(&args).await,
+        Command::Offboard(args) => admin::offboard(&args).await,
+        Command::Reenable(args) => admin::reenable(&args).await,
+        Command::Admin(AdminCommand::Bootstrap) => admin::bootstrap(),
+        Command::Admin(AdminCommand::Offboarded(conn)) => admin::list_offboarded(&conn).await,
     }
 }

@@ -14,11 +14,13 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, LogFormat, StoreConfig, is_loopback_host};
 use crate::dev::{DevIssuer, DevMode};
 use crate::exchange::Exchanger;
+use crate::http::admin::LifecycleState;
 use crate::http::{self, AppState, DEV_ISSUER_PATH};
 use crate::metrics::Metrics;
 use crate::mint::KeyRing;
 use crate::oidc::Issuers;
 use crate::policy::{PolicyErrors, PolicyStore, ReloadOutcome, spawn_reloader};
+use crate::revoke::{Lifecycle, RevocationSet, issuer_names};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AuditEvent, AuditKind, Store};
 
@@ -94,6 +96,19 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
     audit_policy(&*store, &clock, Ok(&outcome)).await;
     let issuers =
         Arc::new(Issuers::new(&config.issuers, clock.clone(), metrics.clone()).context("issuers")?);
+    let revocations = Arc::new(RevocationSet::new());
+    let lifecycle = Lifecycle {
+        store: store.clone(),
+        set: Some(revocations.clone()),
+        clock: clock.clone(),
+        issuer_names: Arc::new(issuer_names(&config.issuers)),
+    };
+    // Every rule and block in force before the first request is served.
+    let loaded = lifecycle
+        .sync()
+        .await
+        .context("loading revocation rules and offboarding blocks")?;
+    tracing::info!(rules = loaded, "revocation set loaded");
     let exchanger = Arc::new(Exchanger {
         issuers: issuers.clone(),
         policies: policies.clone(),
@@ -112,6 +127,22 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
             .iter()
             .map(|(n, i)| (n.clone(), i.replay_protection))
             .collect::<HashMap<_, _>>(),
+        revocations,
+    });
+    let lifecycle = Arc::new(LifecycleState {
+        lifecycle,
+        clients: config
+            .server
+            .clients
+            .iter()
+            .filter_map(|(n, c)| Some((n.clone(), hex32(&c.secret_sha256)?)))
+            .collect(),
+        bootstrap_sha256: config.admin.bootstrap_sha256.as_deref().and_then(hex32),
+        admin_audience: config
+            .admin
+            .audience
+            .clone()
+            .unwrap_or_else(|| exchanger.issuer_url.clone()),
     });
     let metadata: Arc<str> = http::metadata_json(&exchanger.issuer_url).into();
     Ok(Built {
@@ -119,6 +150,7 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
             exchanger,
             metadata,
             dev,
+            lifecycle,
         },
         policies,
         issuers,
@@ -191,7 +223,20 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
     Ok(())
 }
 
+/// 64 hex digits (validated at config load) as bytes.
+fn hex32(h: &str) -> Option<[u8; 32]> {
+    hex::decode(h).ok()?.try_into().ok()
+}
+
 fn spawn_background(config: &Config, built: &Built) {
+    // Rules and blocks written by other processes (CLI `--direct`).
+    built
+        .state
+        .lifecycle
+        .lifecycle
+        .clone()
+        .spawn_poller(config.revocation.poll_interval);
+
     let ex = built.state.exchanger.clone();
     let issuers = built.issuers.clone();
     tokio::spawn(async move { issuers.refresh_all().await });

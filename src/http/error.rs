@@ -18,6 +18,8 @@ pub enum OAuthCode {
     InvalidRequest,
     /// `invalid_client`
     InvalidClient,
+    /// `invalid_grant` (RFC 6749 §5.2: the grant is revoked)
+    InvalidGrant,
     /// `invalid_scope`
     InvalidScope,
     /// `invalid_target` (RFC 8693 / RFC 8707)
@@ -36,6 +38,7 @@ impl OAuthCode {
         match self {
             OAuthCode::InvalidRequest => "invalid_request",
             OAuthCode::InvalidClient => "invalid_client",
+            OAuthCode::InvalidGrant => "invalid_grant",
             OAuthCode::InvalidScope => "invalid_scope",
             OAuthCode::InvalidTarget => "invalid_target",
             OAuthCode::UnsupportedGrantType => "unsupported_grant_type",
@@ -147,6 +150,14 @@ impl From<&ExchangeError> for AppError {
             }
             ExchangeError::Replay => AppError::invalid_request(
                 "subject_token has already been exchanged; each ID token can be used once",
+            ),
+            // RFC 6749 §5.2 `invalid_grant`: the grant (here the subject
+            // token's identity) is revoked. `access_denied` belongs to the
+            // authorization endpoint, and RFC 8693's `invalid_target` is
+            // about the requested audience, which is not the cause.
+            ExchangeError::Offboarded(_) => AppError::new(
+                OAuthCode::InvalidGrant,
+                "this pipeline identity has been offboarded; new tokens are refused until an administrator re-enables it",
             ),
             ExchangeError::Mint(_) | ExchangeError::Store(_) => AppError::internal(),
         }

@@ -1,7 +1,9 @@
 //! Stage 5 — respond: the HTTP API. `fn app(state) -> Router`; handlers are
 //! thin and every error goes through [`error::AppError`].
 
+pub mod admin;
 pub mod error;
+pub mod revoke;
 pub mod token;
 
 use std::sync::Arc;
@@ -27,6 +29,8 @@ pub struct AppState {
     pub metadata: Arc<str>,
     /// The development issuer; `Some` only under `serve --dev`.
     pub dev: Option<Arc<DevIssuer>>,
+    /// Revocation, introspection clients and admin authentication.
+    pub lifecycle: Arc<admin::LifecycleState>,
 }
 
 /// Path of the development issuer under cistern's own base URL.
@@ -44,6 +48,10 @@ pub fn metadata_json(issuer: &str) -> String {
         "token_endpoint_auth_methods_supported": ["none"],
         "subject_token_types_supported": [token::TOKEN_TYPE_JWT, token::TOKEN_TYPE_ID_TOKEN],
         "dry_run_endpoint": format!("{base}/v1/exchange/dry-run"),
+        "revocation_endpoint": format!("{base}/oauth/revoke"),
+        "revocation_endpoint_auth_methods_supported": ["none"],
+        "introspection_endpoint": format!("{base}/oauth/introspect"),
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
     })
     .to_string()
 }
@@ -53,6 +61,12 @@ pub fn app(state: AppState, max_body: usize, timeout: Duration) -> Router {
     let mut router = Router::new()
         .route("/oauth/token", post(token::token))
         .route("/v1/exchange/dry-run", post(token::dry_run))
+        .route("/oauth/revoke", post(revoke::revoke))
+        .route("/oauth/introspect", post(revoke::introspect))
+        .route("/v1/admin/revoke", post(admin::revoke))
+        .route("/v1/admin/offboard", post(admin::offboard))
+        .route("/v1/admin/reenable", post(admin::reenable))
+        .route("/v1/admin/offboarded", get(admin::offboarded))
         .route("/.well-known/oauth-authorization-server", get(metadata))
         .route("/.well-known/jwks.json", get(jwks))
         .route("/healthz", get(healthz))

@@ -11,6 +11,8 @@ pub mod sqlite;
 use async_trait::async_trait;
 use serde::Serialize;
 
+use crate::revoke::{Block, NewRevocation, RevocationRule, StoredBlock, StoredRevocation};
+
 /// Why the store refused or failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -263,4 +265,54 @@ pub trait Store: Send + Sync + 'static {
 
     /// The identity inventory.
     async fn identities(&self) -> Result<Vec<StoredIdentity>, StoreError>;
+
+    // --- credential lifecycle (revocation, offboarding) ---
+
+    /// Records a revocation rule and its `token_revoked` audit event in one
+    /// transaction; returns the rule's id.
+    async fn record_revocation(&self, new: NewRevocation) -> Result<i64, StoreError>;
+
+    /// Sets `effective_at_ms` on the rules with `after_id < id <= up_to_id`
+    /// that no server has marked yet; returns how many this call set.
+    async fn mark_revocations_effective(
+        &self,
+        after_id: i64,
+        up_to_id: i64,
+        at_ms: i64,
+    ) -> Result<u64, StoreError>;
+
+    /// At most `limit` rules with an id above `after_id`, in id order
+    /// (`0` for the first page).
+    async fn revocations_since(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredRevocation>, StoreError>;
+
+    /// jtis of unexpired issued credentials that `rule` covers.
+    async fn outstanding_for_rule(
+        &self,
+        rule: &RevocationRule,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
+
+    /// Puts a block in force and records the revocation of everything
+    /// outstanding for it, with both audit events, in one transaction;
+    /// returns the rule's id.
+    async fn offboard(&self, block: Block, revocation: NewRevocation) -> Result<i64, StoreError>;
+
+    /// Lifts a block (audited); returns whether one was in force.
+    async fn reenable(
+        &self,
+        block: Block,
+        actor: String,
+        reason: String,
+        at_ms: i64,
+    ) -> Result<bool, StoreError>;
+
+    /// Blocks in force.
+    async fn offboarded(&self) -> Result<Vec<StoredBlock>, StoreError>;
+
+    /// One issued credential by its `jti`.
+    async fn issued_token(&self, jti: &str) -> Result<Option<(Identity, IssuedToken)>, StoreError>;
 }

@@ -35,6 +35,7 @@
 
 mod checkpoint;
 pub mod inventory;
+mod lifecycle;
 mod read;
 mod schema;
 mod writer;
@@ -46,9 +47,11 @@ use std::sync::atomic::Ordering;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 
+use self::lifecycle::LifecycleOp;
 use self::read::ReadPool;
 use self::writer::{Counters, Message, WriteOp, WriteRequest};
 use crate::config::Synchronous;
+use crate::revoke::{Block, NewRevocation, RevocationRule, StoredBlock, StoredRevocation};
 use crate::store::{
     AuditEvent, ExchangeRecord, Identity, IssuedToken, Store, StoreError, StoredAudit,
     StoredIdentity,
@@ -223,6 +226,89 @@ impl Store for SqliteStore {
     async fn identities(&self) -> Result<Vec<StoredIdentity>, StoreError> {
         self.read(read::identities).await
     }
+
+    async fn record_revocation(&self, new: NewRevocation) -> Result<i64, StoreError> {
+        let id = self.lifecycle(LifecycleOp::Revoke(new)).await?;
+        rule_id(id)
+    }
+
+    async fn mark_revocations_effective(
+        &self,
+        after_id: i64,
+        up_to_id: i64,
+        at_ms: i64,
+    ) -> Result<u64, StoreError> {
+        self.lifecycle(LifecycleOp::MarkEffective {
+            after_id,
+            up_to_id,
+            at_ms,
+        })
+        .await
+    }
+
+    async fn revocations_since(
+        &self,
+        after_id: i64,
+        limit: usize,
+    ) -> Result<Vec<StoredRevocation>, StoreError> {
+        self.read(move |conn| lifecycle::revocations_since(conn, after_id, limit))
+            .await
+    }
+
+    async fn outstanding_for_rule(
+        &self,
+        rule: &RevocationRule,
+        now_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let rule = rule.clone();
+        self.read(move |conn| lifecycle::outstanding_for_rule(conn, &rule, now_ms))
+            .await
+    }
+
+    async fn offboard(&self, block: Block, revocation: NewRevocation) -> Result<i64, StoreError> {
+        let id = self
+            .lifecycle(LifecycleOp::Offboard(block, revocation))
+            .await?;
+        rule_id(id)
+    }
+
+    async fn reenable(
+        &self,
+        block: Block,
+        actor: String,
+        reason: String,
+        at_ms: i64,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .lifecycle(LifecycleOp::Reenable {
+                block,
+                actor,
+                reason,
+                at_ms,
+            })
+            .await?
+            > 0)
+    }
+
+    async fn offboarded(&self) -> Result<Vec<StoredBlock>, StoreError> {
+        self.read(lifecycle::offboarded).await
+    }
+
+    async fn issued_token(&self, jti: &str) -> Result<Option<(Identity, IssuedToken)>, StoreError> {
+        let jti = jti.to_owned();
+        self.read(move |conn| lifecycle::issued_token(conn, &jti))
+            .await
+    }
+}
+
+impl SqliteStore {
+    async fn lifecycle(&self, op: LifecycleOp) -> Result<u64, StoreError> {
+        self.write(WriteOp::Lifecycle(Box::new(op))).await
+    }
+}
+
+fn rule_id(id: u64) -> Result<i64, StoreError> {
+    i64::try_from(id).map_err(|_| StoreError::Database("revocation id out of range".into()))
 }
 
 #[cfg(test)]

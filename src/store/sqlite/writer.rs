@@ -32,7 +32,11 @@ pub(super) struct WriteRequest {
 pub(super) enum WriteOp {
     Exchange(Box<ExchangeRecord>),
     Audit(AuditEvent),
-    PruneReplay { now_ms: i64 },
+    PruneReplay {
+        now_ms: i64,
+    },
+    /// Revocation rules and offboarding blocks (`lifecycle.rs`).
+    Lifecycle(Box<super::lifecycle::LifecycleOp>),
 }
 
 /// A message to the writer thread.
@@ -301,6 +305,7 @@ fn apply(conn: &Connection, op: &WriteOp) -> Result<u64, StoreError> {
             .and_then(|mut s| s.execute([now_ms]))
             .map(|n| n as u64)
             .map_err(|e| db_err("prune replay", e)),
+        WriteOp::Lifecycle(op) => super::lifecycle::apply(conn, op, insert_audit),
     }
 }
 
