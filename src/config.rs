@@ -44,6 +44,64 @@ pub struct Config {
     /// The in-memory revocation set.
     #[serde(default)]
     pub revocation: RevocationConfig,
+    /// The tamper-evident audit log: checkpoints, sinks, fail-closed mode.
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// `[audit]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// When true (the default), a request whose audit record cannot be
+    /// written durably to every sink is refused (like Vault's audit
+    /// devices). The store's own copy is always written in the same
+    /// transaction as the credential, whatever this says.
+    #[serde(default = "defaults::yes")]
+    pub fail_closed: bool,
+    /// A signed checkpoint of the chain head is written at least this often
+    /// while new records arrive.
+    #[serde(
+        default = "defaults::audit_checkpoint_interval",
+        with = "humantime_serde"
+    )]
+    pub checkpoint_interval: Duration,
+    /// ... and after at most this many new records.
+    #[serde(default = "defaults::audit_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// Copies of every record outside the store, written after each commit.
+    #[serde(default)]
+    pub sinks: Vec<AuditSinkConfig>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            fail_closed: true,
+            checkpoint_interval: defaults::audit_checkpoint_interval(),
+            checkpoint_every: defaults::audit_checkpoint_every(),
+            sinks: Vec::new(),
+        }
+    }
+}
+
+/// `[[audit.sinks]]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AuditSinkConfig {
+    /// JSON Lines to a file (0600), fsynced per batch, rotated by size.
+    File {
+        /// The file; rotated copies are `<path>.1` (newest) .. `<path>.<keep>`.
+        path: PathBuf,
+        /// Rotate once the file reaches this many bytes.
+        #[serde(default = "defaults::audit_file_max_bytes")]
+        max_bytes: u64,
+        /// Rotated files kept.
+        #[serde(default = "defaults::audit_file_keep")]
+        keep: u32,
+    },
+    /// JSON Lines to standard output (for a container log collector).
+    Stdout,
 }
 
 /// `[inventory]`
@@ -334,6 +392,18 @@ mod defaults {
     pub(super) fn max_body_bytes() -> usize {
         64 * 1024
     }
+    pub(super) fn audit_checkpoint_interval() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub(super) fn audit_checkpoint_every() -> u64 {
+        1000
+    }
+    pub(super) fn audit_file_max_bytes() -> u64 {
+        64 * 1024 * 1024
+    }
+    pub(super) fn audit_file_keep() -> u32 {
+        10
+    }
     pub(super) fn revocation_poll_interval() -> Duration {
         Duration::from_millis(250)
     }
@@ -522,6 +592,42 @@ impl Config {
             || self.revocation.poll_interval > Duration::from_secs(60)
         {
             return Err(src.error("revocation.poll_interval", "must be between 10ms and 60s"));
+        }
+        let a = &self.audit;
+        if a.checkpoint_interval < Duration::from_millis(100)
+            || a.checkpoint_interval > Duration::from_secs(3600)
+        {
+            return Err(src.error("audit.checkpoint_interval", "must be between 100ms and 1h"));
+        }
+        if a.checkpoint_every == 0 {
+            return Err(src.error("audit.checkpoint_every", "must be at least 1"));
+        }
+        for (i, sink) in a.sinks.iter().enumerate() {
+            if let AuditSinkConfig::File {
+                max_bytes, keep, ..
+            } = sink
+            {
+                if *max_bytes < 4096 {
+                    return Err(src.error(
+                        "audit.sinks",
+                        format!("sink {}: max_bytes must be at least 4096", i + 1),
+                    ));
+                }
+                if *keep == 0 || *keep > 1000 {
+                    return Err(src.error(
+                        "audit.sinks",
+                        format!("sink {}: keep must be between 1 and 1000", i + 1),
+                    ));
+                }
+            }
+        }
+        if a.sinks
+            .iter()
+            .filter(|s| matches!(s, AuditSinkConfig::Stdout))
+            .count()
+            > 1
+        {
+            return Err(src.error("audit.sinks", "at most one stdout sink"));
         }
         if self.signing.rotation_period < Duration::from_secs(3600) {
             return Err(src.error("signing.rotation_period", "must be at least 1h"));

@@ -6,6 +6,7 @@
 //! proof type that only it can build: [`oidc::VerifiedIdToken`],
 //! [`policy::Grant`], [`mint::MintedToken`]. Read `docs/architecture.md` first.
 
+pub mod audit;
 pub mod cli;
 pub mod clock;
 pub mod config;

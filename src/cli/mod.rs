@@ -1,7 +1,9 @@
 //! The command line: `serve`, `policy check|test|diff`, `exchange`,
-//! `dev id-token`, `inventory`, `report`.
+//! `dev id-token`, `inventory`, `report`, `revoke`, `offboard`, `reenable`,
+//! `admin`, `audit verify|export`.
 
 pub mod admin;
+pub mod audit;
 pub mod client;
 pub mod dev;
 pub mod inventory;
@@ -50,6 +52,9 @@ pub enum Command {
     /// Admin credentials and listings.
     #[command(subcommand)]
     Admin(AdminCommand),
+    /// The tamper-evident audit log: verify the chain, export records.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
 }
 
 /// How an admin command reaches cistern.
@@ -365,6 +370,8 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Offboard(args) => admin::offboard(&args).await,
         Command::Reenable(args) => admin::reenable(&args).await,
         Command::Admin(AdminCommand::Bootstrap) => admin::bootstrap(),
+        Command::Audit(audit::AuditCommand::Verify(args)) => audit::verify(&args),
+        Command::Audit(audit::AuditCommand::Export(args)) => audit::export(&args),
         Command::Admin(AdminCommand::Offboarded(conn)) => admin::list_offboarded(&conn).await,
     }
 }

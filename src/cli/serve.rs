@@ -10,6 +10,7 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::ServeArgs;
+use crate::audit::checkpoint;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, LogFormat, StoreConfig, is_loopback_host};
 use crate::dev::{DevIssuer, DevMode};
@@ -60,9 +61,11 @@ pub struct Built {
 pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Result<Built> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::new());
+    let sinks = crate::audit::sink::open_sinks(&config.audit.sinks)
+        .context("opening the audit sinks ([[audit.sinks]])")?;
     let store: Arc<dyn Store> = match &config.store {
         StoreConfig::Sqlite { path, synchronous } => Arc::new(
-            SqliteStore::open(path, *synchronous)
+            SqliteStore::open_with_sinks(path, *synchronous, sinks, config.audit.fail_closed)
                 .with_context(|| format!("opening store {}", path.display()))?,
         ),
     };
@@ -218,6 +221,13 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
                 .context("server")?;
         }
     }
+    // A last signed checkpoint covers everything written before the stop.
+    let ex = &built.state.exchanger;
+    if let Err(e) =
+        checkpoint::checkpoint_now(&*ex.store, &ex.keys, &*ex.clock, &ex.issuer_url).await
+    {
+        tracing::error!(error = %e, "final audit checkpoint failed");
+    }
     tracing::info!("cistern stopped");
     drop(dev_setup);
     Ok(())
@@ -238,6 +248,16 @@ fn spawn_background(config: &Config, built: &Built) {
         .spawn_poller(config.revocation.poll_interval);
 
     let ex = built.state.exchanger.clone();
+    tokio::spawn(checkpoint::run(
+        ex.store.clone(),
+        ex.keys.clone(),
+        ex.clock.clone(),
+        ex.issuer_url.clone(),
+        checkpoint::Schedule {
+            interval: config.audit.checkpoint_interval,
+            every: config.audit.checkpoint_every,
+        },
+    ));
     let issuers = built.issuers.clone();
     tokio::spawn(async move { issuers.refresh_all().await });
 

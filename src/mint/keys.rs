@@ -170,6 +170,103 @@ enum Signer {
     EdDsa(Ed25519KeyPair),
 }
 
+/// Public keys of a key ring, loaded read-only: what an offline verifier
+/// (`cistern audit verify`) checks cistern's signatures against.
+#[derive(Clone)]
+pub struct PublishedKeys(Vec<Arc<PublicKey>>);
+
+impl fmt::Debug for PublishedKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|k| k.kid.as_str()))
+            .finish()
+    }
+}
+
+/// Why a compact JWS did not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JwsError {
+    /// Not three base64url segments with a JSON header.
+    #[error("malformed JWS ({0})")]
+    Malformed(&'static str),
+    /// The header's `typ` is not the one expected.
+    #[error("unexpected JWS type")]
+    WrongType,
+    /// No held key has the header's `kid`.
+    #[error("signed by key {0}, which is not held")]
+    UnknownKey(String),
+    /// `alg` differs from the key's algorithm.
+    #[error("algorithm does not match the key")]
+    WrongAlgorithm,
+    /// The signature does not verify.
+    #[error("signature does not verify")]
+    BadSignature,
+}
+
+impl PublishedKeys {
+    /// Reads the key directory's manifest and keys without changing
+    /// anything (no generation, rotation or clean-up) and keeps only the
+    /// public halves.
+    pub fn load(dir: &Path) -> Result<PublishedKeys, KeyError> {
+        let manifest = read_manifest(&dir.join(MANIFEST))?;
+        Ok(PublishedKeys(load_state(dir, manifest)?.published))
+    }
+
+    /// Key ids held.
+    pub fn kids(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|k| k.kid.as_str())
+    }
+
+    /// Verifies a compact JWS whose header is exactly `{alg, kid, typ}` with
+    /// `typ == expected_typ`; returns the kid and the decoded payload.
+    pub fn verify_compact(
+        &self,
+        jws: &str,
+        expected_typ: &str,
+    ) -> Result<(String, Vec<u8>), JwsError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct OwnHeader {
+            alg: String,
+            kid: String,
+            typ: String,
+        }
+        let mut parts = jws.split('.');
+        let (Some(h64), Some(p64), Some(s64), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(JwsError::Malformed("not three segments"));
+        };
+        let decode = |s: &str, what| {
+            URL_SAFE_NO_PAD
+                .decode(s)
+                .map_err(|_| JwsError::Malformed(what))
+        };
+        let header: OwnHeader = serde_json::from_slice(&decode(h64, "header")?)
+            .map_err(|_| JwsError::Malformed("header json"))?;
+        if header.typ != expected_typ {
+            return Err(JwsError::WrongType);
+        }
+        let key = self
+            .0
+            .iter()
+            .find(|k| k.kid == header.kid)
+            .ok_or_else(|| JwsError::UnknownKey(header.kid.clone()))?;
+        if header.alg != key.algorithm.as_str() {
+            return Err(JwsError::WrongAlgorithm);
+        }
+        let sig = decode(s64, "signature")?;
+        let signed = jws
+            .as_bytes()
+            .get(..h64.len() + 1 + p64.len())
+            .ok_or(JwsError::Malformed("not three segments"))?;
+        key.verifier
+            .verify_sig(signed, &sig)
+            .map_err(|_| JwsError::BadSignature)?;
+        Ok((header.kid, decode(p64, "payload")?))
+    }
+}
+
 /// A published key, parsed for verification.
 pub(crate) struct PublicKey {
     pub(crate) kid: String,
@@ -355,6 +452,12 @@ impl KeyRing {
         out.push('.');
         URL_SAFE_NO_PAD.encode_string(sig, &mut out);
         Ok((out, key.kid.clone()))
+    }
+
+    /// The published public keys (current and retired), for verifying
+    /// signatures made by this ring.
+    pub fn published_keys(&self) -> PublishedKeys {
+        PublishedKeys(self.state.load().published.clone())
     }
 
     /// Runs `f` with the published key named `kid`, if any.

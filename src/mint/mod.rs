@@ -16,6 +16,6 @@ pub mod verify;
 #[cfg(any(test, feature = "bench-fixtures"))]
 pub mod fixtures;
 
-pub use keys::{KeyError, KeyRing, Rotation};
+pub use keys::{JwsError, KeyError, KeyRing, PublishedKeys, Rotation};
 pub use token::{MintError, MintedToken, mint};
 pub use verify::{AccessTokenClaims, OwnTokenError, PipelineClaims, verify_access_token};

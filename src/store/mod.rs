@@ -154,6 +154,11 @@ impl AuditDetail {
     pub fn as_str(&self) -> &str {
         self.0.get()
     }
+
+    /// The JSON value, unparsed.
+    pub fn raw(&self) -> &serde_json::value::RawValue {
+        &self.0
+    }
 }
 
 impl From<serde_json::Value> for AuditDetail {
@@ -238,6 +243,24 @@ pub struct StoredIdentity {
     pub exchanges: i64,
 }
 
+/// The newest record of the audit chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditHead {
+    /// Its sequence number.
+    pub seq: i64,
+    /// Its hash.
+    pub hash: [u8; 32],
+}
+
+/// The chain head and how far signed checkpoints reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditStatus {
+    /// `None` for an empty log.
+    pub head: Option<AuditHead>,
+    /// Sequence number of the newest checkpoint.
+    pub last_checkpoint: Option<i64>,
+}
+
 /// Where records go. All writes are durable when the future resolves
 /// (cistern answers the client only after that).
 #[async_trait]
@@ -315,4 +338,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// One issued credential by its `jti`.
     async fn issued_token(&self, jti: &str) -> Result<Option<(Identity, IssuedToken)>, StoreError>;
+
+    // --- the audit chain ---
+
+    /// The chain head (committed) and the newest checkpoint.
+    async fn audit_head(&self) -> Result<AuditStatus, StoreError>;
+
+    /// Stores a signed checkpoint; refused unless record `seq` exists with
+    /// that hash.
+    async fn append_checkpoint(
+        &self,
+        checkpoint: crate::audit::record::CheckpointLine,
+    ) -> Result<(), StoreError>;
 }

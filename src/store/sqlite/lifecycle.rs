@@ -5,11 +5,12 @@
 use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use super::db_err;
+use super::writer::Chain;
 use crate::revoke::{
     Block, BlockGrain, Grain, NewRevocation, RevocationRule, StoredBlock, StoredRevocation,
     block_audit, revocation_audit,
 };
-use crate::store::{AuditEvent, AuditKind, Identity, IssuedToken, StoreError};
+use crate::store::{AuditKind, Identity, IssuedToken, StoreError};
 
 /// A lifecycle write. Each is one request of a writer batch; the writer's
 /// reply carries the rule id, or the number of rows changed.
@@ -35,19 +36,17 @@ pub(crate) enum LifecycleOp {
     },
 }
 
-type InsertAudit = fn(&Connection, &AuditEvent) -> Result<(), StoreError>;
-
-/// Runs one op inside the writer's transaction. `insert_audit` is the
-/// writer's own audit append, so lifecycle events join the same log.
+/// Runs one op inside the writer's transaction. Its events are appended
+/// to the same audit chain as the batch's other records.
 pub(super) fn apply(
     conn: &Connection,
     op: &LifecycleOp,
-    insert_audit: InsertAudit,
+    chain: &mut Chain<'_>,
 ) -> Result<u64, StoreError> {
     match op {
         LifecycleOp::Revoke(new) => {
             let id = insert_rule(conn, new)?;
-            insert_audit(conn, &revocation_audit(id, new))?;
+            chain.append(conn, &revocation_audit(id, new))?;
             Ok(id.unsigned_abs())
         }
         LifecycleOp::MarkEffective {
@@ -81,7 +80,7 @@ pub(super) fn apply(
             })
             .map_err(|e| db_err("insert offboarded", e))?;
             let id = insert_rule(conn, new)?;
-            insert_audit(
+            chain.append(
                 conn,
                 &block_audit(
                     AuditKind::Offboarded,
@@ -92,7 +91,7 @@ pub(super) fn apply(
                     Some(id),
                 ),
             )?;
-            insert_audit(conn, &revocation_audit(id, new))?;
+            chain.append(conn, &revocation_audit(id, new))?;
             Ok(id.unsigned_abs())
         }
         LifecycleOp::Reenable {
@@ -109,7 +108,7 @@ pub(super) fn apply(
                     s.execute(params![block.grain.as_str(), block.issuer, block.value])
                 })
                 .map_err(|e| db_err("delete offboarded", e))?;
-            insert_audit(
+            chain.append(
                 conn,
                 &block_audit(AuditKind::Reenabled, block, actor, reason, *at_ms, None),
             )?;

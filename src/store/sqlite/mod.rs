@@ -49,11 +49,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use self::lifecycle::LifecycleOp;
 use self::read::ReadPool;
+pub(crate) use self::writer::AuditOutput;
 use self::writer::{Counters, Message, WriteOp, WriteRequest};
+use crate::audit::record::CheckpointLine;
+use crate::audit::sink::Sink;
 use crate::config::Synchronous;
 use crate::revoke::{Block, NewRevocation, RevocationRule, StoredBlock, StoredRevocation};
 use crate::store::{
-    AuditEvent, ExchangeRecord, Identity, IssuedToken, Store, StoreError, StoredAudit,
+    AuditEvent, AuditStatus, ExchangeRecord, Identity, IssuedToken, Store, StoreError, StoredAudit,
     StoredIdentity,
 };
 
@@ -91,6 +94,8 @@ pub struct WriterStats {
     pub commits: u64,
     /// Batches whose transaction failed as a whole.
     pub failed_batches: u64,
+    /// Batches an audit sink failed to write.
+    pub sink_failures: u64,
 }
 
 impl SqliteStore {
@@ -102,9 +107,29 @@ impl SqliteStore {
     /// umask. The schema is migrated forward; a database from a newer build
     /// is refused. Does blocking file I/O: call at startup.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
+        Self::open_with_sinks(path, synchronous, Vec::new(), true)
+    }
+
+    /// [`SqliteStore::open`], also copying every committed audit record to
+    /// `sinks` before any request of its batch is answered. With
+    /// `fail_closed`, a sink failure refuses the batch's requests.
+    pub fn open_with_sinks(
+        path: &Path,
+        synchronous: Synchronous,
+        sinks: Vec<Box<dyn Sink>>,
+        fail_closed: bool,
+    ) -> Result<SqliteStore, StoreError> {
         schema::prepare_files(path)?;
         let mut conn = schema::open_writer(path, synchronous)?;
         schema::migrate(&mut conn)?;
+        let sealed = writer::seal_unchained(&mut conn)?;
+        if sealed > 0 {
+            tracing::info!(
+                records = sealed,
+                "sealed audit records written before the hash chain"
+            );
+        }
+        let audit = AuditOutput { sinks, fail_closed };
         schema::restrict_companions(path)?;
         let readers = Arc::new(ReadPool::open(path, READ_CONNECTIONS)?);
         // The readers may have created `-shm`; tighten again.
@@ -125,7 +150,7 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("cistern-sqlite-writer".into())
             .spawn(move || {
-                writer::run(conn, rx, writer_counters);
+                writer::run(conn, rx, writer_counters, audit);
                 drop(stop_tx);
             })
             .map_err(|e| StoreError::Unavailable(format!("cannot start SQLite writer: {e}")))?;
@@ -155,6 +180,7 @@ impl SqliteStore {
             requests: self.counters.requests.load(Ordering::Relaxed),
             commits: self.counters.commits.load(Ordering::Relaxed),
             failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
+            sink_failures: self.counters.sink_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -298,6 +324,16 @@ impl Store for SqliteStore {
         let jti = jti.to_owned();
         self.read(move |conn| lifecycle::issued_token(conn, &jti))
             .await
+    }
+
+    async fn audit_head(&self) -> Result<AuditStatus, StoreError> {
+        self.read(read::audit_head).await
+    }
+
+    async fn append_checkpoint(&self, checkpoint: CheckpointLine) -> Result<(), StoreError> {
+        self.write(WriteOp::Checkpoint(Box::new(checkpoint)))
+            .await
+            .map(drop)
     }
 }
 

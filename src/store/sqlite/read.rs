@@ -174,3 +174,37 @@ fn identity(row: &Row<'_>) -> rusqlite::Result<Identity> {
         owner: row.get(6)?,
     })
 }
+
+/// The newest audit record's seq and hash, and the newest checkpoint.
+pub(super) fn audit_head(conn: &Connection) -> Result<crate::store::AuditStatus, StoreError> {
+    use rusqlite::OptionalExtension as _;
+    let head = conn
+        .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        .and_then(|mut s| {
+            s.query_row([], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+            })
+            .optional()
+        })
+        .map_err(|e| db_err("read audit head", e))?;
+    let head = match head {
+        None => None,
+        Some((seq, hash)) => Some(crate::store::AuditHead {
+            seq,
+            hash: hash
+                .as_deref()
+                .and_then(crate::audit::chain::hash_from_slice)
+                .ok_or_else(|| {
+                    StoreError::Database(format!("audit record {seq} has no valid hash"))
+                })?,
+        }),
+    };
+    let last_checkpoint = conn
+        .prepare_cached("SELECT MAX(seq) FROM audit_checkpoints")
+        .and_then(|mut s| s.query_row([], |r| r.get::<_, Option<i64>>(0)))
+        .map_err(|e| db_err("read audit checkpoints", e))?;
+    Ok(crate::store::AuditStatus {
+        head,
+        last_checkpoint,
+    })
+}

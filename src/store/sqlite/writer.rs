@@ -14,6 +14,9 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::db_err;
+use crate::audit::chain::{ChainFields, GENESIS, hash_from_slice, record_hash};
+use crate::audit::record::{CheckpointLine, CheckpointWrapper, RecordLine};
+use crate::audit::sink::Sink;
 use crate::store::{AuditEvent, ExchangeRecord, Identity, StoreError};
 
 /// Most requests committed in one transaction. Past ~256 rows the commit
@@ -37,6 +40,17 @@ pub(super) enum WriteOp {
     },
     /// Revocation rules and offboarding blocks (`lifecycle.rs`).
     Lifecycle(Box<super::lifecycle::LifecycleOp>),
+    /// A signed checkpoint of the chain head.
+    Checkpoint(Box<CheckpointLine>),
+}
+
+/// Where audit records go besides the store, and what a sink failure means.
+pub(crate) struct AuditOutput {
+    /// Written after each commit, before anyone is answered.
+    pub(crate) sinks: Vec<Box<dyn Sink>>,
+    /// A sink failure fails the batch's requests (their records are in the
+    /// store; their responses are refused).
+    pub(crate) fail_closed: bool,
 }
 
 /// A message to the writer thread.
@@ -64,10 +78,16 @@ pub(super) struct Counters {
     pub(super) requests: AtomicU64,
     pub(super) commits: AtomicU64,
     pub(super) failed_batches: AtomicU64,
+    pub(super) sink_failures: AtomicU64,
 }
 
 /// The writer loop. Returns when the channel is closed and drained.
-pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, counters: Arc<Counters>) {
+pub(super) fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Message>,
+    counters: Arc<Counters>,
+    mut audit: AuditOutput,
+) {
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(MAX_BATCH);
     let mut closers: Vec<oneshot::Sender<()>> = Vec::new();
     let mut since_checkpoint = 0u32;
@@ -100,7 +120,20 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, counter
         if batch.is_empty() {
             continue;
         }
-        let outcomes = commit_batch(&mut conn, &batch);
+        let mut lines = (!audit.sinks.is_empty()).then(Vec::new);
+        let mut outcomes = commit_batch(&mut conn, &batch, lines.as_mut());
+        if let (Ok(_), Some(lines)) = (&outcomes, &lines)
+            && !lines.is_empty()
+            && let Err(e) = write_sinks(&mut audit.sinks, lines)
+        {
+            counters.sink_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, fail_closed = audit.fail_closed, "audit sink write failed");
+            if audit.fail_closed {
+                outcomes = Err(StoreError::Unavailable(format!(
+                    "audit record could not be written durably: {e}"
+                )));
+            }
+        }
         counters
             .requests
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -128,6 +161,18 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Message>, counter
     for closer in closers {
         let _ = closer.send(());
     }
+}
+
+/// Hands a committed batch's lines to every sink; the first failure is
+/// returned after every sink had its chance.
+fn write_sinks(sinks: &mut [Box<dyn Sink>], lines: &[u8]) -> Result<(), String> {
+    let mut first = None;
+    for sink in sinks.iter_mut() {
+        if let Err(e) = sink.write_lines(lines) {
+            first.get_or_insert_with(|| format!("{}: {e}", sink.name()));
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 /// Sends each request its outcome; a whole-batch failure goes to everyone.
@@ -159,10 +204,18 @@ pub(super) fn answer(
 pub(super) fn commit_batch(
     conn: &mut Connection,
     batch: &[WriteRequest],
+    lines: Option<&mut Vec<u8>>,
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| db_err("begin batch", e))?;
-    match run_requests(conn, batch) {
+    // The head is read inside the write transaction, so another process
+    // writing the same file (`cistern revoke --direct`) can never fork the
+    // chain: SQLite admits one writer at a time and this one sees its work.
+    let result = Chain::head(conn, lines).and_then(|mut chain| {
+        let outcomes = run_requests(conn, batch, &mut chain)?;
+        Ok((outcomes, chain))
+    });
+    match result.map(|(outcomes, _)| outcomes) {
         Ok(outcomes) => match conn.execute_batch("COMMIT") {
             Ok(()) => Ok(outcomes),
             Err(e) => {
@@ -197,11 +250,12 @@ fn rollback(conn: &Connection) {
 fn run_requests(
     conn: &Connection,
     batch: &[WriteRequest],
+    chain: &mut Chain<'_>,
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut sightings = IdentitySightings::default();
     for request in batch {
-        match apply(conn, &request.op) {
+        match apply(conn, &request.op, chain) {
             Err(StoreError::Replay) => outcomes.push(Err(StoreError::Replay)),
             Err(e) => return Err(e),
             Ok(n) => {
@@ -296,20 +350,25 @@ fn upsert_identity(conn: &Connection, s: &Sighting<'_>) -> rusqlite::Result<usiz
     ])
 }
 
-fn apply(conn: &Connection, op: &WriteOp) -> Result<u64, StoreError> {
+fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, StoreError> {
     match op {
-        WriteOp::Exchange(record) => insert_exchange(conn, record).map(|()| 0),
-        WriteOp::Audit(event) => insert_audit(conn, event).map(|()| 0),
+        WriteOp::Exchange(record) => insert_exchange(conn, record, chain).map(|()| 0),
+        WriteOp::Audit(event) => chain.append(conn, event).map(|()| 0),
+        WriteOp::Checkpoint(line) => chain.checkpoint(conn, line),
         WriteOp::PruneReplay { now_ms } => conn
             .prepare_cached("DELETE FROM replay WHERE expires_at_ms < ?1")
             .and_then(|mut s| s.execute([now_ms]))
             .map(|n| n as u64)
             .map_err(|e| db_err("prune replay", e)),
-        WriteOp::Lifecycle(op) => super::lifecycle::apply(conn, op, insert_audit),
+        WriteOp::Lifecycle(op) => super::lifecycle::apply(conn, op, chain),
     }
 }
 
-fn insert_exchange(conn: &Connection, record: &ExchangeRecord) -> Result<(), StoreError> {
+fn insert_exchange(
+    conn: &Connection,
+    record: &ExchangeRecord,
+    chain: &mut Chain<'_>,
+) -> Result<(), StoreError> {
     if let Some(replay) = &record.replay {
         // DO NOTHING + row count rather than matching constraint error
         // codes: a conflict is the expected outcome of a replay, not a fault.
@@ -354,27 +413,206 @@ fn insert_exchange(conn: &Connection, record: &ExchangeRecord) -> Result<(), Sto
         ])
     })
     .map_err(|e| db_err("insert issued token", e))?;
-    insert_audit(conn, &record.audit)
+    chain.append(conn, &record.audit)
 }
 
-fn insert_audit(conn: &Connection, event: &AuditEvent) -> Result<(), StoreError> {
-    // Serialized where the event was built; stored verbatim.
-    let detail = event.detail.as_str();
-    conn.prepare_cached(
-        "INSERT INTO audit (at_ms, kind, issuer, role, project_id, reason, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-    )
-    .and_then(|mut s| {
-        s.execute(params![
-            event.at_ms,
-            event.kind.as_str(),
-            event.issuer,
-            event.role,
-            event.project_id,
-            event.reason,
+/// The chain head during one batch transaction, and the sink lines the
+/// batch has produced so far.
+pub(crate) struct Chain<'a> {
+    seq: i64,
+    hash: [u8; 32],
+    lines: Option<&'a mut Vec<u8>>,
+}
+
+impl<'a> Chain<'a> {
+    /// Reads the head (the newest record) inside the open transaction.
+    fn head(conn: &Connection, lines: Option<&'a mut Vec<u8>>) -> Result<Self, StoreError> {
+        let head = conn
+            .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+            .and_then(|mut s| {
+                s.query_row([], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Option<Vec<u8>>>(1)?))
+                })
+            });
+        let (seq, hash) = match head {
+            Ok((seq, Some(hash))) => (
+                seq,
+                hash_from_slice(&hash).ok_or_else(|| {
+                    StoreError::Database(format!("audit record {seq} has a malformed hash"))
+                })?,
+            ),
+            Ok((seq, None)) => {
+                return Err(StoreError::Database(format!(
+                    "audit record {seq} is not sealed into the chain"
+                )));
+            }
+            Err(rusqlite::Error::QueryReturnedNoRows) => (0, GENESIS),
+            Err(e) => return Err(db_err("read audit chain head", e)),
+        };
+        Ok(Chain { seq, hash, lines })
+    }
+
+    /// Appends `event` as the next link.
+    pub(crate) fn append(
+        &mut self,
+        conn: &Connection,
+        event: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        let fields = ChainFields {
+            seq: self.seq + 1,
+            at_ms: event.at_ms,
+            kind: event.kind.as_str(),
+            issuer: event.issuer.as_deref(),
+            role: event.role.as_deref(),
+            project_id: event.project_id.as_deref(),
+            reason: event.reason.as_deref(),
+            // Serialized where the event was built; stored and hashed verbatim.
+            detail: event.detail.as_str(),
+        };
+        let hash = record_hash(&self.hash, &fields);
+        conn.prepare_cached(
+            "INSERT INTO audit (seq, at_ms, kind, issuer, role, project_id, reason, detail,
+                 prev_hash, hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                fields.seq,
+                fields.at_ms,
+                fields.kind,
+                fields.issuer,
+                fields.role,
+                fields.project_id,
+                fields.reason,
+                fields.detail,
+                &self.hash[..],
+                &hash[..],
+            ])
+        })
+        .map_err(|e| db_err("append audit", e))?;
+        if let Some(lines) = self.lines.as_deref_mut() {
+            RecordLine::new(&fields, event.detail.raw(), &self.hash, &hash).write_to(lines);
+        }
+        self.seq = fields.seq;
+        self.hash = hash;
+        Ok(())
+    }
+
+    /// Stores a signed checkpoint after checking it names a record that
+    /// exists with that hash (a replica may sign one already stored: kept
+    /// once). Replies 1 when stored.
+    fn checkpoint(&mut self, conn: &Connection, line: &CheckpointLine) -> Result<u64, StoreError> {
+        let stored: Option<Vec<u8>> = conn
+            .prepare_cached("SELECT hash FROM audit WHERE seq = ?1")
+            .and_then(|mut s| s.query_row([line.seq], |r| r.get(0)))
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })
+            .map_err(|e| db_err("read audit record for checkpoint", e))?;
+        if stored.map(hex::encode).as_deref() != Some(line.hash.as_str()) {
+            return Err(StoreError::Database(format!(
+                "checkpoint for seq {} does not match the stored chain",
+                line.seq
+            )));
+        }
+        let hash = hex::decode(&line.hash)
+            .map_err(|_| StoreError::Database("checkpoint hash is not hex".into()))?;
+        let n = conn
+            .prepare_cached(
+                "INSERT INTO audit_checkpoints (seq, at_ms, hash, kid, jws)
+                 VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![line.seq, line.at_ms, hash, line.kid, line.jws]))
+            .map_err(|e| db_err("insert audit checkpoint", e))?;
+        if n > 0
+            && let Some(lines) = self.lines.as_deref_mut()
+            && serde_json::to_writer(
+                &mut *lines,
+                &CheckpointWrapper {
+                    checkpoint: line.clone(),
+                },
+            )
+            .is_ok()
+        {
+            lines.push(b'\n');
+        }
+        Ok(n as u64)
+    }
+}
+
+/// Seals records written before the chain existed (schema < 4 had no
+/// hashes): chains every unsealed record, in order, after the last sealed
+/// one. Runs once at open, before the writer starts.
+pub(super) fn seal_unchained(conn: &mut Connection) -> Result<u64, StoreError> {
+    let tx = conn
+        .transaction()
+        .map_err(|e| db_err("begin sealing audit records", e))?;
+    let unsealed: Vec<(
+        i64,
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+    )> = {
+        let mut stmt = tx
+            .prepare(
+                "SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail
+                 FROM audit WHERE hash IS NULL ORDER BY seq",
+            )
+            .map_err(|e| db_err("read unsealed audit records", e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            })
+            .map_err(|e| db_err("read unsealed audit records", e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| db_err("read unsealed audit records", e))?
+    };
+    let Some(first) = unsealed.first() else {
+        return Ok(0);
+    };
+    let mut prev: [u8; 32] = tx
+        .query_row(
+            "SELECT hash FROM audit WHERE seq < ?1 AND hash IS NOT NULL ORDER BY seq DESC LIMIT 1",
+            [first.0],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .ok()
+        .and_then(|h| hash_from_slice(&h))
+        .unwrap_or(GENESIS);
+    for (seq, at_ms, kind, issuer, role, project_id, reason, detail) in &unsealed {
+        let fields = ChainFields {
+            seq: *seq,
+            at_ms: *at_ms,
+            kind,
+            issuer: issuer.as_deref(),
+            role: role.as_deref(),
+            project_id: project_id.as_deref(),
+            reason: reason.as_deref(),
             detail,
-        ])
-    })
-    .map(drop)
-    .map_err(|e| db_err("append audit", e))
+        };
+        let hash = record_hash(&prev, &fields);
+        tx.execute(
+            "UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE seq = ?1",
+            params![seq, &prev[..], &hash[..]],
+        )
+        .map_err(|e| db_err("seal audit record", e))?;
+        prev = hash;
+    }
+    tx.commit()
+        .map_err(|e| db_err("commit sealed audit records", e))?;
+    Ok(unsealed.len() as u64)
 }
