@@ -349,3 +349,6 @@ fn rule_id(id: u64) -> Result<i64, StoreError> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod audit_tests;

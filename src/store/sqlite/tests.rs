@@ -20,7 +20,7 @@ fn open(path: &Path) -> SqliteStore {
 }
 
 /// A granted exchange for ID token `id-{n}` minting access token `at-{n}`.
-fn record(n: usize) -> ExchangeRecord {
+pub(super) fn record(n: usize) -> ExchangeRecord {
     ExchangeRecord {
         replay: Some(ReplayEntry {
             issuer: "gitlab".into(),
@@ -263,7 +263,7 @@ async fn within_one_batch_a_replay_is_refused_alone() {
         request(WriteOp::Exchange(Box::new(dup))).0,
         request(WriteOp::Exchange(Box::new(record(2)))).0,
     ];
-    let outcomes = writer::commit_batch(&mut conn, &batch).unwrap();
+    let outcomes = writer::commit_batch(&mut conn, &batch, None).unwrap();
     assert!(outcomes[0].is_ok());
     assert!(matches!(outcomes[1], Err(StoreError::Replay)));
     assert!(outcomes[2].is_ok());
@@ -302,7 +302,7 @@ async fn any_other_failure_refuses_the_whole_batch_and_writes_nothing() {
         request(WriteOp::Exchange(Box::new(record(2)))).0,
     ];
     assert!(matches!(
-        writer::commit_batch(&mut conn, &batch),
+        writer::commit_batch(&mut conn, &batch, None),
         Err(StoreError::Database(_))
     ));
     for table in ["replay", "issued_tokens", "audit", "identities"] {
@@ -310,7 +310,7 @@ async fn any_other_failure_refuses_the_whole_batch_and_writes_nothing() {
     }
     // The connection is usable again for the next batch.
     let batch = vec![request(WriteOp::Exchange(Box::new(record(4)))).0];
-    assert!(writer::commit_batch(&mut conn, &batch).unwrap()[0].is_ok());
+    assert!(writer::commit_batch(&mut conn, &batch, None).unwrap()[0].is_ok());
 }
 
 #[tokio::test]
@@ -327,7 +327,7 @@ async fn a_batch_that_cannot_start_fails_every_request_with_a_database_error() {
     let (a, a_rx) = request(WriteOp::Exchange(Box::new(record(1))));
     let (b, b_rx) = request(WriteOp::PruneReplay { now_ms: 0 });
     let batch = vec![a, b];
-    let outcome = writer::commit_batch(&mut conn, &batch);
+    let outcome = writer::commit_batch(&mut conn, &batch, None);
     assert!(outcome.is_err());
     writer::answer(batch.into_iter(), outcome);
     assert!(matches!(a_rx.await.unwrap(), Err(StoreError::Database(_))));

@@ -1,0 +1,474 @@
+//! The audit chain as the store writes it, checked by the verifier: under
+//! concurrency, across processes, with sinks, and after tampering.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rusqlite::Connection;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use super::tests::record;
+use super::*;
+use crate::audit::checkpoint::checkpoint_now;
+use crate::audit::sink::FileSink;
+use crate::audit::verify::{Problem, Verdict, verify_files, verify_sqlite};
+use crate::clock::SystemClock;
+use crate::config::{SigningAlgorithm, SigningConfig};
+use crate::mint::{KeyRing, PublishedKeys};
+use crate::revoke::{Grain, NewRevocation, RevocationRule};
+use crate::store::AuditKind;
+
+const ISSUER: &str = "https://cistern.test";
+
+struct World {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+    key_dir: PathBuf,
+    keys: KeyRing,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let key_dir = dir.path().join("keys");
+    let keys = KeyRing::open(
+        &SigningConfig {
+            key_dir: key_dir.clone(),
+            algorithm: SigningAlgorithm::ES256,
+            rotation_period: Duration::from_secs(86400),
+        },
+        Arc::new(SystemClock),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    World {
+        db: dir.path().join("cistern.db"),
+        key_dir,
+        keys,
+        _dir: dir,
+    }
+}
+
+fn event(n: usize) -> AuditEvent {
+    AuditEvent {
+        at_ms: 5_000 + n as i64,
+        kind: AuditKind::ExchangeDenied,
+        issuer: Some("gitlab".into()),
+        role: None,
+        project_id: Some("42".into()),
+        reason: Some("binding_mismatch".into()),
+        detail: json!({ "n": n }).into(),
+    }
+}
+
+fn revocation(n: usize) -> NewRevocation {
+    NewRevocation {
+        rule: RevocationRule {
+            id: 0,
+            grain: Grain::Jti,
+            value: format!("at-{n}"),
+            issuer: String::new(),
+            issued_before_ms: i64::MAX,
+        },
+        requested_at_ms: 7_000 + n as i64,
+        actor: "test".into(),
+        reason: "test".into(),
+        source: "cli_direct".into(),
+    }
+}
+
+fn verify(w: &World, db: &Path) -> Verdict {
+    let keys = PublishedKeys::load(&w.key_dir).unwrap();
+    verify_sqlite(db, Some(&keys), Some(ISSUER.into())).unwrap()
+}
+
+fn ok(v: &Verdict) {
+    assert_eq!(v.problem, None, "{:?}", v.report);
+}
+
+/// Fills a store with `n` exchanges, checkpointing every 10, and closes it.
+async fn filled(w: &World, n: usize) {
+    let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    for i in 0..n {
+        store.commit_exchange(record(i)).await.unwrap();
+        if i % 10 == 9 {
+            checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+                .await
+                .unwrap();
+        }
+    }
+    store.close().await;
+}
+
+/// A copy of the database to tamper with.
+fn copy(w: &World, name: &str) -> (PathBuf, Connection) {
+    let path = w.db.with_file_name(name);
+    std::fs::copy(&w.db, &path).unwrap();
+    // Committed pages may still be in the WAL (readers keep it open).
+    let wal = schema::companion_path(&w.db, "-wal");
+    if wal.exists() {
+        std::fs::copy(&wal, schema::companion_path(&path, "-wal")).unwrap();
+    }
+    let conn = Connection::open(&path).unwrap();
+    (path, conn)
+}
+
+#[tokio::test]
+async fn concurrent_exchanges_audits_and_revocations_never_fork_the_chain() {
+    let w = world();
+    let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    let mut tasks = JoinSet::new();
+    for t in 0..8 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            for i in 0..100 {
+                let n = t * 1000 + i;
+                match i % 3 {
+                    0 => store.commit_exchange(record(n)).await.unwrap(),
+                    1 => store.append_audit(event(n)).await.unwrap(),
+                    _ => drop(store.record_revocation(revocation(n)).await.unwrap()),
+                }
+            }
+        });
+    }
+    // A second store on the same file stands for `cistern revoke --direct`
+    // in another process: its own writer, its own connection.
+    let other = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    for n in 0..50 {
+        other.append_audit(event(90_000 + n)).await.unwrap();
+    }
+    tasks.join_all().await;
+    other.close().await;
+    checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+        .await
+        .unwrap()
+        .unwrap();
+    store.close().await;
+    let v = verify(&w, &w.db);
+    ok(&v);
+    assert_eq!(v.report.records, 8 * 100 + 50);
+    assert_eq!(v.report.checkpoints_verified, 1);
+    assert_eq!(v.report.uncovered, 0);
+}
+
+#[tokio::test]
+async fn a_checkpoint_is_written_only_for_new_records() {
+    let w = world();
+    let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    assert!(
+        checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store.append_audit(event(1)).await.unwrap();
+    let c = checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c.seq, 1);
+    assert!(
+        checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // A checkpoint naming a hash the store does not hold is refused.
+    let mut forged = c.clone();
+    forged.hash = "00".repeat(32);
+    assert!(store.append_checkpoint(forged).await.is_err());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn tampering_is_caught_and_the_first_bad_record_named() {
+    let w = world();
+    filled(&w, 30).await;
+    ok(&verify(&w, &w.db));
+
+    // Modified: a field changed in place.
+    let (p, c) = copy(&w, "modified.db");
+    c.execute("UPDATE audit SET project_id = '43' WHERE seq = 12", [])
+        .unwrap();
+    drop(c);
+    assert_eq!(verify(&w, &p).problem, Some(Problem::Modified { seq: 12 }));
+
+    // Modified detail text (a claim changed inside the JSON).
+    let (p, c) = copy(&w, "detail.db");
+    c.execute(
+        "UPDATE audit SET detail = replace(detail, '\"n\":5', '\"n\":6') WHERE seq = 6",
+        [],
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(verify(&w, &p).problem, Some(Problem::Modified { seq: 6 }));
+
+    // Deleted: one record removed.
+    let (p, c) = copy(&w, "deleted.db");
+    c.execute("DELETE FROM audit WHERE seq = 17", []).unwrap();
+    drop(c);
+    assert_eq!(
+        verify(&w, &p).problem,
+        Some(Problem::Deleted { seq: 17, found: 18 })
+    );
+
+    // Reordered: two records swap places (sequence numbers swapped).
+    let (p, c) = copy(&w, "reordered.db");
+    c.execute_batch(
+        "UPDATE audit SET seq = -1 WHERE seq = 21;
+         UPDATE audit SET seq = 21 WHERE seq = 22;
+         UPDATE audit SET seq = 22 WHERE seq = -1;",
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(
+        verify(&w, &p).problem,
+        Some(Problem::BrokenLink { seq: 21 })
+    );
+
+    // Deleted and renumbered to hide the gap.
+    let (p, c) = copy(&w, "renumbered.db");
+    c.execute_batch(
+        "DELETE FROM audit WHERE seq = 9; UPDATE audit SET seq = seq - 1 WHERE seq > 9;",
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(verify(&w, &p).problem, Some(Problem::BrokenLink { seq: 9 }));
+
+    // Truncated: the tail cut off below the newest checkpoint (seq 30).
+    let (p, c) = copy(&w, "truncated.db");
+    c.execute("DELETE FROM audit WHERE seq > 25", []).unwrap();
+    drop(c);
+    assert_eq!(
+        verify(&w, &p).problem,
+        Some(Problem::Truncated {
+            last: Some(25),
+            checkpoint: 30
+        })
+    );
+
+    // The first record deleted.
+    let (p, c) = copy(&w, "head.db");
+    c.execute("DELETE FROM audit WHERE seq = 1", []).unwrap();
+    drop(c);
+    assert_eq!(
+        verify(&w, &p).problem,
+        Some(Problem::Deleted { seq: 1, found: 2 })
+    );
+}
+
+#[tokio::test]
+async fn a_chain_rewritten_with_fresh_hashes_is_caught_by_the_signed_checkpoints() {
+    let w = world();
+    filled(&w, 30).await;
+    let (p, c) = copy(&w, "rewritten.db");
+    // The attacker edits record 14 and recomputes every hash after it
+    // (everything but the signing key is in the database).
+    c.execute("UPDATE audit SET reason = 'edited' WHERE seq = 14", [])
+        .unwrap();
+    let rows: Vec<(
+        i64,
+        i64,
+        String,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+        String,
+    )> = {
+        let mut s = c
+            .prepare("SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail FROM audit WHERE seq >= 14 ORDER BY seq")
+            .unwrap();
+        s.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+                r.get(6)?,
+                r.get(7)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+    };
+    let mut prev: [u8; 32] = c
+        .query_row("SELECT hash FROM audit WHERE seq = 13", [], |r| {
+            r.get::<_, Vec<u8>>(0)
+        })
+        .unwrap()
+        .try_into()
+        .unwrap();
+    for (seq, at_ms, kind, issuer, role, project_id, reason, detail) in &rows {
+        let h = crate::audit::chain::record_hash(
+            &prev,
+            &crate::audit::chain::ChainFields {
+                seq: *seq,
+                at_ms: *at_ms,
+                kind,
+                issuer: issuer.as_deref(),
+                role: role.as_deref(),
+                project_id: project_id.as_deref(),
+                reason: reason.as_deref(),
+                detail,
+            },
+        );
+        c.execute(
+            "UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE seq = ?1",
+            rusqlite::params![seq, &prev[..], &h[..]],
+        )
+        .unwrap();
+        prev = h;
+    }
+    drop(c);
+    // The chain itself links; the checkpoint at 20 (signed before the edit)
+    // does not match, and the one at 10 still does.
+    assert_eq!(
+        verify(&w, &p).problem,
+        Some(Problem::Rewritten {
+            seq: 20,
+            since: Some(10)
+        })
+    );
+
+    // Rewriting the checkpoint rows too needs the signing key: a checkpoint
+    // whose hash is edited no longer matches its signature.
+    let c = Connection::open(&p).unwrap();
+    let hashes: Vec<(i64, Vec<u8>)> = c
+        .prepare("SELECT seq, hash FROM audit WHERE seq IN (20, 30)")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (seq, hash) in hashes {
+        c.execute(
+            "UPDATE audit_checkpoints SET hash = ?2 WHERE seq = ?1",
+            rusqlite::params![seq, hash],
+        )
+        .unwrap();
+    }
+    drop(c);
+    assert_eq!(
+        verify(&w, &p).problem,
+        Some(Problem::Rewritten {
+            seq: 20,
+            since: Some(10)
+        }),
+        "the signed payload still names the original hash"
+    );
+
+    // A checkpoint signed by some other key is refused.
+    let other = world();
+    let c = Connection::open(&p).unwrap();
+    let head = crate::store::AuditHead {
+        seq: 30,
+        hash: prev,
+    };
+    let forged = crate::audit::checkpoint::sign(&other.keys, ISSUER, &head, 1).unwrap();
+    c.execute(
+        "UPDATE audit_checkpoints SET jws = ?1, kid = ?2 WHERE seq = 30",
+        rusqlite::params![forged.jws, forged.kid],
+    )
+    .unwrap();
+    c.execute("DELETE FROM audit_checkpoints WHERE seq < 30", [])
+        .unwrap();
+    drop(c);
+    let v = verify(&w, &p);
+    assert!(
+        matches!(v.problem, Some(Problem::BadCheckpoint { seq: 30, .. })),
+        "{:?}",
+        v.problem
+    );
+}
+
+#[tokio::test]
+async fn records_from_before_the_chain_are_sealed_at_open() {
+    let w = world();
+    filled(&w, 3).await;
+    // Rows as a schema-3 build wrote them: no hashes.
+    let c = Connection::open(&w.db).unwrap();
+    c.execute_batch(
+        "DELETE FROM audit_checkpoints;
+         UPDATE audit SET prev_hash = NULL, hash = NULL;",
+    )
+    .unwrap();
+    drop(c);
+    assert_eq!(
+        verify(&w, &w.db).problem,
+        Some(Problem::Unsealed { seq: 1 })
+    );
+    let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    store.append_audit(event(9)).await.unwrap();
+    store.close().await;
+    let v = verify(&w, &w.db);
+    ok(&v);
+    assert_eq!(v.report.records, 4);
+}
+
+#[tokio::test]
+async fn a_file_sink_holds_a_copy_that_verifies_on_its_own() {
+    let w = world();
+    let sink_path = w.db.with_file_name("audit.jsonl");
+    let sink = FileSink::open(&sink_path, 1 << 20, 3).unwrap();
+    let store =
+        SqliteStore::open_with_sinks(&w.db, Synchronous::Normal, vec![Box::new(sink)], true)
+            .unwrap();
+    for i in 0..20 {
+        store.commit_exchange(record(i)).await.unwrap();
+        store.append_audit(event(i)).await.unwrap();
+    }
+    checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+        .await
+        .unwrap()
+        .unwrap();
+    store.close().await;
+    let keys = PublishedKeys::load(&w.key_dir).unwrap();
+    let v = verify_files(&[&sink_path], Some(&keys), Some(ISSUER.into())).unwrap();
+    assert_eq!(v.problem, None);
+    assert_eq!(v.report.records, 40);
+    assert_eq!(v.report.checkpoints_verified, 1);
+    // The sink's copy is the store's: same head.
+    assert_eq!(v.report.head, verify(&w, &w.db).report.head);
+
+    // A line edited in the copy is caught there too.
+    let text = std::fs::read_to_string(&sink_path).unwrap();
+    let edited = text.replacen("\"project_id\":\"42\"", "\"project_id\":\"43\"", 1);
+    std::fs::write(&sink_path, edited).unwrap();
+    let v = verify_files(&[&sink_path], Some(&keys), None).unwrap();
+    assert_eq!(v.problem, Some(Problem::Modified { seq: 1 }));
+}
+
+#[tokio::test]
+async fn fail_closed_refuses_when_a_sink_cannot_write_and_fail_open_answers() {
+    for fail_closed in [true, false] {
+        let w = world();
+        let sink = FileSink::open(Path::new("/dev/full"), 1 << 20, 1).unwrap();
+        let store = SqliteStore::open_with_sinks(
+            &w.db,
+            Synchronous::Normal,
+            vec![Box::new(sink)],
+            fail_closed,
+        )
+        .unwrap();
+        let outcome = store.commit_exchange(record(1)).await;
+        assert_eq!(outcome.is_err(), fail_closed, "fail_closed = {fail_closed}");
+        if let Err(e) = outcome {
+            assert!(
+                e.to_string()
+                    .contains("audit record could not be written durably"),
+                "{e}"
+            );
+        }
+        assert_eq!(store.stats().sink_failures, 1);
+        store.close().await;
+        // Either way the store's own chain holds the record and verifies.
+        ok(&verify(&w, &w.db));
+    }
+}
