@@ -37,6 +37,43 @@ pub struct ChainFields<'a> {
     pub detail: &'a str,
 }
 
+/// [`ChainFields`], owned (a record read back from storage).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedFields {
+    /// Sequence number.
+    pub seq: i64,
+    /// When (ms).
+    pub at_ms: i64,
+    /// Kind.
+    pub kind: String,
+    /// Issuer name.
+    pub issuer: Option<String>,
+    /// Role.
+    pub role: Option<String>,
+    /// Project id.
+    pub project_id: Option<String>,
+    /// Reason code.
+    pub reason: Option<String>,
+    /// Detail JSON text.
+    pub detail: String,
+}
+
+impl OwnedFields {
+    /// Borrowed view for hashing.
+    pub fn borrow(&self) -> ChainFields<'_> {
+        ChainFields {
+            seq: self.seq,
+            at_ms: self.at_ms,
+            kind: &self.kind,
+            issuer: self.issuer.as_deref(),
+            role: self.role.as_deref(),
+            project_id: self.project_id.as_deref(),
+            reason: self.reason.as_deref(),
+            detail: &self.detail,
+        }
+    }
+}
+
 /// The hash of a record given the hash of the one before it.
 pub fn record_hash(prev: &[u8; 32], f: &ChainFields<'_>) -> [u8; 32] {
     let mut ctx = Context::new(&SHA256);

@@ -269,35 +269,16 @@ async fn a_chain_rewritten_with_fresh_hashes_is_caught_by_the_signed_checkpoints
     // (everything but the signing key is in the database).
     c.execute("UPDATE audit SET reason = 'edited' WHERE seq = 14", [])
         .unwrap();
-    let rows: Vec<(
-        i64,
-        i64,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-    )> = {
-        let mut s = c
-            .prepare("SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail FROM audit WHERE seq >= 14 ORDER BY seq")
-            .unwrap();
-        s.query_map([], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-                r.get(6)?,
-                r.get(7)?,
-            ))
-        })
+    let rows: Vec<crate::audit::chain::OwnedFields> = c
+        .prepare(&format!(
+            "{} WHERE seq >= 14 ORDER BY seq",
+            writer::SELECT_FIELDS
+        ))
+        .unwrap()
+        .query_map([], writer::owned_fields)
         .unwrap()
         .collect::<Result<_, _>>()
-        .unwrap()
-    };
+        .unwrap();
     let mut prev: [u8; 32] = c
         .query_row("SELECT hash FROM audit WHERE seq = 13", [], |r| {
             r.get::<_, Vec<u8>>(0)
@@ -305,23 +286,11 @@ async fn a_chain_rewritten_with_fresh_hashes_is_caught_by_the_signed_checkpoints
         .unwrap()
         .try_into()
         .unwrap();
-    for (seq, at_ms, kind, issuer, role, project_id, reason, detail) in &rows {
-        let h = crate::audit::chain::record_hash(
-            &prev,
-            &crate::audit::chain::ChainFields {
-                seq: *seq,
-                at_ms: *at_ms,
-                kind,
-                issuer: issuer.as_deref(),
-                role: role.as_deref(),
-                project_id: project_id.as_deref(),
-                reason: reason.as_deref(),
-                detail,
-            },
-        );
+    for f in &rows {
+        let h = crate::audit::chain::record_hash(&prev, &f.borrow());
         c.execute(
             "UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE seq = ?1",
-            rusqlite::params![seq, &prev[..], &h[..]],
+            rusqlite::params![f.seq, &prev[..], &h[..]],
         )
         .unwrap();
         prev = h;

@@ -14,7 +14,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::db_err;
-use crate::audit::chain::{ChainFields, GENESIS, hash_from_slice, record_hash};
+use crate::audit::chain::{ChainFields, GENESIS, OwnedFields, hash_from_slice, record_hash};
 use crate::audit::record::{CheckpointLine, CheckpointWrapper, RecordLine};
 use crate::audit::sink::Sink;
 use crate::store::{AuditEvent, ExchangeRecord, Identity, StoreError};
@@ -548,35 +548,12 @@ pub(super) fn seal_unchained(conn: &mut Connection) -> Result<u64, StoreError> {
     let tx = conn
         .transaction()
         .map_err(|e| db_err("begin sealing audit records", e))?;
-    let unsealed: Vec<(
-        i64,
-        i64,
-        String,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        Option<String>,
-        String,
-    )> = {
+    let unsealed: Vec<OwnedFields> = {
         let mut stmt = tx
-            .prepare(
-                "SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail
-                 FROM audit WHERE hash IS NULL ORDER BY seq",
-            )
+            .prepare(&format!("{SELECT_FIELDS} WHERE hash IS NULL ORDER BY seq"))
             .map_err(|e| db_err("read unsealed audit records", e))?;
         let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                ))
-            })
+            .query_map([], owned_fields)
             .map_err(|e| db_err("read unsealed audit records", e))?;
         rows.collect::<Result<_, _>>()
             .map_err(|e| db_err("read unsealed audit records", e))?
@@ -587,27 +564,18 @@ pub(super) fn seal_unchained(conn: &mut Connection) -> Result<u64, StoreError> {
     let mut prev: [u8; 32] = tx
         .query_row(
             "SELECT hash FROM audit WHERE seq < ?1 AND hash IS NOT NULL ORDER BY seq DESC LIMIT 1",
-            [first.0],
+            [first.seq],
             |r| r.get::<_, Vec<u8>>(0),
         )
         .ok()
         .and_then(|h| hash_from_slice(&h))
         .unwrap_or(GENESIS);
-    for (seq, at_ms, kind, issuer, role, project_id, reason, detail) in &unsealed {
-        let fields = ChainFields {
-            seq: *seq,
-            at_ms: *at_ms,
-            kind,
-            issuer: issuer.as_deref(),
-            role: role.as_deref(),
-            project_id: project_id.as_deref(),
-            reason: reason.as_deref(),
-            detail,
-        };
+    for f in &unsealed {
+        let fields = f.borrow();
         let hash = record_hash(&prev, &fields);
         tx.execute(
             "UPDATE audit SET prev_hash = ?2, hash = ?3 WHERE seq = ?1",
-            params![seq, &prev[..], &hash[..]],
+            params![f.seq, &prev[..], &hash[..]],
         )
         .map_err(|e| db_err("seal audit record", e))?;
         prev = hash;
@@ -615,4 +583,22 @@ pub(super) fn seal_unchained(conn: &mut Connection) -> Result<u64, StoreError> {
     tx.commit()
         .map_err(|e| db_err("commit sealed audit records", e))?;
     Ok(unsealed.len() as u64)
+}
+
+/// The hashed columns of `audit`, in [`owned_fields`]' order.
+pub(super) const SELECT_FIELDS: &str =
+    "SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail FROM audit";
+
+/// Reads a row of [`SELECT_FIELDS`].
+pub(super) fn owned_fields(r: &rusqlite::Row<'_>) -> rusqlite::Result<OwnedFields> {
+    Ok(OwnedFields {
+        seq: r.get(0)?,
+        at_ms: r.get(1)?,
+        kind: r.get(2)?,
+        issuer: r.get(3)?,
+        role: r.get(4)?,
+        project_id: r.get(5)?,
+        reason: r.get(6)?,
+        detail: r.get(7)?,
+    })
 }
