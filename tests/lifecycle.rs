@@ -17,7 +17,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cistern, CisternBuilder, free_port, require_peers, run_node_async, run_python_async};
+use common::{Cistern, CisternBuilder, DevIssuer, require_peers, run_node_async, run_python_async};
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cistern");
@@ -73,65 +73,6 @@ fn sha256_hex(s: &str) -> String {
         &aws_lc_rs::digest::SHA256,
         s.as_bytes(),
     ))
-}
-
-/// `cistern serve --dev`: the development issuer the tests get ID tokens from.
-struct DevIssuer {
-    child: Child,
-    base: String,
-    http: reqwest::Client,
-}
-
-impl Drop for DevIssuer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl DevIssuer {
-    fn start() -> Self {
-        let port = free_port();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.starts_with("cistern: listening on"), "{line:?}");
-        DevIssuer {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn issuer_url(&self) -> String {
-        format!("{}/dev/oidc", self.base)
-    }
-
-    /// A fresh ID token (new jti) for project `project` in namespace `ns`.
-    async fn id_token(&self, project: &str, ns: &str) -> String {
-        let claims = json!({
-            "project_id": project, "job_project_id": project,
-            "namespace_id": ns, "job_namespace_id": ns,
-        });
-        let res: Value = self
-            .http
-            .post(format!("{}/dev/oidc/mint", self.base))
-            .json(&json!({ "claims": claims, "audience": AUD }))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        res["id_token"].as_str().unwrap().to_owned()
-    }
 }
 
 struct World {

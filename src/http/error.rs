@@ -159,6 +159,13 @@ impl From<&ExchangeError> for AppError {
                 OAuthCode::InvalidGrant,
                 "this pipeline identity has been offboarded; new tokens are refused until an administrator re-enables it",
             ),
+            // The record could not be made durable (a failing audit sink in
+            // fail-closed mode, a store shutting down): nothing was handed
+            // out, and trying again later may work.
+            ExchangeError::Store(crate::store::StoreError::Unavailable(_)) => AppError::new(
+                OAuthCode::TemporarilyUnavailable,
+                "the audit log cannot record this request right now; try again later",
+            ),
             ExchangeError::Mint(_) | ExchangeError::Store(_) => AppError::internal(),
         }
     }

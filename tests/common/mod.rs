@@ -24,7 +24,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// How long a peer or cistern gets to print its listening line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -898,4 +898,96 @@ pub fn decode_jwt(token: &str) -> (Value, Value) {
     let header = part("header");
     let claims = part("payload");
     (header, claims)
+}
+
+// ---------------------------------------------------------------------------
+// The development issuer
+
+/// The audience the dev issuer's ID tokens carry (configure it on the issuer).
+pub const DEV_AUDIENCE: &str = "https://cistern.test";
+
+/// `cistern serve --dev`: the development issuer the tests get ID tokens from.
+pub struct DevIssuer {
+    child: Child,
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Drop for DevIssuer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl DevIssuer {
+    /// Starts one on a free loopback port.
+    pub fn start() -> Self {
+        let port = free_port();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(["serve", "--dev", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .or_fail("starting cistern serve --dev");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().or_fail("dev issuer stdout"))
+            .read_line(&mut line)
+            .or_fail("reading the dev issuer's first line");
+        assert!(line.starts_with("cistern: listening on"), "{line:?}");
+        DevIssuer {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The issuer URL to configure.
+    pub fn issuer_url(&self) -> String {
+        format!("{}/dev/oidc", self.base)
+    }
+
+    /// A fresh ID token (new jti) for project `project` in namespace `ns`.
+    pub async fn id_token(&self, project: &str, ns: &str) -> String {
+        let claims = json!({
+            "project_id": project, "job_project_id": project,
+            "namespace_id": ns, "job_namespace_id": ns,
+        });
+        let res: Value = self
+            .http
+            .post(format!("{}/dev/oidc/mint", self.base))
+            .json(&json!({ "claims": claims, "audience": DEV_AUDIENCE }))
+            .send()
+            .await
+            .or_fail("POST /dev/oidc/mint")
+            .json()
+            .await
+            .or_fail("reading the minted ID token");
+        res["id_token"]
+            .as_str()
+            .or_fail("the dev issuer returned no id_token")
+            .to_owned()
+    }
+}
+
+impl Cistern {
+    /// Sends SIGTERM and waits (bounded) for a graceful exit.
+    pub fn terminate(&mut self) {
+        let Some(mut p) = self.proc.take() else {
+            return;
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &p.child.id().to_string()])
+            .status()
+            .or_fail("running kill -TERM");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(Some(_)) = p.child.try_wait() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "cistern did not stop on SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
 }

@@ -188,11 +188,12 @@ pub(super) fn answer(
             }
         }
         Err(e) => {
-            let message = e.to_string();
             for request in requests {
-                let _ = request
-                    .reply
-                    .send(Err(StoreError::Database(message.clone())));
+                let e = match &e {
+                    StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+                    other => StoreError::Database(other.to_string()),
+                };
+                let _ = request.reply.send(Err(e));
             }
         }
     }
