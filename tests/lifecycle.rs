@@ -13,8 +13,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Cistern, CisternBuilder, DevIssuer, require_peers, run_node_async, run_python_async};
