@@ -756,6 +756,36 @@ scopes = ["deploy:*"]
     }
 
     #[test]
+    fn the_example_audit_sinks_load_when_uncommented() {
+        let text = include_str!("../examples/cistern.toml")
+            .replace("# [[audit.sinks]]", "[[audit.sinks]]")
+            .replace("# kind = ", "kind = ")
+            .replace("# path = ", "path = ")
+            .replace("# max_bytes = ", "max_bytes = ")
+            .replace("# keep = ", "keep = ");
+        let c = load(&text).unwrap();
+        assert!(c.audit.fail_closed);
+        assert_eq!(c.audit.checkpoint_every, 1000);
+        assert!(matches!(
+            &c.audit.sinks[..],
+            [AuditSinkConfig::File { keep: 10, .. }, AuditSinkConfig::Stdout]
+        ));
+    }
+
+    #[test]
+    fn bad_audit_settings_are_refused_with_their_field() {
+        let e = load(&format!("{MINIMAL}\n[audit]\ncheckpoint_every = 0\n")).unwrap_err();
+        assert!(e.to_string().contains("audit.checkpoint_every"), "{e}");
+        let e = load(&format!(
+            "{MINIMAL}\n[[audit.sinks]]\nkind = \"file\"\npath = \"a\"\nkeep = 0\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("sink 1: keep"), "{e}");
+        let e = load(&format!("{MINIMAL}\n[[audit.sinks]]\nkind = \"syslog\"\n")).unwrap_err();
+        assert!(e.to_string().contains("syslog"), "{e}");
+    }
+
+    #[test]
     fn an_http_issuer_is_refused_with_file_line_and_field() {
         let text = MINIMAL.replace("https://gitlab.example.com", "http://gitlab.example.com");
         let e = load(&text).unwrap_err();
