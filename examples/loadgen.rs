@@ -57,6 +57,9 @@ struct Args {
     /// Signing algorithm of cistern's tokens.
     #[arg(long, default_value = "ES256")]
     algorithm: String,
+    /// Tokens revoked one by one in the time-to-revoke phase.
+    #[arg(long, default_value_t = 200)]
+    revocations: usize,
 }
 
 const AUD: &str = "https://cistern.bench";
@@ -118,8 +121,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
              [signing]\nkey_dir = \"keys\"\nalgorithm = \"{alg}\"\n\
              [issuers.gitlab]\nissuer = \"{issuer_url}\"\naudiences = [\"{AUD}\"]\nallow_insecure_http = true\n\
              [policy]\ndir = \"policies\"\n[ceiling]\nissuers = [\"gitlab\"]\nmax_ttl = \"1h\"\nscopes = [\"deploy:*\"]\n\
-             [log]\nlevel = \"warn\"\n",
-            alg = args.algorithm
+             [log]\nlevel = \"warn\"\n\
+             [admin]\nbootstrap_sha256 = \"{admin}\"\n\
+             [server.clients.bench]\nsecret_sha256 = \"{client}\"\n",
+            alg = args.algorithm,
+            admin = sha256_hex(ADMIN_CREDENTIAL),
+            client = sha256_hex(CLIENT_SECRET),
         ),
     )?;
     let spawned = Instant::now();
@@ -205,7 +212,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         half.rate, half.p50_ms, half.p99_ms, half.errors, half.server_side
     );
     let hwm = hwm_kib(pid);
+    let revoke = time_to_revoke(&load, args.revocations).await?;
+    eprintln!("{revoke}");
     let _ = child.kill().await;
+    let recorded = recorded_time_to_revoke(&dir.path().join("db/cistern.db"))?;
 
     println!("| metric | value |");
     println!("|---|---|");
@@ -250,7 +260,156 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listening.as_secs_f64() * 1e3,
         ready.as_secs_f64() * 1e3
     );
+    println!("{}", revoke.table_rows());
+    println!(
+        "| time-to-revoke recorded by cistern (effective − requested), p50 / p99 / max | {recorded} |"
+    );
     Ok(())
+}
+
+const ADMIN_CREDENTIAL: &str = "cst_bg_benchbenchbenchbenchbenchbenchbenchbenchben";
+const CLIENT_SECRET: &str = "bench-introspection-secret";
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        s.as_bytes(),
+    ))
+}
+
+/// Revocation timings: the admin call, and until introspection refuses.
+struct RevokeTimes {
+    call: Histogram<u64>,
+    refused: Histogram<u64>,
+}
+
+impl RevokeTimes {
+    fn q(h: &Histogram<u64>, q: f64) -> f64 {
+        h.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    fn table_rows(&self) -> String {
+        format!(
+            "| revoke one jti (admin API): request → 200, p50 / p99 ({n} tokens, sequential) | {:.2} ms / {:.2} ms |\n\
+             | revoke request sent → introspection of that token says inactive, p50 / p99 | {:.2} ms / {:.2} ms |",
+            Self::q(&self.call, 0.5),
+            Self::q(&self.call, 0.99),
+            Self::q(&self.refused, 0.5),
+            Self::q(&self.refused, 0.99),
+            n = self.call.len()
+        )
+    }
+}
+
+impl std::fmt::Display for RevokeTimes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "revoke: call p50 {:.2} ms p99 {:.2} ms; until refused p50 {:.2} ms p99 {:.2} ms",
+            Self::q(&self.call, 0.5),
+            Self::q(&self.call, 0.99),
+            Self::q(&self.refused, 0.5),
+            Self::q(&self.refused, 0.99)
+        )
+    }
+}
+
+/// For `n` fresh tokens, one at a time: check the token is active, revoke
+/// it by jti through the admin API, then introspect it once: the first
+/// introspection after the revoke call returns must already say inactive.
+async fn time_to_revoke(load: &Load, n: usize) -> anyhow::Result<RevokeTimes> {
+    use base64::Engine as _;
+    let mut times = RevokeTimes {
+        call: Histogram::new(3)?,
+        refused: Histogram::new(3)?,
+    };
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!("bench:{CLIENT_SECRET}"));
+    for _ in 0..n {
+        let i = load.next.fetch_add(1, Ordering::Relaxed);
+        let Some(id_token) = load.tokens.get(i) else {
+            bail!("ran out of pre-minted tokens for the revocation phase");
+        };
+        let res = load
+            .client
+            .request(
+                hyper::Request::post(load.url.clone())
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(body_for(id_token))?,
+            )
+            .await?;
+        let body: serde_json::Value =
+            serde_json::from_slice(&res.into_body().collect().await?.to_bytes())?;
+        let token = body["access_token"]
+            .as_str()
+            .context("no access_token")?
+            .to_owned();
+        let jti = jti_of(&token)?;
+        let introspect = || async {
+            let req = hyper::Request::post(format!("{}/oauth/introspect", load.base))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("authorization", format!("Basic {basic}"))
+                .body(Full::new(Bytes::from(format!("token={token}"))))?;
+            let res = load.client.request(req).await?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&res.into_body().collect().await?.to_bytes())?;
+            anyhow::Ok(v["active"].as_bool().unwrap_or(false))
+        };
+        if !introspect().await? {
+            bail!("a fresh token is not active");
+        }
+        let start = Instant::now();
+        let req = hyper::Request::post(format!("{}/v1/admin/revoke", load.base))
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {ADMIN_CREDENTIAL}"))
+            .body(Full::new(Bytes::from(
+                serde_json::json!({ "grain": "jti", "value": jti, "reason": "bench" }).to_string(),
+            )))?;
+        let res = load.client.request(req).await?;
+        let status = res.status();
+        let _ = res.into_body().collect().await?;
+        if status != 200 {
+            bail!("admin revoke answered {status}");
+        }
+        times.call.record(start.elapsed().as_micros() as u64)?;
+        if introspect().await? {
+            bail!("a revoked token was still active after the revoke call returned");
+        }
+        times.refused.record(start.elapsed().as_micros() as u64)?;
+    }
+    Ok(times)
+}
+
+fn jti_of(token: &str) -> anyhow::Result<String> {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).context("not a JWT")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload)?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+    Ok(v["jti"].as_str().context("no jti")?.to_owned())
+}
+
+/// The distribution cistern itself recorded: `effective_at_ms −
+/// requested_at_ms` over every rule.
+fn recorded_time_to_revoke(db: &std::path::Path) -> anyhow::Result<String> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    let mut stmt = conn.prepare(
+        "SELECT effective_at_ms - requested_at_ms FROM revocations
+         WHERE effective_at_ms IS NOT NULL ORDER BY 1",
+    )?;
+    let v: Vec<i64> = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    if v.is_empty() {
+        return Ok("none recorded".into());
+    }
+    let q = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    Ok(format!(
+        "{} ms / {} ms / {} ms ({} rules)",
+        q(0.5),
+        q(0.99),
+        v[v.len() - 1],
+        v.len()
+    ))
 }
 
 struct Phase {

@@ -10,5 +10,5 @@ echo "== load test (server on core 0, generator on core 1)"
 target/release/examples/loadgen --cistern target/release/cistern --server-core 0 --generator-core 1 "$@"
 if [ "${SKIP_CRITERION:-}" != 1 ]; then
   echo "== criterion micro-benchmarks"
-  cargo bench --features bench-fixtures --bench exchange -- --noplot
+  cargo bench --features bench-fixtures --bench exchange --bench revocation --bench audit -- --noplot
 fi

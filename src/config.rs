@@ -768,7 +768,10 @@ scopes = ["deploy:*"]
         assert_eq!(c.audit.checkpoint_every, 1000);
         assert!(matches!(
             &c.audit.sinks[..],
-            [AuditSinkConfig::File { keep: 10, .. }, AuditSinkConfig::Stdout]
+            [
+                AuditSinkConfig::File { keep: 10, .. },
+                AuditSinkConfig::Stdout
+            ]
         ));
     }
 

@@ -25,6 +25,11 @@ use crate::revoke::{Lifecycle, RevocationSet, issuer_names};
 use crate::store::sqlite::SqliteStore;
 use crate::store::{AuditEvent, AuditKind, Store};
 
+/// How often expired credentials are audited as `credential_expired`.
+const EXPIRY_SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// Records per sweep transaction.
+const EXPIRY_SWEEP_BATCH: u32 = 5000;
+
 /// Runs the server until SIGINT/SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let dev_setup = if args.dev {
@@ -315,6 +320,30 @@ fn spawn_background(config: &Config, built: &Built) {
                 }
                 Ok(None) => {}
                 Err(e) => tracing::error!(error = %e, "key rotation failed"),
+            }
+        }
+    });
+
+    // Every credential that reaches its expiry gets its `credential_expired`
+    // record (bounded batches, so a backlog never holds the writer long).
+    let ex3 = ex.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EXPIRY_SWEEP_INTERVAL);
+        loop {
+            tick.tick().await;
+            loop {
+                match ex3
+                    .store
+                    .sweep_expired(ex3.clock.now_millis(), EXPIRY_SWEEP_BATCH)
+                    .await
+                {
+                    Ok(n) if n == u64::from(EXPIRY_SWEEP_BATCH) => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "expiry sweep failed");
+                        break;
+                    }
+                }
             }
         }
     });

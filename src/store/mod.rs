@@ -344,6 +344,11 @@ pub trait Store: Send + Sync + 'static {
     /// The chain head (committed) and the newest checkpoint.
     async fn audit_head(&self) -> Result<AuditStatus, StoreError>;
 
+    /// Records `credential_expired` for at most `limit` issued credentials
+    /// that expired at or before `now_ms` and have no such record yet;
+    /// returns how many (a full `limit` means more are waiting).
+    async fn sweep_expired(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError>;
+
     /// Stores a signed checkpoint; refused unless record `seq` exists with
     /// that hash.
     async fn append_checkpoint(

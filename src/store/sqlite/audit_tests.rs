@@ -441,3 +441,56 @@ async fn fail_closed_refuses_when_a_sink_cannot_write_and_fail_open_answers() {
         ok(&verify(&w, &w.db));
     }
 }
+
+#[tokio::test]
+async fn every_expired_credential_gets_one_credential_expired_record() {
+    let w = world();
+    let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    // `record(n)` expires at 1_600_000 + n; two share an expiry (a tie the
+    // watermark must not skip).
+    for n in 0..8 {
+        store.commit_exchange(record(n)).await.unwrap();
+    }
+    let mut twin = record(100);
+    twin.token.expires_at_ms = 1_600_003;
+    store.commit_exchange(twin).await.unwrap();
+
+    let now = 1_600_005;
+    let mut swept = Vec::new();
+    loop {
+        let n = store.sweep_expired(now, 2).await.unwrap();
+        swept.push(n);
+        if n < 2 {
+            break;
+        }
+    }
+    // Expired by `now`: n = 0..=5 plus the twin = 7 credentials.
+    assert_eq!(swept.iter().sum::<u64>(), 7, "{swept:?}");
+    assert_eq!(
+        store.sweep_expired(now, 100).await.unwrap(),
+        0,
+        "never twice"
+    );
+    assert_eq!(store.sweep_expired(1_600_010, 100).await.unwrap(), 2);
+    store.close().await;
+
+    let c = Connection::open(&w.db).unwrap();
+    let jtis: Vec<String> = c
+        .prepare(
+            "SELECT json_extract(detail, '$.jti') FROM audit
+             WHERE kind = 'credential_expired' ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        jtis,
+        [
+            "at-0", "at-1", "at-2", "at-100", "at-3", "at-4", "at-5", "at-6", "at-7"
+        ]
+    );
+    drop(c);
+    ok(&verify(&w, &w.db));
+}

@@ -330,6 +330,10 @@ impl Store for SqliteStore {
         self.read(read::audit_head).await
     }
 
+    async fn sweep_expired(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError> {
+        self.write(WriteOp::SweepExpired { now_ms, limit }).await
+    }
+
     async fn append_checkpoint(&self, checkpoint: CheckpointLine) -> Result<(), StoreError> {
         self.write(WriteOp::Checkpoint(Box::new(checkpoint)))
             .await

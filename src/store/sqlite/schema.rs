@@ -22,7 +22,12 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Forward-only migrations, applied in order. Never edit a released entry;
 /// append a new one instead.
-const MIGRATIONS: &[(i64, &str)] = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
+const MIGRATIONS: &[(i64, &str)] = &[
+    (1, MIGRATION_1),
+    (2, MIGRATION_2),
+    (3, MIGRATION_3),
+    (4, MIGRATION_4),
+];
 
 /// The initial schema. Times are integer milliseconds since the epoch, ids
 /// are text, and `detail` is JSON text, so the same shape maps onto any SQL
@@ -201,6 +206,16 @@ CREATE TABLE audit_checkpoints (
     hash   BLOB    NOT NULL,
     kid    TEXT    NOT NULL,
     jws    TEXT    NOT NULL
+);
+";
+
+/// The expiry sweep's watermark: every issued credential at or below
+/// `(expires_at_ms, jti)` has its `credential_expired` audit record.
+const MIGRATION_4: &str = "
+CREATE TABLE expiry_sweep (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    expires_at_ms INTEGER NOT NULL,
+    jti           TEXT    NOT NULL
 );
 ";
 

@@ -42,6 +42,12 @@ pub(super) enum WriteOp {
     Lifecycle(Box<super::lifecycle::LifecycleOp>),
     /// A signed checkpoint of the chain head.
     Checkpoint(Box<CheckpointLine>),
+    /// Audit `credential_expired` for up to `limit` credentials that expired
+    /// at or before `now_ms` and have no such record yet.
+    SweepExpired {
+        now_ms: i64,
+        limit: u32,
+    },
 }
 
 /// Where audit records go besides the store, and what a sink failure means.
@@ -356,6 +362,7 @@ fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, 
         WriteOp::Exchange(record) => insert_exchange(conn, record, chain).map(|()| 0),
         WriteOp::Audit(event) => chain.append(conn, event).map(|()| 0),
         WriteOp::Checkpoint(line) => chain.checkpoint(conn, line),
+        WriteOp::SweepExpired { now_ms, limit } => sweep_expired(conn, chain, *now_ms, *limit),
         WriteOp::PruneReplay { now_ms } => conn
             .prepare_cached("DELETE FROM replay WHERE expires_at_ms < ?1")
             .and_then(|mut s| s.execute([now_ms]))
@@ -540,6 +547,93 @@ impl<'a> Chain<'a> {
         }
         Ok(n as u64)
     }
+}
+
+/// One `credential_expired` record per credential past its expiry, in
+/// `(expires_at_ms, jti)` order after the stored watermark; moves the
+/// watermark. Replies with how many were recorded (`limit` means: run again).
+fn sweep_expired(
+    conn: &Connection,
+    chain: &mut Chain<'_>,
+    now_ms: i64,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    use rusqlite::OptionalExtension as _;
+    let err = |e| db_err("sweep expired credentials", e);
+    let (mark_ms, mark_jti): (i64, String) = conn
+        .prepare_cached("SELECT expires_at_ms, jti FROM expiry_sweep WHERE id = 1")
+        .and_then(|mut s| s.query_row([], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        .map_err(err)?
+        .unwrap_or((i64::MIN, String::new()));
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT jti, kind, issuer, project_id, namespace_id, role, owner, audience,
+                 expires_at_ms
+             FROM issued_tokens
+             WHERE (expires_at_ms, jti) > (?1, ?2) AND expires_at_ms <= ?3
+             ORDER BY expires_at_ms, jti LIMIT ?4",
+        )
+        .map_err(err)?;
+    let rows = stmt
+        .query_map(params![mark_ms, mark_jti, now_ms, limit], |r| {
+            Ok(ExpiredRow {
+                jti: r.get(0)?,
+                kind: r.get(1)?,
+                issuer: r.get(2)?,
+                project_id: r.get(3)?,
+                namespace_id: r.get(4)?,
+                role: r.get(5)?,
+                owner: r.get(6)?,
+                audience: r.get(7)?,
+                expires_at_ms: r.get(8)?,
+            })
+        })
+        .map_err(err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(err)?;
+    let Some(last) = rows.last() else {
+        return Ok(0);
+    };
+    conn.prepare_cached(
+        "INSERT INTO expiry_sweep (id, expires_at_ms, jti) VALUES (1, ?1, ?2)
+         ON CONFLICT (id) DO UPDATE SET expires_at_ms = excluded.expires_at_ms, jti = excluded.jti",
+    )
+    .and_then(|mut s| s.execute(params![last.expires_at_ms, last.jti]))
+    .map_err(err)?;
+    for row in &rows {
+        chain.append(
+            conn,
+            &AuditEvent {
+                at_ms: row.expires_at_ms,
+                kind: crate::store::AuditKind::CredentialExpired,
+                issuer: Some(row.issuer.clone()),
+                role: Some(row.role.clone()),
+                project_id: Some(row.project_id.clone()),
+                reason: None,
+                detail: crate::store::AuditDetail::from_serialize(&serde_json::json!({
+                    "jti": row.jti,
+                    "kind": row.kind,
+                    "namespace_id": row.namespace_id,
+                    "owner": row.owner,
+                    "audience": row.audience,
+                    "recorded_at_ms": now_ms,
+                })),
+            },
+        )?;
+    }
+    Ok(rows.len() as u64)
+}
+
+struct ExpiredRow {
+    jti: String,
+    kind: String,
+    issuer: String,
+    project_id: String,
+    namespace_id: String,
+    role: String,
+    owner: String,
+    audience: String,
+    expires_at_ms: i64,
 }
 
 /// Seals records written before the chain existed (schema < 4 had no
