@@ -311,8 +311,36 @@ async fn the_admin_api_refuses_anyone_without_an_admin_credential() {
             .unwrap()
             .starts_with("Bearer")
     );
-    // Nothing was revoked by the refused calls.
+    // Nothing was revoked by the refused calls, and each was audited with
+    // the credential's hash, never the credential.
     assert!(w.active(&deploy).await);
+    let refused: Vec<(String, String)> = w
+        .db()
+        .prepare(
+            "SELECT json_extract(detail, '$.operation'), json_extract(detail, '$.refused')
+             FROM audit WHERE kind = 'admin_action' AND reason = 'unauthorized' ORDER BY seq",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        refused,
+        [
+            ("revoke", "no_credential"),
+            ("revoke", "invalid_token"),
+            ("revoke", "invalid_token"),
+            ("revoke", "invalid_token"),
+            ("offboarded", "no_credential"),
+        ]
+        .map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    let details: String = w
+        .db()
+        .query_row("SELECT group_concat(detail) FROM audit", [], |r| r.get(0))
+        .unwrap();
+    assert!(!details.contains(&deploy) && !details.contains("cst_bg_wrong"));
 
     // An admin token minted by the exchange through the admin policy works,
     // and the actor recorded is its subject and jti.

@@ -21,6 +21,7 @@ use crate::mint::verify_access_token;
 use crate::revoke::{
     Block, BlockGrain, Grain, Lifecycle, LifecycleError, Requester, credential_of,
 };
+use crate::store::{AuditEvent, AuditKind};
 
 /// The scope an admin token must carry.
 pub const ADMIN_SCOPE: &str = "cistern:admin";
@@ -79,15 +80,54 @@ fn unauthorized(error: Option<&'static str>) -> Response {
     res
 }
 
-/// Who is calling: `bootstrap`, or the admin token's `sub` and `jti`.
-fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Refusal> {
-    let bearer = headers
+/// [`authenticate`], auditing a refusal (`admin_action`, reason
+/// `unauthorized`, the refusal code and the credential's SHA-256, never the
+/// credential): failed admin attempts are what an auditor looks for first.
+async fn admit(state: &AppState, headers: &HeaderMap, operation: &str) -> Result<String, Response> {
+    match authenticate(state, headers) {
+        Ok(actor) => Ok(actor),
+        Err(refusal) => {
+            let code = match &refusal {
+                Refusal::Unauthorized(e) => e.unwrap_or("no_credential"),
+                Refusal::BadRequest(_) => "bad_request",
+            };
+            let credential_sha256 = bearer(headers).map(|t| hex::encode(sha256(t.as_bytes())));
+            let ex = &state.exchanger;
+            let event = AuditEvent {
+                at_ms: ex.clock.now_millis(),
+                kind: AuditKind::AdminAction,
+                issuer: None,
+                role: None,
+                project_id: None,
+                reason: Some("unauthorized".to_owned()),
+                detail: json!({
+                    "operation": operation,
+                    "refused": code,
+                    "credential_sha256": credential_sha256,
+                })
+                .into(),
+            };
+            if let Err(e) = ex.store.append_audit(event).await {
+                tracing::error!(error = %e, "audit of a refused admin call failed");
+            }
+            Err(refusal.into_response())
+        }
+    }
+}
+
+/// The bearer credential of a request, if any.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, t)| t.trim())
-        .ok_or(Refusal::Unauthorized(None))?;
+}
+
+/// Who is calling: `bootstrap`, or the admin token's `sub` and `jti`.
+fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<String, Refusal> {
+    let bearer = bearer(headers).ok_or(Refusal::Unauthorized(None))?;
     let lc = &state.lifecycle;
     if bearer.starts_with(BOOTSTRAP_PREFIX) {
         let expected = lc
@@ -189,9 +229,9 @@ pub fn parse_instant(s: &str) -> Result<i64, String> {
 
 /// `POST /v1/admin/revoke`
 pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let actor = match authenticate(&state, &headers) {
+    let actor = match admit(&state, &headers, "revoke").await {
         Ok(a) => a,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     let b: RevokeBody = match parse_body(&body) {
         Ok(b) => b,
@@ -224,9 +264,9 @@ pub async fn revoke(State(state): State<AppState>, headers: HeaderMap, body: Byt
 
 /// `POST /v1/admin/offboard`
 pub async fn offboard(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let actor = match authenticate(&state, &headers) {
+    let actor = match admit(&state, &headers, "offboard").await {
         Ok(a) => a,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     let b: BlockBody = match parse_body(&body) {
         Ok(b) => b,
@@ -250,9 +290,9 @@ pub async fn offboard(State(state): State<AppState>, headers: HeaderMap, body: B
 
 /// `POST /v1/admin/reenable`
 pub async fn reenable(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    let actor = match authenticate(&state, &headers) {
+    let actor = match admit(&state, &headers, "reenable").await {
         Ok(a) => a,
-        Err(r) => return r.into_response(),
+        Err(r) => return r,
     };
     let b: BlockBody = match parse_body(&body) {
         Ok(b) => b,
@@ -278,8 +318,8 @@ pub async fn reenable(State(state): State<AppState>, headers: HeaderMap, body: B
 
 /// `GET /v1/admin/offboarded`
 pub async fn offboarded(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Err(r) = authenticate(&state, &headers) {
-        return r.into_response();
+    if let Err(r) = admit(&state, &headers, "offboarded").await {
+        return r;
     }
     match state.exchanger.store.offboarded().await {
         Ok(list) => Json(json!({ "offboarded": list })).into_response(),
