@@ -21,24 +21,11 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cistern");
 
-const DEPLOY: &str = r#"
-role = "deploy"
-owner = "team-payments"
-description = "Deploy project 42"
-issuer = "gitlab"
-[bindings]
-project_id = "42"
-[grant]
-kind = "access_token"
-audience = "https://deploy.test"
-scopes = ["deploy:write"]
-ttl = "10m"
-"#;
 
 fn start_with(dev: &DevIssuer, extra: &[(&str, toml::Value)]) -> Cistern {
     let mut b = CisternBuilder::new()
         .issuer("gitlab", &dev.issuer_url(), &[DEV_AUDIENCE])
-        .policy("deploy.toml", DEPLOY)
+        .policy("deploy.toml", common::DEPLOY_POLICY)
         .ceiling_scopes(&["deploy:*"])
         .set("audit.checkpoint_interval", "200ms");
     for (k, v) in extra {

@@ -25,19 +25,6 @@ const ADMIN_AUD: &str = "https://cistern-admin.test";
 const CLIENT_SECRET: &str = "rs-secret with spaces & symbols";
 const BOOTSTRAP: &str = "cst_bg_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
-const DEPLOY: &str = r#"
-role = "deploy"
-owner = "team-payments"
-description = "Deploy project 42"
-issuer = "gitlab"
-[bindings]
-project_id = "42"
-[grant]
-kind = "access_token"
-audience = "https://deploy.test"
-scopes = ["deploy:write"]
-ttl = "10m"
-"#;
 
 const ARTIFACTS: &str = r#"
 role = "artifacts"
@@ -83,7 +70,7 @@ fn start() -> World {
     let dev = DevIssuer::start();
     let c = CisternBuilder::new()
         .issuer("gitlab", &dev.issuer_url(), &[AUD])
-        .policy("deploy.toml", DEPLOY)
+        .policy("deploy.toml", common::DEPLOY_POLICY)
         .policy("artifacts.toml", ARTIFACTS)
         .policy("admin.toml", ADMIN)
         .ceiling_scopes(&["deploy:*", "artifacts:*", "cistern:admin"])

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use rusqlite::types::Value;
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 use serde_json::value::RawValue;
 
 use super::chain::ChainFields;
@@ -58,10 +58,7 @@ pub enum ExportError {
 /// Exports from the SQLite store at `path` (read-only) to `out`; returns
 /// the number of records written.
 pub fn export_sqlite(path: &Path, filter: &Filter, out: impl Write) -> Result<u64, ExportError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let conn = super::open_read_only(path)?;
     export_connection(&conn, filter, out)
 }
 

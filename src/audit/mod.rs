@@ -19,3 +19,12 @@ pub mod export;
 pub mod record;
 pub mod sink;
 pub mod verify;
+
+/// Opens a SQLite store read-only for verification and export (never
+/// creates, migrates or writes).
+pub(crate) fn open_read_only(path: &std::path::Path) -> rusqlite::Result<rusqlite::Connection> {
+    rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}

@@ -8,7 +8,7 @@ use std::fmt;
 use std::io::BufRead;
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::Connection;
 
 use super::chain::{ChainFields, GENESIS, hash_from_slice, record_hash};
 use super::record::{
@@ -407,10 +407,7 @@ pub fn verify_sqlite(
     keys: Option<&PublishedKeys>,
     issuer: Option<String>,
 ) -> Result<Verdict, VerifyError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let conn = super::open_read_only(path)?;
     verify_connection(&conn, keys, issuer)
 }
 

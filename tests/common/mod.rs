@@ -903,6 +903,22 @@ pub fn decode_jwt(token: &str) -> (Value, Value) {
 // ---------------------------------------------------------------------------
 // The development issuer
 
+/// A role `deploy` for project 42 of issuer `gitlab` (owner team-payments,
+/// scope `deploy:write`, audience `https://deploy.test`, 10 minutes).
+pub const DEPLOY_POLICY: &str = r#"
+role = "deploy"
+owner = "team-payments"
+description = "Deploy project 42"
+issuer = "gitlab"
+[bindings]
+project_id = "42"
+[grant]
+kind = "access_token"
+audience = "https://deploy.test"
+scopes = ["deploy:write"]
+ttl = "10m"
+"#;
+
 /// The audience the dev issuer's ID tokens carry (configure it on the issuer).
 pub const DEV_AUDIENCE: &str = "https://cistern.test";
 
