@@ -21,7 +21,6 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_cistern");
 
-
 fn start_with(dev: &DevIssuer, extra: &[(&str, toml::Value)]) -> Cistern {
     let mut b = CisternBuilder::new()
         .issuer("gitlab", &dev.issuer_url(), &[DEV_AUDIENCE])
@@ -380,4 +379,60 @@ async fn fail_closed_refuses_an_exchange_whose_record_cannot_be_written() {
             assert_eq!(body["error"], "temporarily_unavailable", "{body}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_project_shows_in_the_report_with_its_measured_time_to_revoke() {
+    const BOOTSTRAP: &str = "cst_bg_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB";
+    let hash = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        BOOTSTRAP.as_bytes(),
+    ));
+    let dev = DevIssuer::start();
+    let c = start_with(&dev, &[("admin.bootstrap_sha256", hash.into())]);
+    for _ in 0..3 {
+        grant(&c, &dev).await.unwrap();
+    }
+    let config = c.config_path().to_str().unwrap().to_owned();
+    let report = || -> Value {
+        let out = cli(&["report", "--config", &config, "--format", "json"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let before = report();
+    assert_eq!(before["outstanding_total"], 3, "{before}");
+    assert_eq!(before["revocation"]["total"], 0);
+
+    let res = c
+        .http()
+        .post(format!("{}/v1/admin/revoke", c.base_url()))
+        .bearer_auth(BOOTSTRAP)
+        .json(
+            &serde_json::json!({ "grain": "project", "value": "42", "reason": "workflow changed" }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let out: Value = res.json().await.unwrap();
+    assert_eq!(out["outstanding"], 3, "{out}");
+    // In force when the call returns: nothing outstanding any more.
+    let after = report();
+    assert_eq!(after["outstanding_total"], 0, "{after}");
+    let r = &after["revocation"];
+    assert_eq!(
+        (r["total"].as_u64(), r["effective"].as_u64()),
+        (Some(1), Some(1)),
+        "{after}"
+    );
+    // Measured, not claimed (no wall-clock bound asserted here; see BENCHMARKS.md).
+    assert!(r["max_ms"].as_i64().unwrap() >= 0, "{after}");
+    assert_eq!(r["not_yet_effective_total"], 0);
+    // The revocation is in the verified chain.
+    let (code, v) = verify_json(&["--config", &config]);
+    assert_eq!(code, 0, "{v}");
 }

@@ -25,7 +25,6 @@ const ADMIN_AUD: &str = "https://cistern-admin.test";
 const CLIENT_SECRET: &str = "rs-secret with spaces & symbols";
 const BOOTSTRAP: &str = "cst_bg_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
 
-
 const ARTIFACTS: &str = r#"
 role = "artifacts"
 owner = "team-platform"

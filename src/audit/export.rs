@@ -5,8 +5,8 @@
 use std::io::Write;
 use std::path::Path;
 
-use rusqlite::types::Value;
 use rusqlite::Connection;
+use rusqlite::types::Value;
 use serde_json::value::RawValue;
 
 use super::chain::ChainFields;
