@@ -57,6 +57,13 @@ struct Args {
     /// Signing algorithm of cistern's tokens.
     #[arg(long, default_value = "ES256")]
     algorithm: String,
+    /// Directory for cistern's database (default: the run's temp dir on
+    /// disk); e.g. /dev/shm to separate disk writeback from the server.
+    #[arg(long)]
+    store_dir: Option<PathBuf>,
+    /// Keep the database directory after the run (its path is printed).
+    #[arg(long)]
+    keep_store: bool,
     /// Tokens revoked one by one in the time-to-revoke phase.
     #[arg(long, default_value_t = 200)]
     revocations: usize,
@@ -105,6 +112,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // cistern, in a temp dir.
     let dir = tempfile::tempdir()?;
+    let store_dir = match &args.store_dir {
+        Some(d) => tempfile::tempdir_in(d)?,
+        None => tempfile::tempdir_in(dir.path())?,
+    };
+    let db_path = store_dir.path().join("cistern.db");
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     std::fs::create_dir(dir.path().join("policies"))?;
@@ -117,7 +129,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(
         dir.path().join("cistern.toml"),
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"{base}\"\n[store]\nkind = \"sqlite\"\npath = \"db/cistern.db\"\n\
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"{base}\"\n[store]\nkind = \"sqlite\"\npath = \"{db}\"\n\
              [signing]\nkey_dir = \"keys\"\nalgorithm = \"{alg}\"\n\
              [issuers.gitlab]\nissuer = \"{issuer_url}\"\naudiences = [\"{AUD}\"]\nallow_insecure_http = true\n\
              [policy]\ndir = \"policies\"\n[ceiling]\nissuers = [\"gitlab\"]\nmax_ttl = \"1h\"\nscopes = [\"deploy:*\"]\n\
@@ -125,6 +137,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
              [admin]\nbootstrap_sha256 = \"{admin}\"\n\
              [server.clients.bench]\nsecret_sha256 = \"{client}\"\n",
             alg = args.algorithm,
+            db = db_path.display(),
             admin = sha256_hex(ADMIN_CREDENTIAL),
             client = sha256_hex(CLIENT_SECRET),
         ),
@@ -215,7 +228,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let revoke = time_to_revoke(&load, args.revocations).await?;
     eprintln!("{revoke}");
     let _ = child.kill().await;
-    let recorded = recorded_time_to_revoke(&dir.path().join("db/cistern.db"))?;
+    let recorded = recorded_time_to_revoke(&db_path)?;
+    if args.keep_store {
+        eprintln!("store kept in {}", store_dir.keep().display());
+    }
 
     println!("| metric | value |");
     println!("|---|---|");

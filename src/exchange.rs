@@ -136,7 +136,7 @@ impl Exchanger {
         {
             Ok(g) => g,
             Err(denial) => {
-                let mut detail = json!({ "description": denial.public_description(), "subject": subject_summary(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
+                let mut detail = json!({ "description": denial.public_description(), "subject": SubjectRef::of(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
                 if let Denial::NotPermitted { trace, .. } = &denial {
                     detail["trace"] = serde_json::to_value(trace).unwrap_or_default();
                 }
@@ -156,7 +156,7 @@ impl Exchanger {
         match self.store.commit_exchange(record).await {
             Ok(()) => Ok(minted),
             Err(StoreError::Replay) => {
-                let detail = json!({ "description": "subject_token has already been exchanged", "subject": subject_summary(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
+                let detail = json!({ "description": "subject_token has already been exchanged", "subject": SubjectRef::of(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
                 self.audit_denied(now_ms, Some(&verified), req, "replay", detail)
                     .await?;
                 Err(ExchangeError::Replay)
@@ -294,7 +294,7 @@ impl Exchanger {
                 expires_at: minted.expires_at,
                 matched: &grant.matched,
                 condition_checked: grant.condition_checked,
-                subject: subject_summary(v),
+                subject: SubjectRef::of(v),
                 claims: &v.claims,
                 request: RequestSummary::of(req),
             }),
@@ -347,7 +347,26 @@ pub fn token_hash(token: &str) -> String {
     ))
 }
 
-/// The claims that identify the job, for audit records. No token, no secret.
+/// The ID token behind a record that also carries its claims: only what
+/// the claims do not say (records stay small: one granted exchange's record
+/// fits half a database page).
+#[derive(Serialize)]
+struct SubjectRef<'a> {
+    token_sha256: String,
+    kid: &'a str,
+}
+
+impl<'a> SubjectRef<'a> {
+    fn of(v: &'a VerifiedIdToken) -> Self {
+        SubjectRef {
+            token_sha256: hex::encode(v.token_sha256),
+            kid: &v.kid,
+        }
+    }
+}
+
+/// The claims that identify the job, for audit records that do not carry
+/// the claims themselves. No token, no secret.
 #[derive(Serialize)]
 struct SubjectSummary<'a> {
     iss: &'a str,
@@ -410,7 +429,7 @@ struct GrantDetail<'a> {
     expires_at: i64,
     matched: &'a [MatchedBinding],
     condition_checked: bool,
-    subject: SubjectSummary<'a>,
+    subject: SubjectRef<'a>,
     /// Every verified claim, so `policy diff` can replay the request.
     claims: &'a GitLabClaims,
     request: RequestSummary<'a>,

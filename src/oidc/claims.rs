@@ -180,7 +180,7 @@ pub struct GitLabClaims {
     /// Issued-at. Required: the maximum token age is measured from it.
     pub iat: NumericDate,
     /// Not-before (GitLab sets `iat - 5`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<NumericDate>,
     /// Unique token id (UUID v4); the replay cache keys on it.
     pub jti: String,
@@ -194,29 +194,29 @@ pub struct GitLabClaims {
     /// Full path of that namespace.
     pub namespace_path: String,
     /// Project the job actually runs in (GitLab ≥ 18.4).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_project_id: Option<GitLabId>,
     /// Path of the project the job runs in.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_project_path: Option<String>,
     /// Namespace of the project the job runs in.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_namespace_id: Option<GitLabId>,
     /// Path of that namespace.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_namespace_path: Option<String>,
 
     /// User who triggered the job; GitLab sends `""` when there is none.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_id: Option<String>,
     /// Username (mutable).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_login: Option<String>,
     /// Email (mutable).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_email: Option<String>,
     /// The user's maximum access level on the project, lower-cased.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user_access_level: Option<String>,
 
     /// Pipeline id.
@@ -231,7 +231,7 @@ pub struct GitLabClaims {
     /// Whether `ref` is a branch or a tag.
     pub ref_type: RefType,
     /// Fully qualified ref (`refs/heads/main`), GitLab ≥ 16.0.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ref_path: Option<String>,
     /// Whether the ref is protected.
     pub ref_protected: StrBool,
@@ -239,38 +239,38 @@ pub struct GitLabClaims {
     pub sha: String,
 
     /// Environment name, when the job has `environment:`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment: Option<String>,
     /// Whether that environment is protected.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment_protected: Option<StrBool>,
     /// `production`, `staging`, `testing`, `development` or `other`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment_tier: Option<String>,
     /// `start`, `prepare`, `stop`, `verify` or `access`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub environment_action: Option<String>,
 
     /// Runner id: the one integer-typed custom claim.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_id: Option<i64>,
     /// `gitlab-hosted` or `self-hosted`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runner_environment: Option<String>,
     /// `private`, `internal` or `public`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_visibility: Option<String>,
     /// Where the pipeline definition came from; null unless it lives in the same project.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ci_config_ref_uri: Option<String>,
     /// SHA of that definition.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ci_config_sha: Option<String>,
     /// Job source (GitLab ≥ 18.9).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job_source: Option<String>,
     /// Direct group memberships, only behind a GitLab feature flag.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups_direct: Option<Vec<String>>,
 }
 
