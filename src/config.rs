@@ -47,6 +47,75 @@ pub struct Config {
     /// The tamper-evident audit log: checkpoints, sinks, fail-closed mode.
     #[serde(default)]
     pub audit: AuditConfig,
+    /// Downstream credential providers by name (policies name one in their grant).
+    #[serde(default)]
+    pub providers: BTreeMap<String, ProviderConfig>,
+}
+
+/// `[providers.<name>]`: where downstream credentials are minted.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ProviderConfig {
+    /// GitLab project access tokens, minted through the REST API.
+    Gitlab(GitLabProviderConfig),
+}
+
+/// `[providers.<name>] kind = "gitlab"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitLabProviderConfig {
+    /// The GitLab instance (`https://gitlab.example.com`); the API is `<url>/api/v4`.
+    pub url: Url,
+    /// Environment variable holding cistern's own GitLab credential (a
+    /// personal or service-account access token with `api` scope).
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// File holding it instead (mode 0600); exactly one of the two.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Highest access level a policy may ask for (10 Guest .. 50 Owner).
+    #[serde(default = "defaults::gitlab_max_access_level")]
+    pub max_access_level: u8,
+    /// Scopes policies may grant (GitLab's resource-token scopes).
+    #[serde(default = "defaults::gitlab_scopes")]
+    pub scopes: Vec<String>,
+    /// Bound on each API call.
+    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries of a call that failed with 429, 5xx or a transport error.
+    #[serde(default = "defaults::gitlab_max_retries")]
+    pub max_retries: u32,
+    /// Allow plain http to a loopback GitLab (tests, local mocks).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+    /// How often managed projects are listed to revoke marked tokens that
+    /// are past their lifetime or unknown to the store.
+    #[serde(default = "defaults::gitlab_reconcile_interval", with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+}
+
+/// What a provider lets policies ask for: the ceiling over downstream grants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderLimits {
+    /// Provider kind (`gitlab`).
+    pub kind: &'static str,
+    /// Highest access level.
+    pub max_access_level: u8,
+    /// Grantable scopes.
+    pub scopes: Vec<String>,
+}
+
+impl ProviderConfig {
+    /// The limits policies are compiled against.
+    pub fn limits(&self) -> ProviderLimits {
+        match self {
+            ProviderConfig::Gitlab(g) => ProviderLimits {
+                kind: "gitlab",
+                max_access_level: g.max_access_level,
+                scopes: g.scopes.clone(),
+            },
+        }
+    }
 }
 
 /// `[audit]`
@@ -348,6 +417,9 @@ pub struct CeilingConfig {
     /// (`project_id` ≠ `job_project_id`). Off: such opt-ins are refused at load.
     #[serde(default)]
     pub allow_fork_opt_in: bool,
+    /// Filled from `[providers]` at load: what downstream grants may ask for.
+    #[serde(skip)]
+    pub providers: BTreeMap<String, ProviderLimits>,
 }
 
 /// `[log]`
@@ -391,6 +463,18 @@ mod defaults {
     }
     pub(super) fn max_body_bytes() -> usize {
         64 * 1024
+    }
+    pub(super) fn gitlab_max_access_level() -> u8 {
+        30
+    }
+    pub(super) fn gitlab_scopes() -> Vec<String> {
+        vec!["read_api".into(), "read_repository".into()]
+    }
+    pub(super) fn gitlab_max_retries() -> u32 {
+        3
+    }
+    pub(super) fn gitlab_reconcile_interval() -> Duration {
+        Duration::from_secs(300)
     }
     pub(super) fn audit_checkpoint_interval() -> Duration {
         Duration::from_secs(10)
@@ -514,6 +598,7 @@ impl Config {
         let source = Source::read(path)?;
         let mut config: Config = source.parse()?;
         config.validate(&source)?;
+        config.fill_provider_limits();
         // `cistern.toml` has the empty path as parent: that is the current directory.
         let base = path
             .parent()
@@ -525,9 +610,18 @@ impl Config {
 
     /// Parses and validates config text (paths stay as written).
     pub fn from_source(source: &Source) -> Result<Self, SourceError> {
-        let config: Config = source.parse()?;
+        let mut config: Config = source.parse()?;
         config.validate(source)?;
+        config.fill_provider_limits();
         Ok(config)
+    }
+
+    fn fill_provider_limits(&mut self) {
+        self.ceiling.providers = self
+            .providers
+            .iter()
+            .map(|(name, p)| (name.clone(), p.limits()))
+            .collect();
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -537,6 +631,12 @@ impl Config {
             }
         };
         join(&mut self.signing.key_dir);
+        for p in self.providers.values_mut() {
+            let ProviderConfig::Gitlab(g) = p;
+            if let Some(f) = &mut g.token_file {
+                join(f);
+            }
+        }
         join(&mut self.policy.dir);
         if let Some(p) = &mut self.server.tls_cert {
             join(p);
@@ -592,6 +692,50 @@ impl Config {
             || self.revocation.poll_interval > Duration::from_secs(60)
         {
             return Err(src.error("revocation.poll_interval", "must be between 10ms and 60s"));
+        }
+        for (name, p) in &self.providers {
+            let ProviderConfig::Gitlab(g) = p;
+            let field = |f: &str| format!("providers.{name}.{f}");
+            if g.url.scheme() != "https"
+                && !(g.url.scheme() == "http" && g.allow_insecure_http && is_loopback_host(&g.url))
+            {
+                return Err(src.error(
+                    &field("url"),
+                    "must be https (http only on loopback with allow_insecure_http)",
+                ));
+            }
+            if g.token_env.is_some() == g.token_file.is_some() {
+                return Err(src.error(
+                    &field("token_env"),
+                    "set exactly one of token_env and token_file",
+                ));
+            }
+            if ![10, 15, 20, 25, 30, 40, 50].contains(&g.max_access_level) {
+                return Err(src.error(
+                    &field("max_access_level"),
+                    "must be a GitLab access level: 10, 15, 20, 25, 30, 40 or 50",
+                ));
+            }
+            if g.scopes.is_empty()
+                || g.scopes.iter().any(|s| !crate::provider::gitlab::is_resource_scope(s))
+            {
+                return Err(src.error(
+                    &field("scopes"),
+                    format!(
+                        "must list GitLab resource-token scopes ({})",
+                        crate::provider::gitlab::RESOURCE_SCOPES.join(", ")
+                    ),
+                ));
+            }
+            if g.timeout.is_zero() || g.timeout > Duration::from_secs(120) {
+                return Err(src.error(&field("timeout"), "must be between 1ms and 120s"));
+            }
+            if g.max_retries > 10 {
+                return Err(src.error(&field("max_retries"), "must be at most 10"));
+            }
+            if g.reconcile_interval < Duration::from_secs(1) {
+                return Err(src.error(&field("reconcile_interval"), "must be at least 1s"));
+            }
         }
         let a = &self.audit;
         if a.checkpoint_interval < Duration::from_millis(100)

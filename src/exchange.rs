@@ -13,14 +13,17 @@ use serde_json::json;
 
 use crate::clock::Clock;
 use crate::metrics::Metrics;
-use crate::mint::{KeyRing, MintError, MintedToken, mint};
+use crate::mint::{KeyRing, MintError, MintedToken, mint, new_jti};
 use crate::oidc::claims::{GitLabClaims, GitLabId};
 use crate::oidc::{Issuers, VerifiedIdToken, VerifyError};
-use crate::policy::{Denial, Grant, MatchedBinding, PolicyStore, RoleRequest, RoleTrace};
+use crate::policy::{
+    CredentialKind, Denial, Grant, MatchedBinding, PolicyStore, RoleRequest, RoleTrace,
+};
+use crate::provider::{MintRequest, ProviderError, Providers};
 use crate::revoke::{BlockGrain, RevocationSet};
 use crate::store::{
-    AuditDetail, AuditEvent, AuditKind, ExchangeRecord, Identity, IssuedToken, ReplayEntry, Store,
-    StoreError,
+    AuditDetail, AuditEvent, AuditKind, DownstreamRecord, ExchangeRecord, Identity, IssuedToken,
+    ReplayEntry, Store, StoreError,
 };
 
 /// What the job asked for.
@@ -55,6 +58,9 @@ pub enum ExchangeError {
     /// The store failed; nothing was issued (a server fault).
     #[error("store failed: {0}")]
     Store(StoreError),
+    /// The downstream provider did not mint the credential.
+    #[error("downstream: {0}")]
+    Downstream(ProviderError),
 }
 
 /// The result of a dry run: what would happen, with nothing issued.
@@ -105,6 +111,8 @@ pub struct Exchanger {
     pub replay_protection: HashMap<String, bool>,
     /// Revoked credentials and offboarding blocks (checked in memory).
     pub revocations: Arc<RevocationSet>,
+    /// Downstream credential providers.
+    pub providers: Providers,
 }
 
 impl Exchanger {
@@ -151,9 +159,29 @@ impl Exchanger {
                 .await?;
             return Err(ExchangeError::Offboarded(grain));
         }
-        let minted = mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms)?;
-        let record = self.record(&verified, req, &grant, &minted, now_ms);
-        match self.store.commit_exchange(record).await {
+        let (minted, downstream) = match grant.kind {
+            CredentialKind::AccessToken => (
+                mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms)?,
+                None,
+            ),
+            CredentialKind::GitlabProjectToken => {
+                match self.mint_downstream(&verified, req, &grant, now_ms).await? {
+                    Some(pair) => (pair.0, Some(pair.1)),
+                    None => return Err(ExchangeError::Replay),
+                }
+            }
+        };
+        let mut record = self.record(&verified, req, &grant, &minted, now_ms);
+        record.downstream = downstream.clone();
+        let outcome = self.store.commit_exchange(record).await;
+        if outcome.is_err()
+            && let Some(d) = downstream
+        {
+            // Not recorded, never handed out: revoke it now (reconciliation
+            // catches it if this fails too).
+            self.revoke_unrecorded(&d, &minted.jti);
+        }
+        match outcome {
             Ok(()) => Ok(minted),
             Err(StoreError::Replay) => {
                 let detail = json!({ "description": "subject_token has already been exchanged", "subject": SubjectRef::of(&verified), "claims": &verified.claims, "request": RequestSummary::of(req) });
@@ -232,6 +260,124 @@ impl Exchanger {
             .blocked(&v.issuer, &project, &namespaces, role)
     }
 
+    /// Mints a downstream credential for the job's project. `None` when the
+    /// ID token was already exchanged (checked before asking the provider,
+    /// so a replayed token cannot make it mint).
+    async fn mint_downstream(
+        &self,
+        v: &VerifiedIdToken,
+        req: &ExchangeRequest,
+        grant: &Grant,
+        now_ms: i64,
+    ) -> Result<Option<(MintedToken, DownstreamRecord)>, ExchangeError> {
+        let c = &v.claims;
+        let replay = self.replay_entry(v);
+        if let Some(entry) = &replay
+            && self
+                .store
+                .replay_consumed(entry)
+                .await
+                .map_err(ExchangeError::Store)?
+        {
+            let detail = json!({ "description": "subject_token has already been exchanged", "subject": SubjectRef::of(v), "claims": &v.claims, "request": RequestSummary::of(req) });
+            self.audit_denied(now_ms, Some(v), req, "replay", detail)
+                .await?;
+            return Ok(None);
+        }
+        let name = grant.provider.as_deref().unwrap_or_default();
+        let provider = self.providers.get(name).ok_or_else(|| {
+            ExchangeError::Downstream(ProviderError::Credential {
+                provider: name.to_owned(),
+                message: "not configured".into(),
+            })
+        })?;
+        let target = c.effective_project_id().to_string();
+        // Durable before the provider is asked: a crash after it mints
+        // leaves a target that reconciliation lists.
+        self.store
+            .note_downstream_target(name, &target, now_ms)
+            .await
+            .map_err(ExchangeError::Store)?;
+        let jti = new_jti(now_ms).ok_or(ExchangeError::Mint(MintError::Time))?;
+        let description = format!(
+            "cistern {role} for job {job} (pipeline {pipeline}, {path}); jti {jti}",
+            role = grant.role,
+            job = c.job_id,
+            pipeline = c.pipeline_id,
+            path = c.job_project_path.as_deref().unwrap_or(&c.project_path),
+        );
+        let minted = provider
+            .mint(&MintRequest {
+                jti: &jti,
+                target: &target,
+                scopes: &grant.scopes,
+                access_level: grant.access_level,
+                ttl: grant.ttl,
+                now_ms,
+                description,
+            })
+            .await;
+        let minted = match minted {
+            Ok(m) => m,
+            Err(e) => {
+                let reason = match &e {
+                    ProviderError::Refused { .. } => "downstream_refused",
+                    ProviderError::Unavailable { .. } => "downstream_unavailable",
+                    _ => "downstream_error",
+                };
+                let detail = json!({ "description": e.to_string(), "provider": name, "target": target, "subject": SubjectRef::of(v), "claims": &v.claims, "request": RequestSummary::of(req) });
+                self.audit_denied(now_ms, Some(v), req, reason, detail)
+                    .await?;
+                return Err(ExchangeError::Downstream(e));
+            }
+        };
+        let now_secs = now_ms.div_euclid(1000);
+        let ttl = i64::try_from(grant.ttl.as_secs()).map_err(|_| MintError::Time)?;
+        let token = MintedToken {
+            access_token: minted.secret.to_string(),
+            jti: jti.clone(),
+            issued_at: now_secs,
+            expires_at: now_secs.saturating_add(ttl),
+            scope: grant.scopes.join(" "),
+            audience: grant.audience.to_string(),
+            kid: String::new(),
+        };
+        let record = DownstreamRecord {
+            provider: name.to_owned(),
+            target,
+            external_id: minted.external_id,
+            provider_expires_at_ms: minted.provider_expires_at_ms,
+        };
+        Ok(Some((token, record)))
+    }
+
+    /// Revokes a minted but unrecorded downstream credential, in the
+    /// background (the caller is already failing).
+    fn revoke_unrecorded(&self, d: &DownstreamRecord, jti: &str) {
+        let Some(provider) = self.providers.get(&d.provider).cloned() else {
+            return;
+        };
+        let (target, id, jti) = (d.target.clone(), d.external_id.clone(), jti.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = provider.revoke(&target, &id).await {
+                tracing::error!(error = %e, jti = %jti, "revoking an unrecorded downstream credential failed; reconciliation will retry");
+            }
+        });
+    }
+
+    fn replay_entry(&self, v: &VerifiedIdToken) -> Option<ReplayEntry> {
+        let c = &v.claims;
+        self.replay_protection
+            .get(&*v.issuer)
+            .copied()
+            .unwrap_or(true)
+            .then(|| ReplayEntry {
+                issuer: v.issuer.to_string(),
+                jti: c.jti.clone(),
+                expires_at_ms: c.exp.0.saturating_mul(1000),
+            })
+    }
+
     fn record(
         &self,
         v: &VerifiedIdToken,
@@ -241,16 +387,7 @@ impl Exchanger {
         now_ms: i64,
     ) -> ExchangeRecord {
         let c = &v.claims;
-        let replay = self
-            .replay_protection
-            .get(&*v.issuer)
-            .copied()
-            .unwrap_or(true)
-            .then(|| ReplayEntry {
-                issuer: v.issuer.to_string(),
-                jti: c.jti.clone(),
-                expires_at_ms: c.exp.0.saturating_mul(1000),
-            });
+        let replay = self.replay_entry(v);
         let identity = Identity {
             issuer: v.issuer.to_string(),
             project_id: c.effective_project_id().to_string(),
@@ -304,6 +441,7 @@ impl Exchanger {
             identity,
             token,
             audit,
+            downstream: None,
         }
     }
 

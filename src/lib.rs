@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod mint;
 pub mod oidc;
 pub mod policy;
+pub mod provider;
 pub mod revoke;
 pub mod source;
 pub mod store;

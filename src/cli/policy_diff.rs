@@ -519,6 +519,7 @@ ttl = "10m"
             scopes: vec!["*:*".into()],
             audiences: vec![],
             allow_fork_opt_in: false,
+            providers: Default::default(),
         }
     }
 

@@ -117,7 +117,11 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
         .await
         .context("loading revocation rules and offboarding blocks")?;
     tracing::info!(rules = loaded, "revocation set loaded");
+    let providers = crate::provider::Providers::from_config(&config.providers)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .context("downstream credential providers ([providers])")?;
     let exchanger = Arc::new(Exchanger {
+        providers,
         issuers: issuers.clone(),
         policies: policies.clone(),
         keys,
@@ -253,6 +257,19 @@ fn spawn_background(config: &Config, built: &Built) {
         .spawn_poller(config.revocation.poll_interval);
 
     let ex = built.state.exchanger.clone();
+    if !ex.providers.is_empty() {
+        let reaper = Arc::new(crate::provider::reaper::Reaper {
+            store: ex.store.clone(),
+            providers: ex.providers.clone(),
+            revocations: ex.revocations.clone(),
+            clock: ex.clock.clone(),
+        });
+        tokio::spawn(reaper.clone().run());
+        for (name, p) in &config.providers {
+            let crate::config::ProviderConfig::Gitlab(g) = p;
+            tokio::spawn(reaper.clone().run_reconcile(name.clone(), g.reconcile_interval));
+        }
+    }
     tokio::spawn(checkpoint::run(
         ex.store.clone(),
         ex.keys.clone(),

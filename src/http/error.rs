@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::exchange::ExchangeError;
+use crate::provider::ProviderError;
 use crate::oidc::VerifyError;
 use crate::policy::Denial;
 
@@ -166,6 +167,17 @@ impl From<&ExchangeError> for AppError {
                 OAuthCode::TemporarilyUnavailable,
                 "the audit log cannot record this request right now; try again later",
             ),
+            ExchangeError::Downstream(ProviderError::Refused { status, .. }) => AppError::new(
+                OAuthCode::InvalidTarget,
+                format!(
+                    "the downstream service refused to issue a credential for this project ({status}); ask the role's owner"
+                ),
+            ),
+            ExchangeError::Downstream(ProviderError::Unavailable { .. }) => AppError::new(
+                OAuthCode::TemporarilyUnavailable,
+                "the downstream service is unavailable; try again later",
+            ),
+            ExchangeError::Downstream(_) => AppError::internal(),
             ExchangeError::Mint(_) | ExchangeError::Store(_) => AppError::internal(),
         }
     }

@@ -34,6 +34,8 @@ pub fn grant(audience: &str, ttl: Duration) -> Grant {
         audience: Arc::from(audience),
         scopes: vec!["deploy:write".to_owned(), "artifacts:read".to_owned()],
         ttl,
+        provider: None,
+        access_level: 0,
         matched: Vec::new(),
         condition_checked: false,
         _proof: (),

@@ -17,5 +17,5 @@ pub mod verify;
 pub mod fixtures;
 
 pub use keys::{JwsError, KeyError, KeyRing, PublishedKeys, Rotation};
-pub use token::{MintError, MintedToken, mint};
+pub use token::{MintError, MintedToken, mint, new_jti};
 pub use verify::{AccessTokenClaims, OwnTokenError, PipelineClaims, verify_access_token};

@@ -49,6 +49,16 @@ impl fmt::Debug for MintedToken {
     }
 }
 
+/// A credential id: a UUID v7 from the injected clock to the millisecond,
+/// so the store's key on issued credentials grows at one edge (index
+/// locality) and the issue time can be read back from it; 74 random bits.
+/// `None` for a time before the epoch.
+pub fn new_jti(now_ms: i64) -> Option<String> {
+    let unix_secs = u64::try_from(now_ms.div_euclid(1000)).ok()?;
+    let nanos = u32::try_from(now_ms.rem_euclid(1000) * 1_000_000).ok()?;
+    Some(Uuid::new_v7(Timestamp::from_unix(NoContext, unix_secs, nanos)).to_string())
+}
+
 /// Why a token could not be minted.
 #[derive(Debug, thiserror::Error)]
 pub enum MintError {
@@ -124,11 +134,7 @@ pub fn mint(
     let now_secs = now_ms.div_euclid(1000);
     let ttl = i64::try_from(grant.ttl.as_secs()).map_err(|_| MintError::Time)?;
     let expires_at = now_secs.checked_add(ttl).ok_or(MintError::Time)?;
-    let unix_secs = u64::try_from(now_secs).map_err(|_| MintError::Time)?;
-    let nanos = u32::try_from(now_ms.rem_euclid(1000) * 1_000_000).map_err(|_| MintError::Time)?;
-    // v7 from the injected clock to the millisecond: the store's key on
-    // issued credentials grows at one edge (index locality); 74 random bits.
-    let jti = Uuid::new_v7(Timestamp::from_unix(NoContext, unix_secs, nanos)).to_string();
+    let jti = new_jti(now_ms).ok_or(MintError::Time)?;
 
     let c = &token.claims;
     let subject = format!("{}:project:{}", token.issuer, c.effective_project_id());

@@ -42,7 +42,15 @@ struct PolicySpec {
 #[serde(deny_unknown_fields)]
 struct GrantSpec {
     kind: CredentialKind,
+    /// Required for `access_token`; not used by downstream kinds.
+    #[serde(default)]
     audience: String,
+    /// The provider of a downstream kind (`[providers.<name>]`).
+    #[serde(default)]
+    provider: Option<String>,
+    /// GitLab access level of a `gitlab_project_token` (default 20, Reporter).
+    #[serde(default)]
+    access_level: Option<u8>,
     scopes: Vec<String>,
     #[serde(with = "humantime_serde")]
     ttl: Duration,
@@ -94,6 +102,8 @@ pub struct CompiledPolicy {
     audience: Arc<str>,
     scopes: Vec<String>,
     ttl: Duration,
+    provider: Option<Arc<str>>,
+    access_level: u8,
 }
 
 impl CompiledPolicy {
@@ -150,6 +160,13 @@ impl CompiledPolicy {
 
     pub(crate) fn audience_arc(&self) -> &Arc<str> {
         &self.audience
+    }
+    pub(crate) fn provider_arc(&self) -> Option<&Arc<str>> {
+        self.provider.as_ref()
+    }
+    /// The access level of a GitLab grant (0 for other kinds).
+    pub fn access_level(&self) -> u8 {
+        self.access_level
     }
     pub(crate) fn role_arc(&self) -> &Arc<str> {
         &self.role
@@ -490,44 +507,20 @@ pub(crate) fn compile(
     };
 
     let g = &spec.grant;
-    if g.audience.is_empty() || g.audience.contains(char::is_whitespace) {
-        err(
-            "grant.audience",
-            "must be non-empty and contain no whitespace".to_owned(),
-        );
-    } else if !env.ceiling.audiences.is_empty()
-        && !env
-            .ceiling
-            .audiences
-            .iter()
-            .any(|p| glob::matches(p, &g.audience, glob::AUDIENCE_SEPARATORS))
-    {
-        err(
-            "grant.audience",
-            format!("{:?} is not allowed by ceiling.audiences", g.audience),
-        );
-    }
-    if g.scopes.is_empty() {
-        err("grant.scopes", "list at least one scope".to_owned());
-    }
-    for (i, s) in g.scopes.iter().enumerate() {
-        if s.is_empty() || s.contains(char::is_whitespace) {
-            err(
-                "grant.scopes",
-                format!("entry {i} {s:?}: scopes are non-empty and contain no whitespace"),
-            );
-        } else if g.scopes[..i].contains(s) {
-            err("grant.scopes", format!("entry {i} {s:?} is listed twice"));
-        } else if !env
-            .ceiling
-            .scopes
-            .iter()
-            .any(|p| glob::matches(p, s, glob::SCOPE_SEPARATORS))
-        {
-            err(
-                "grant.scopes",
-                format!("entry {i} {s:?} is not allowed by ceiling.scopes"),
-            );
+    let mut audience = g.audience.clone();
+    let mut access_level = 0u8;
+    match g.kind {
+        CredentialKind::AccessToken => {
+            check_access_token_grant(g, env, &mut err);
+        }
+        CredentialKind::GitlabProjectToken => {
+            match check_gitlab_grant(g, env, &mut err) {
+                Some((name, level)) => {
+                    audience = format!("gitlab:{name}");
+                    access_level = level;
+                }
+                None => audience = "gitlab".to_owned(),
+            }
         }
     }
     if g.ttl.is_zero() {
@@ -556,7 +549,9 @@ pub(crate) fn compile(
         bindings,
         condition,
         kind: spec.grant.kind,
-        audience: spec.grant.audience.into(),
+        provider: spec.grant.provider.as_deref().map(Arc::from),
+        access_level,
+        audience: audience.into(),
         scopes: spec.grant.scopes,
         ttl: spec.grant.ttl,
     })
@@ -630,6 +625,115 @@ fn parse_matcher(claim: ClaimName, value: &toml::Value) -> Result<Matcher, Strin
                 return Err(format!("{bad:?}: ref_type is \"branch\" or \"tag\""));
             }
             Ok(Matcher::Str(pats))
+        }
+    }
+}
+
+/// `[grant]` of an `access_token`: audience and scopes within the ceiling.
+fn check_access_token_grant(g: &GrantSpec, env: &CompileEnv<'_>, err: &mut impl FnMut(&str, String)) {
+    if g.provider.is_some() {
+        err("grant.provider", "only downstream kinds name a provider".to_owned());
+    }
+    if g.access_level.is_some() {
+        err("grant.access_level", "only gitlab_project_token has an access level".to_owned());
+    }
+    if g.audience.is_empty() || g.audience.contains(char::is_whitespace) {
+        err(
+            "grant.audience",
+            "must be non-empty and contain no whitespace".to_owned(),
+        );
+    } else if !env.ceiling.audiences.is_empty()
+        && !env
+            .ceiling
+            .audiences
+            .iter()
+            .any(|p| glob::matches(p, &g.audience, glob::AUDIENCE_SEPARATORS))
+    {
+        err(
+            "grant.audience",
+            format!("{:?} is not allowed by ceiling.audiences", g.audience),
+        );
+    }
+    check_scope_list(g, err, |s| {
+        env.ceiling
+            .scopes
+            .iter()
+            .any(|p| glob::matches(p, s, glob::SCOPE_SEPARATORS))
+            .then_some(())
+            .ok_or_else(|| "is not allowed by ceiling.scopes".to_owned())
+    });
+}
+
+/// `[grant]` of a `gitlab_project_token`: a configured gitlab provider,
+/// scopes and access level within its limits. Returns the provider name
+/// and the access level.
+fn check_gitlab_grant(
+    g: &GrantSpec,
+    env: &CompileEnv<'_>,
+    err: &mut impl FnMut(&str, String),
+) -> Option<(String, u8)> {
+    if !g.audience.is_empty() {
+        err(
+            "grant.audience",
+            "not used by gitlab_project_token (the token is for the GitLab API)".to_owned(),
+        );
+    }
+    let Some(name) = &g.provider else {
+        err("grant.provider", "name a [providers.<name>] of kind gitlab".to_owned());
+        return None;
+    };
+    let Some(limits) = env.ceiling.providers.get(name).filter(|l| l.kind == "gitlab") else {
+        err(
+            "grant.provider",
+            format!("{name:?} is not a configured gitlab provider"),
+        );
+        return None;
+    };
+    let level = g.access_level.unwrap_or(20);
+    if ![10, 15, 20, 25, 30, 40, 50].contains(&level) {
+        err(
+            "grant.access_level",
+            "must be a GitLab access level: 10, 15, 20, 25, 30, 40 or 50".to_owned(),
+        );
+    } else if level > limits.max_access_level {
+        err(
+            "grant.access_level",
+            format!(
+                "{level} exceeds providers.{name}.max_access_level ({})",
+                limits.max_access_level
+            ),
+        );
+    }
+    check_scope_list(g, err, |s| {
+        limits
+            .scopes
+            .iter()
+            .any(|p| p == s)
+            .then_some(())
+            .ok_or_else(|| format!("is not allowed by providers.{name}.scopes"))
+    });
+    Some((name.clone(), level))
+}
+
+/// Non-empty, no whitespace, no duplicates, each admitted by `allowed`.
+fn check_scope_list(
+    g: &GrantSpec,
+    err: &mut impl FnMut(&str, String),
+    allowed: impl Fn(&str) -> Result<(), String>,
+) {
+    if g.scopes.is_empty() {
+        err("grant.scopes", "list at least one scope".to_owned());
+    }
+    for (i, s) in g.scopes.iter().enumerate() {
+        if s.is_empty() || s.contains(char::is_whitespace) {
+            err(
+                "grant.scopes",
+                format!("entry {i} {s:?}: scopes are non-empty and contain no whitespace"),
+            );
+        } else if g.scopes[..i].contains(s) {
+            err("grant.scopes", format!("entry {i} {s:?} is listed twice"));
+        } else if let Err(why) = allowed(s) {
+            err("grant.scopes", format!("entry {i} {s:?} {why}"));
         }
     }
 }

@@ -54,6 +54,9 @@ use std::time::Duration;
 pub enum CredentialKind {
     /// cistern's own signed JWT access token (RFC 9068).
     AccessToken,
+    /// A GitLab project access token for the project the job runs in,
+    /// minted by a configured `gitlab` provider, revoked when `ttl` ends.
+    GitlabProjectToken,
 }
 
 impl CredentialKind {
@@ -61,6 +64,7 @@ impl CredentialKind {
     pub fn as_str(self) -> &'static str {
         match self {
             CredentialKind::AccessToken => "access_token",
+            CredentialKind::GitlabProjectToken => "gitlab_project_token",
         }
     }
 }
@@ -96,6 +100,10 @@ pub struct Grant {
     pub scopes: Vec<String>,
     /// Lifetime of the minted credential (already bounded by the ceiling).
     pub ttl: Duration,
+    /// For a downstream credential: the provider that mints it.
+    pub provider: Option<Arc<str>>,
+    /// For a GitLab token: the access level (10 Guest .. 50 Owner).
+    pub access_level: u8,
     /// The bindings that matched, for the audit record.
     pub matched: Vec<MatchedBinding>,
     /// Whether a CEL condition was evaluated (and was true).

@@ -349,6 +349,8 @@ fn grant(
         audience: Arc::clone(p.audience_arc()),
         scopes,
         ttl: p.grant_ttl(),
+        provider: p.provider_arc().cloned(),
+        access_level: p.access_level(),
         matched: p.matched(claims),
         condition_checked: p.has_condition(),
         _proof: (),

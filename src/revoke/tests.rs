@@ -252,6 +252,7 @@ fn exchange(
             reason: None,
             detail: json!({ "jti": jti }).into(),
         },
+        downstream: None,
     }
 }
 

@@ -193,6 +193,30 @@ pub struct AuditEvent {
     pub detail: AuditDetail,
 }
 
+/// Where a downstream credential lives and how to revoke it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DownstreamRecord {
+    /// Configured provider name.
+    pub provider: String,
+    /// Where it was minted (a GitLab project id).
+    pub target: String,
+    /// The provider's id for it.
+    pub external_id: String,
+    /// When the provider itself would expire it (ms).
+    pub provider_expires_at_ms: i64,
+}
+
+/// A downstream credential not yet revoked, with what it was issued to.
+#[derive(Debug, Clone)]
+pub struct OutstandingDownstream {
+    /// The identity it was issued to.
+    pub identity: Identity,
+    /// The credential as recorded (`expires_at_ms` is cistern's lifetime).
+    pub token: IssuedToken,
+    /// Where it lives.
+    pub downstream: DownstreamRecord,
+}
+
 /// A granted exchange, recorded atomically: the replay entry (if replay
 /// protection is on), the credential, the identity sighting and the audit
 /// event all land, or none does.
@@ -206,6 +230,8 @@ pub struct ExchangeRecord {
     pub token: IssuedToken,
     /// The audit event (`exchange_granted`).
     pub audit: AuditEvent,
+    /// For a downstream credential: where it lives (kept until revoked).
+    pub downstream: Option<DownstreamRecord>,
 }
 
 /// A row of the audit log as stored.
@@ -338,6 +364,48 @@ pub trait Store: Send + Sync + 'static {
 
     /// One issued credential by its `jti`.
     async fn issued_token(&self, jti: &str) -> Result<Option<(Identity, IssuedToken)>, StoreError>;
+
+    // --- downstream credentials ---
+
+    /// Downstream credentials not yet revoked, soonest expiry first, at
+    /// most `limit`.
+    async fn outstanding_downstream(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<OutstandingDownstream>, StoreError>;
+
+    /// Records that a downstream credential was revoked at the provider
+    /// (`cause`: `expired`, `revoked`, `reconciled`), with its audit event,
+    /// in one transaction. A second call for the same jti changes nothing.
+    async fn downstream_revoked(
+        &self,
+        jti: &str,
+        at_ms: i64,
+        cause: &str,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+
+    /// Notes (durably, before minting) that `provider` may hold credentials
+    /// on `target`.
+    async fn note_downstream_target(
+        &self,
+        provider: &str,
+        target: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError>;
+
+    /// Every target noted for `provider`.
+    async fn downstream_targets(&self, provider: &str) -> Result<Vec<String>, StoreError>;
+
+    /// Whether an ID token's `jti` was already exchanged (a read, before a
+    /// downstream mint; the commit still enforces it).
+    async fn replay_consumed(&self, entry: &ReplayEntry) -> Result<bool, StoreError>;
+
+    /// A downstream credential by `jti`, with when it was revoked (if it was).
+    async fn downstream(
+        &self,
+        jti: &str,
+    ) -> Result<Option<(OutstandingDownstream, Option<i64>)>, StoreError>;
 
     // --- the audit chain ---
 

@@ -10,7 +10,9 @@ use crate::revoke::{
     Block, BlockGrain, Grain, NewRevocation, RevocationRule, StoredBlock, StoredRevocation,
     block_audit, revocation_audit,
 };
-use crate::store::{AuditKind, Identity, IssuedToken, StoreError};
+use crate::store::{
+    AuditKind, DownstreamRecord, Identity, IssuedToken, OutstandingDownstream, StoreError,
+};
 
 /// A lifecycle write. Each is one request of a writer batch; the writer's
 /// reply carries the rule id, or the number of rows changed.
@@ -319,4 +321,61 @@ fn token_row(row: &Row<'_>) -> rusqlite::Result<(Identity, IssuedToken)> {
             git_ref: row.get(16)?,
         },
     ))
+}
+
+const DOWNSTREAM_COLUMNS: &str = "t.issuer, t.project_id, t.namespace_id, t.role, t.project_path,
+    t.namespace_path, t.owner, t.jti, t.kind, t.audience, t.scope, t.issued_at_ms,
+    t.expires_at_ms, t.subject_jti, t.pipeline_id, t.job_id, t.git_ref,
+    d.provider, d.target, d.external_id, d.provider_expires_at_ms, d.revoked_at_ms";
+
+fn downstream_row(row: &Row<'_>) -> rusqlite::Result<(OutstandingDownstream, Option<i64>)> {
+    let (identity, token) = token_row(row)?;
+    Ok((
+        OutstandingDownstream {
+            identity,
+            token,
+            downstream: DownstreamRecord {
+                provider: row.get(17)?,
+                target: row.get(18)?,
+                external_id: row.get(19)?,
+                provider_expires_at_ms: row.get(20)?,
+            },
+        },
+        row.get(21)?,
+    ))
+}
+
+/// Downstream credentials not yet revoked, soonest expiry first.
+pub(super) fn outstanding_downstream(
+    conn: &Connection,
+    limit: usize,
+) -> Result<Vec<OutstandingDownstream>, StoreError> {
+    let err = |e| db_err("read outstanding downstream credentials", e);
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {DOWNSTREAM_COLUMNS}
+             FROM downstream_credentials d JOIN issued_tokens t ON t.jti = d.jti
+             WHERE d.revoked_at_ms IS NULL ORDER BY d.expires_at_ms LIMIT ?1"
+        ))
+        .map_err(err)?;
+    let rows = stmt
+        .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], downstream_row)
+        .map_err(err)?;
+    rows.map(|r| r.map(|(o, _)| o))
+        .collect::<Result<_, _>>()
+        .map_err(err)
+}
+
+/// One downstream credential by `jti`.
+pub(super) fn downstream(
+    conn: &Connection,
+    jti: &str,
+) -> Result<Option<(OutstandingDownstream, Option<i64>)>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT {DOWNSTREAM_COLUMNS}
+         FROM downstream_credentials d JOIN issued_tokens t ON t.jti = d.jti
+         WHERE d.jti = ?1"
+    ))
+    .and_then(|mut s| s.query_row([jti], downstream_row).optional())
+    .map_err(|e| db_err("read downstream credential", e))
 }

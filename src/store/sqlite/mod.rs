@@ -56,8 +56,8 @@ use crate::audit::sink::Sink;
 use crate::config::Synchronous;
 use crate::revoke::{Block, NewRevocation, RevocationRule, StoredBlock, StoredRevocation};
 use crate::store::{
-    AuditEvent, AuditStatus, ExchangeRecord, Identity, IssuedToken, Store, StoreError, StoredAudit,
-    StoredIdentity,
+    AuditEvent, AuditStatus, ExchangeRecord, Identity, IssuedToken, OutstandingDownstream,
+    ReplayEntry, Store, StoreError, StoredAudit, StoredIdentity,
 };
 
 /// Queued writes before callers wait: a few full batches, so the writer
@@ -328,6 +328,80 @@ impl Store for SqliteStore {
 
     async fn audit_head(&self) -> Result<AuditStatus, StoreError> {
         self.read(read::audit_head).await
+    }
+
+    async fn outstanding_downstream(
+        &self,
+        limit: usize,
+    ) -> Result<Vec<OutstandingDownstream>, StoreError> {
+        self.read(move |conn| lifecycle::outstanding_downstream(conn, limit))
+            .await
+    }
+
+    async fn downstream_revoked(
+        &self,
+        jti: &str,
+        at_ms: i64,
+        cause: &str,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::DownstreamRevoked {
+            jti: jti.to_owned(),
+            at_ms,
+            cause: cause.to_owned(),
+            audit,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn note_downstream_target(
+        &self,
+        provider: &str,
+        target: &str,
+        at_ms: i64,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::DownstreamTarget {
+            provider: provider.to_owned(),
+            target: target.to_owned(),
+            at_ms,
+        })
+        .await
+        .map(drop)
+    }
+
+    async fn downstream_targets(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        let provider = provider.to_owned();
+        self.read(move |conn| {
+            conn.prepare_cached("SELECT target FROM downstream_targets WHERE provider = ?1")
+                .and_then(|mut s| {
+                    s.query_map([provider], |r| r.get(0))?
+                        .collect::<Result<Vec<String>, _>>()
+                })
+                .map_err(|e| db_err("read downstream targets", e))
+        })
+        .await
+    }
+
+    async fn replay_consumed(&self, entry: &ReplayEntry) -> Result<bool, StoreError> {
+        let e = entry.clone();
+        self.read(move |conn| {
+            conn.prepare_cached(
+                "SELECT 1 FROM replay WHERE expires_at_ms = ?1 AND issuer = ?2 AND jti = ?3",
+            )
+            .and_then(|mut s| s.exists(rusqlite::params![e.expires_at_ms, e.issuer, e.jti]))
+            .map_err(|err| db_err("read replay", err))
+        })
+        .await
+    }
+
+    async fn downstream(
+        &self,
+        jti: &str,
+    ) -> Result<Option<(OutstandingDownstream, Option<i64>)>, StoreError> {
+        let jti = jti.to_owned();
+        self.read(move |conn| lifecycle::downstream(conn, &jti))
+            .await
     }
 
     async fn sweep_expired(&self, now_ms: i64, limit: u32) -> Result<u64, StoreError> {

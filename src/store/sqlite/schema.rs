@@ -27,6 +27,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (2, MIGRATION_2),
     (3, MIGRATION_3),
     (4, MIGRATION_4),
+    (5, MIGRATION_5),
 ];
 
 /// The initial schema. Times are integer milliseconds since the epoch, ids
@@ -217,6 +218,33 @@ CREATE TABLE expiry_sweep (
     expires_at_ms INTEGER NOT NULL,
     jti           TEXT    NOT NULL
 );
+";
+
+/// Downstream credentials (GitLab access tokens, …): where each lives and
+/// whether the provider has revoked it. Outstanding ones (no
+/// `revoked_at_ms`) are what the reaper walks, soonest expiry first.
+/// `downstream_targets` is written *before* a provider is asked to mint
+/// on a target, so reconciliation lists every place a credential could be,
+/// even one minted just before a crash.
+const MIGRATION_5: &str = "
+CREATE TABLE downstream_credentials (
+    jti                    TEXT    NOT NULL PRIMARY KEY,
+    provider               TEXT    NOT NULL,
+    target                 TEXT    NOT NULL,
+    external_id            TEXT    NOT NULL,
+    provider_expires_at_ms INTEGER NOT NULL,
+    expires_at_ms          INTEGER NOT NULL,
+    revoked_at_ms          INTEGER,
+    revoke_cause           TEXT
+) WITHOUT ROWID;
+CREATE INDEX downstream_outstanding ON downstream_credentials (expires_at_ms)
+    WHERE revoked_at_ms IS NULL;
+CREATE TABLE downstream_targets (
+    provider    TEXT    NOT NULL,
+    target      TEXT    NOT NULL,
+    first_at_ms INTEGER NOT NULL,
+    PRIMARY KEY (provider, target)
+) WITHOUT ROWID;
 ";
 
 /// Creates the missing parent directories (0700) and the database file

@@ -48,6 +48,20 @@ pub(super) enum WriteOp {
         now_ms: i64,
         limit: u32,
     },
+    /// A target a provider is about to mint on.
+    DownstreamTarget {
+        provider: String,
+        target: String,
+        at_ms: i64,
+    },
+    /// A downstream credential was revoked at its provider: mark it and
+    /// audit it (once). Replies 1 when this call marked it.
+    DownstreamRevoked {
+        jti: String,
+        at_ms: i64,
+        cause: String,
+        audit: AuditEvent,
+    },
 }
 
 /// Where audit records go besides the store, and what a sink failure means.
@@ -363,6 +377,36 @@ fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, 
         WriteOp::Audit(event) => chain.append(conn, event).map(|()| 0),
         WriteOp::Checkpoint(line) => chain.checkpoint(conn, line),
         WriteOp::SweepExpired { now_ms, limit } => sweep_expired(conn, chain, *now_ms, *limit),
+        WriteOp::DownstreamTarget {
+            provider,
+            target,
+            at_ms,
+        } => conn
+            .prepare_cached(
+                "INSERT INTO downstream_targets (provider, target, first_at_ms)
+                 VALUES (?1, ?2, ?3) ON CONFLICT DO NOTHING",
+            )
+            .and_then(|mut s| s.execute(params![provider, target, at_ms]))
+            .map(|n| n as u64)
+            .map_err(|e| db_err("note downstream target", e)),
+        WriteOp::DownstreamRevoked {
+            jti,
+            at_ms,
+            cause,
+            audit,
+        } => {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE downstream_credentials SET revoked_at_ms = ?2, revoke_cause = ?3
+                     WHERE jti = ?1 AND revoked_at_ms IS NULL",
+                )
+                .and_then(|mut s| s.execute(params![jti, at_ms, cause]))
+                .map_err(|e| db_err("mark downstream revoked", e))?;
+            if n > 0 {
+                chain.append(conn, audit)?;
+            }
+            Ok(n as u64)
+        }
         WriteOp::PruneReplay { now_ms } => conn
             .prepare_cached("DELETE FROM replay WHERE expires_at_ms < ?1")
             .and_then(|mut s| s.execute([now_ms]))
@@ -421,6 +465,24 @@ fn insert_exchange(
         ])
     })
     .map_err(|e| db_err("insert issued token", e))?;
+    if let Some(d) = &record.downstream {
+        conn.prepare_cached(
+            "INSERT INTO downstream_credentials (jti, provider, target, external_id,
+                 provider_expires_at_ms, expires_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )
+        .and_then(|mut s| {
+            s.execute(params![
+                t.jti,
+                d.provider,
+                d.target,
+                d.external_id,
+                d.provider_expires_at_ms,
+                t.expires_at_ms
+            ])
+        })
+        .map_err(|e| db_err("insert downstream credential", e))?;
+    }
     chain.append(conn, &record.audit)
 }
 

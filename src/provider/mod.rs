@@ -1,0 +1,167 @@
+//! Stage 3b — downstream credentials: real credentials minted for one job
+//! by the system the job needs (GitLab, an IdP), revoked when their
+//! lifetime ends.
+//!
+//! A provider is one file behind [`CredentialProvider`]: mint for a grant,
+//! revoke by the handle it returned, list what carries cistern's mark (for
+//! reconciliation). [`reaper`] revokes credentials whose lifetime ended or
+//! that a revocation rule covers, and reconciles what the provider holds
+//! against the store.
+
+pub mod gitlab;
+pub mod reaper;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use zeroize::Zeroizing;
+
+use crate::config::ProviderConfig;
+
+/// What to mint, for which job.
+#[derive(Debug, Clone)]
+pub struct MintRequest<'a> {
+    /// cistern's id for the credential (a UUID v7): its mark downstream.
+    pub jti: &'a str,
+    /// Where it is minted (a GitLab project id).
+    pub target: &'a str,
+    /// Scopes, already within the provider's limits.
+    pub scopes: &'a [String],
+    /// Access level (GitLab), already within the provider's limits.
+    pub access_level: u8,
+    /// The lifetime cistern enforces.
+    pub ttl: Duration,
+    /// Now (ms since the epoch).
+    pub now_ms: i64,
+    /// Who it is for, for the credential's description downstream.
+    pub description: String,
+}
+
+/// A minted downstream credential.
+pub struct Minted {
+    /// The secret. Handed to the job once; never logged or stored.
+    pub secret: Zeroizing<String>,
+    /// The provider's id for it (what revoking needs).
+    pub external_id: String,
+    /// When the provider itself will expire it (ms), which may be later
+    /// than cistern's lifetime (GitLab's expiry is a date).
+    pub provider_expires_at_ms: i64,
+}
+
+impl std::fmt::Debug for Minted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minted")
+            .field("secret", &"<redacted>")
+            .field("external_id", &self.external_id)
+            .field("provider_expires_at_ms", &self.provider_expires_at_ms)
+            .finish()
+    }
+}
+
+/// A credential carrying cistern's mark, as the provider lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    /// The provider's id.
+    pub external_id: String,
+    /// cistern's `jti` read back from the mark.
+    pub jti: String,
+    /// Whether the provider still considers it active.
+    pub active: bool,
+}
+
+/// Why a provider call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    /// The provider refused (401/403/404/400): retrying will not help; the
+    /// job is told, and the refusal audited.
+    #[error("{provider} refused: {status} {message}")]
+    Refused {
+        /// Provider name.
+        provider: String,
+        /// HTTP status.
+        status: u16,
+        /// The provider's message (never a secret).
+        message: String,
+    },
+    /// The provider is failing or unreachable (5xx, 429, timeouts) after
+    /// the configured retries.
+    #[error("{provider} unavailable: {message}")]
+    Unavailable {
+        /// Provider name.
+        provider: String,
+        /// What happened last.
+        message: String,
+    },
+    /// The provider answered something that makes no sense.
+    #[error("{provider} answered nonsense: {message}")]
+    BadResponse {
+        /// Provider name.
+        provider: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// cistern's own credential for the provider is missing or unreadable.
+    #[error("{provider}: {message}")]
+    Credential {
+        /// Provider name.
+        provider: String,
+        /// What is wrong (never the credential).
+        message: String,
+    },
+}
+
+/// A system that mints short-lived credentials for jobs.
+#[async_trait]
+pub trait CredentialProvider: Send + Sync {
+    /// The configured name.
+    fn name(&self) -> &str;
+    /// Mints one credential.
+    async fn mint(&self, req: &MintRequest<'_>) -> Result<Minted, ProviderError>;
+    /// Revokes a credential by target and id; an already gone one is success.
+    async fn revoke(&self, target: &str, external_id: &str) -> Result<(), ProviderError>;
+    /// Every credential on `target` that carries cistern's mark (all pages).
+    async fn list_marked(&self, target: &str) -> Result<Vec<Listed>, ProviderError>;
+}
+
+/// The configured providers by name.
+#[derive(Clone, Default)]
+pub struct Providers(BTreeMap<String, Arc<dyn CredentialProvider>>);
+
+impl std::fmt::Debug for Providers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys()).finish()
+    }
+}
+
+impl Providers {
+    /// Builds every configured provider (reads cistern's own credentials).
+    pub fn from_config(
+        configs: &BTreeMap<String, ProviderConfig>,
+    ) -> Result<Providers, ProviderError> {
+        let mut out = BTreeMap::new();
+        for (name, c) in configs {
+            let p: Arc<dyn CredentialProvider> = match c {
+                ProviderConfig::Gitlab(g) => Arc::new(gitlab::GitLab::new(name, g)?),
+            };
+            out.insert(name.clone(), p);
+        }
+        Ok(Providers(out))
+    }
+
+    /// A set of providers built elsewhere (tests).
+    pub fn from_map(map: BTreeMap<String, Arc<dyn CredentialProvider>>) -> Providers {
+        Providers(map)
+    }
+
+    /// The provider named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn CredentialProvider>> {
+        self.0.get(name)
+    }
+
+    /// Whether none is configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
