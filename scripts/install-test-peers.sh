@@ -18,9 +18,10 @@ command -v npm >/dev/null || die "npm not found"
 node_major="$(node -p 'process.versions.node.split(".")[0]')"
 (( node_major >= 20 )) || die "Node.js >= 20 is required, found $(node --version)"
 python="${PYTHON:-python3}"
-command -v "$python" >/dev/null || die "$python not found (CPython >= 3.9 is required)"
-"$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' \
-  || die "CPython >= 3.9 is required, found $("$python" --version)"
+# python-gitlab 8 needs 3.10.
+command -v "$python" >/dev/null || die "$python not found (CPython >= 3.10 is required)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
+  || die "CPython >= 3.10 is required, found $("$python" --version)"
 
 cd "$peers"
 
@@ -52,7 +53,7 @@ fi
 echo "install-test-peers: versions"
 echo "  node $(node --version)"
 node -e '
-  for (const p of ["oidc-provider", "jose", "oauth4webapi"]) {
+  for (const p of ["oidc-provider", "jose", "oauth4webapi", "@stoplight/prism-cli"]) {
     const v = JSON.parse(require("fs").readFileSync(`node_modules/${p}/package.json`, "utf8")).version;
     console.log(`  ${p} ${v}`);
   }'
@@ -60,6 +61,6 @@ node -e '
 import platform
 from importlib.metadata import version
 print(f"  python {platform.python_version()}")
-for p in ("PyJWT", "cryptography", "jwcrypto", "Authlib", "requests"):
+for p in ("PyJWT", "cryptography", "jwcrypto", "Authlib", "requests", "python-gitlab"):
     print(f"  {p} {version(p)}")
 PY

@@ -90,7 +90,10 @@ pub struct GitLabProviderConfig {
     pub allow_insecure_http: bool,
     /// How often managed projects are listed to revoke marked tokens that
     /// are past their lifetime or unknown to the store.
-    #[serde(default = "defaults::gitlab_reconcile_interval", with = "humantime_serde")]
+    #[serde(
+        default = "defaults::gitlab_reconcile_interval",
+        with = "humantime_serde"
+    )]
     pub reconcile_interval: Duration,
 }
 
@@ -717,7 +720,9 @@ impl Config {
                 ));
             }
             if g.scopes.is_empty()
-                || g.scopes.iter().any(|s| !crate::provider::gitlab::is_resource_scope(s))
+                || g.scopes
+                    .iter()
+                    .any(|s| !crate::provider::gitlab::is_resource_scope(s))
             {
                 return Err(src.error(
                     &field("scopes"),

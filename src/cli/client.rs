@@ -91,11 +91,19 @@ fn print_token(
     args: &ExchangeArgs,
 ) -> std::io::Result<()> {
     let token = body["access_token"].as_str().unwrap_or_default();
+    // The conventional name for what was issued, unless `--var` says otherwise:
+    // existing job scripts read GITLAB_TOKEN for a GitLab token.
+    let var = args
+        .var
+        .as_deref()
+        .unwrap_or(match body["cistern_credential_kind"].as_str() {
+            Some("gitlab_project_token") => "GITLAB_TOKEN",
+            _ => "CISTERN_TOKEN",
+        });
     match args.format {
         OutputFormat::Token => writeln!(out, "{token}"),
-        // JWTs are base64url and dots: nothing to escape inside single quotes.
-        OutputFormat::Env => writeln!(out, "export {}='{token}'", args.var),
-        OutputFormat::Dotenv => writeln!(out, "{}={token}", args.var),
+        OutputFormat::Env => writeln!(out, "export {var}='{}'", token.replace('\'', "'\\''")),
+        OutputFormat::Dotenv => writeln!(out, "{var}={token}"),
         OutputFormat::Json => writeln!(out, "{body}"),
     }
 }

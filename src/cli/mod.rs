@@ -242,9 +242,10 @@ pub struct ExchangeArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = OutputFormat::Token)]
     pub format: OutputFormat,
-    /// Variable name for `env`/`dotenv` output.
-    #[arg(long, default_value = "CISTERN_TOKEN")]
-    pub var: String,
+    /// Variable name for `env`/`dotenv` output; default `CISTERN_TOKEN`, or
+    /// `GITLAB_TOKEN` for a GitLab access token.
+    #[arg(long)]
+    pub var: Option<String>,
     /// Evaluate without issuing anything and print the decision trace.
     #[arg(long)]
     pub dry_run: bool,

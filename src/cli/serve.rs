@@ -267,7 +267,11 @@ fn spawn_background(config: &Config, built: &Built) {
         tokio::spawn(reaper.clone().run());
         for (name, p) in &config.providers {
             let crate::config::ProviderConfig::Gitlab(g) = p;
-            tokio::spawn(reaper.clone().run_reconcile(name.clone(), g.reconcile_interval));
+            tokio::spawn(
+                reaper
+                    .clone()
+                    .run_reconcile(name.clone(), g.reconcile_interval),
+            );
         }
     }
     tokio::spawn(checkpoint::run(

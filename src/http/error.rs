@@ -8,9 +8,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::exchange::ExchangeError;
-use crate::provider::ProviderError;
 use crate::oidc::VerifyError;
 use crate::policy::Denial;
+use crate::provider::ProviderError;
 
 /// An OAuth error code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -150,6 +150,10 @@ struct TokenResponse<'a> {
     token_type: &'static str,
     expires_in: i64,
     scope: &'a str,
+    /// What was issued (`access_token`, `gitlab_project_token`): an
+    /// additional response parameter (RFC 6749 §5.1) so `cistern exchange`
+    /// can export it under the conventional variable name.
+    cistern_credential_kind: &'a str,
 }
 
 fn no_store(mut res: Response) -> Response {
@@ -201,6 +205,11 @@ pub async fn token(
                 token_type: "Bearer",
                 expires_in: (minted.expires_at - now).max(0),
                 scope: &minted.scope,
+                cistern_credential_kind: if minted.kid.is_empty() {
+                    "gitlab_project_token"
+                } else {
+                    "access_token"
+                },
             };
             Ok(no_store(Json(body).into_response()))
         }

@@ -513,15 +513,13 @@ pub(crate) fn compile(
         CredentialKind::AccessToken => {
             check_access_token_grant(g, env, &mut err);
         }
-        CredentialKind::GitlabProjectToken => {
-            match check_gitlab_grant(g, env, &mut err) {
-                Some((name, level)) => {
-                    audience = format!("gitlab:{name}");
-                    access_level = level;
-                }
-                None => audience = "gitlab".to_owned(),
+        CredentialKind::GitlabProjectToken => match check_gitlab_grant(g, env, &mut err) {
+            Some((name, level)) => {
+                audience = format!("gitlab:{name}");
+                access_level = level;
             }
-        }
+            None => audience = "gitlab".to_owned(),
+        },
     }
     if g.ttl.is_zero() {
         err("grant.ttl", "must be positive".to_owned());
@@ -630,12 +628,22 @@ fn parse_matcher(claim: ClaimName, value: &toml::Value) -> Result<Matcher, Strin
 }
 
 /// `[grant]` of an `access_token`: audience and scopes within the ceiling.
-fn check_access_token_grant(g: &GrantSpec, env: &CompileEnv<'_>, err: &mut impl FnMut(&str, String)) {
+fn check_access_token_grant(
+    g: &GrantSpec,
+    env: &CompileEnv<'_>,
+    err: &mut impl FnMut(&str, String),
+) {
     if g.provider.is_some() {
-        err("grant.provider", "only downstream kinds name a provider".to_owned());
+        err(
+            "grant.provider",
+            "only downstream kinds name a provider".to_owned(),
+        );
     }
     if g.access_level.is_some() {
-        err("grant.access_level", "only gitlab_project_token has an access level".to_owned());
+        err(
+            "grant.access_level",
+            "only gitlab_project_token has an access level".to_owned(),
+        );
     }
     if g.audience.is_empty() || g.audience.contains(char::is_whitespace) {
         err(
@@ -679,10 +687,18 @@ fn check_gitlab_grant(
         );
     }
     let Some(name) = &g.provider else {
-        err("grant.provider", "name a [providers.<name>] of kind gitlab".to_owned());
+        err(
+            "grant.provider",
+            "name a [providers.<name>] of kind gitlab".to_owned(),
+        );
         return None;
     };
-    let Some(limits) = env.ceiling.providers.get(name).filter(|l| l.kind == "gitlab") else {
+    let Some(limits) = env
+        .ceiling
+        .providers
+        .get(name)
+        .filter(|l| l.kind == "gitlab")
+    else {
         err(
             "grant.provider",
             format!("{name:?} is not a configured gitlab provider"),

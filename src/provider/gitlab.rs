@@ -211,10 +211,9 @@ impl GitLab {
                         Ok((status, _, body)) => format!("{status} {}", gitlab_message(&body)),
                         Err(e) => e,
                     };
-                    return Err(self.unavailable(format!(
-                        "{message} (after {} attempts)",
-                        attempt + 1
-                    )));
+                    return Err(
+                        self.unavailable(format!("{message} (after {} attempts)", attempt + 1))
+                    );
                 }
                 (Some(d), _) => {
                     tracing::warn!(provider = %self.name, path, attempt, wait_ms = d.as_millis() as u64, "GitLab call failed; retrying");
@@ -281,7 +280,11 @@ fn gitlab_message(body: &[u8]) -> String {
         Ok(v) => match (v.get("message"), v.get("error"), v.get("error_description")) {
             (Some(serde_json::Value::String(m)), _, _) => m.clone(),
             (Some(m), _, _) => m.to_string(),
-            (None, Some(e), Some(d)) => format!("{} ({})", e.as_str().unwrap_or("error"), d.as_str().unwrap_or("")),
+            (None, Some(e), Some(d)) => format!(
+                "{} ({})",
+                e.as_str().unwrap_or("error"),
+                d.as_str().unwrap_or("")
+            ),
             (None, Some(e), None) => e.as_str().map_or_else(|| e.to_string(), str::to_owned),
             _ => String::new(),
         },
@@ -445,17 +448,28 @@ mod tests {
 
     #[test]
     fn gitlab_error_bodies_become_one_line() {
-        assert_eq!(gitlab_message(br#"{"message":"403 Forbidden"}"#), "403 Forbidden");
+        assert_eq!(
+            gitlab_message(br#"{"message":"403 Forbidden"}"#),
+            "403 Forbidden"
+        );
         assert_eq!(
             gitlab_message(br#"{"message":{"expires_at":["must be before 2027-01-01"]}}"#),
             r#"{"expires_at":["must be before 2027-01-01"]}"#
         );
-        assert_eq!(gitlab_message(br#"{"error":"scopes is missing"}"#), "scopes is missing");
         assert_eq!(
-            gitlab_message(br#"{"error":"invalid_token","error_description":"Token was revoked."}"#),
+            gitlab_message(br#"{"error":"scopes is missing"}"#),
+            "scopes is missing"
+        );
+        assert_eq!(
+            gitlab_message(
+                br#"{"error":"invalid_token","error_description":"Token was revoked."}"#
+            ),
             "invalid_token (Token was revoked.)"
         );
-        assert_eq!(gitlab_message(b"<html>\nBad gateway</html>"), "<html>Bad gateway</html>");
+        assert_eq!(
+            gitlab_message(b"<html>\nBad gateway</html>"),
+            "<html>Bad gateway</html>"
+        );
     }
 
     #[test]

@@ -165,3 +165,6 @@ impl Providers {
         self.0.is_empty()
     }
 }
+
+#[cfg(test)]
+mod reaper_tests;

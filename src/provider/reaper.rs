@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use super::{Providers, ProviderError};
+use super::{ProviderError, Providers};
 use crate::clock::Clock;
 use crate::revoke::{Credential, RevocationSet};
 use crate::store::{AuditEvent, AuditKind, OutstandingDownstream, Store, StoreError};
@@ -89,10 +89,13 @@ impl Reaper {
 
     async fn revoke(&self, o: &OutstandingDownstream, cause: &str) -> Result<(), ReconcileError> {
         let d = &o.downstream;
-        let provider = self.providers.get(&d.provider).ok_or_else(|| ProviderError::Credential {
-            provider: d.provider.clone(),
-            message: "no longer configured".into(),
-        })?;
+        let provider =
+            self.providers
+                .get(&d.provider)
+                .ok_or_else(|| ProviderError::Credential {
+                    provider: d.provider.clone(),
+                    message: "no longer configured".into(),
+                })?;
         provider.revoke(&d.target, &d.external_id).await?;
         let now = self.clock.now_millis();
         let audit = AuditEvent {
@@ -199,8 +202,12 @@ impl Reaper {
             tick.tick().await;
             match self.reconcile(&provider).await {
                 Ok(0) => {}
-                Ok(n) => tracing::warn!(provider = %provider, revoked = n, "reconciliation revoked downstream credentials"),
-                Err(e) => tracing::warn!(provider = %provider, error = %e, "reconciliation failed; retrying next interval"),
+                Ok(n) => {
+                    tracing::warn!(provider = %provider, revoked = n, "reconciliation revoked downstream credentials")
+                }
+                Err(e) => {
+                    tracing::warn!(provider = %provider, error = %e, "reconciliation failed; retrying next interval")
+                }
             }
         }
     }

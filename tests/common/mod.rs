@@ -77,16 +77,41 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
-/// Whether the npm packages and the Python venv are installed.
+/// Whether the npm packages (Prism's `prism` binary included) and the Python
+/// venv (python-gitlab included) are installed.
 pub fn peers_available() -> bool {
     let dir = peers_dir();
-    let npm = ["oidc-provider", "jose", "oauth4webapi"].iter().all(|p| {
+    let npm = [
+        "oidc-provider",
+        "jose",
+        "oauth4webapi",
+        "@stoplight/prism-cli",
+    ]
+    .iter()
+    .all(|p| {
         dir.join("node_modules")
             .join(p)
             .join("package.json")
             .is_file()
     });
-    npm && venv_python().is_file() && Command::new("node").arg("--version").output().is_ok()
+    npm && prism_bin().is_file()
+        && venv_python().is_file()
+        && venv_has_package("gitlab")
+        && Command::new("node").arg("--version").output().is_ok()
+}
+
+/// Whether the venv's site-packages holds the import package `name`.
+fn venv_has_package(name: &str) -> bool {
+    let Ok(entries) = fs::read_dir(peers_dir().join(".venv/lib")) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.path()
+            .join("site-packages")
+            .join(name)
+            .join("__init__.py")
+            .is_file()
+    })
 }
 
 /// True when the peers are installed. Otherwise: panics under `CI=true`
@@ -105,6 +130,52 @@ pub fn require_peers() -> bool {
     false
 }
 
+/// `tests/peers/node_modules/.bin/prism`: Prism's CLI (npm `@stoplight/prism-cli`).
+pub fn prism_bin() -> PathBuf {
+    peers_dir().join("node_modules/.bin/prism")
+}
+
+/// GitLab's OpenAPI contract for the access-token endpoints, in the variant
+/// Prism can serve: `../shared/gitlab/gitlab-openapi.prism.yaml` from the
+/// repository root (derived from `gitlab-openapi.yaml` beside it by
+/// `make_prism_variant.py`).
+pub fn gitlab_openapi_spec() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/gitlab/gitlab-openapi.prism.yaml")
+}
+
+/// Whether [`Prism`] can start: its binary, the spec and `node` are there.
+pub fn prism_available() -> bool {
+    prism_bin().is_file()
+        && gitlab_openapi_spec().is_file()
+        && Command::new("node").arg("--version").output().is_ok()
+}
+
+/// True when [`Prism`] can start. Otherwise: panics under `CI=true`, else
+/// prints a skip notice (saying what is missing) and returns false.
+pub fn require_prism() -> bool {
+    if prism_available() {
+        return true;
+    }
+    let missing = if !prism_bin().is_file() {
+        format!(
+            "Prism is not installed ({} is missing): run scripts/install-test-peers.sh",
+            prism_bin().display()
+        )
+    } else if !gitlab_openapi_spec().is_file() {
+        format!(
+            "GitLab's OpenAPI spec is missing at {} (shared/ beside the repository)",
+            gitlab_openapi_spec().display()
+        )
+    } else {
+        "node is not on PATH".to_owned()
+    };
+    if in_ci() {
+        panic!("{missing} (CI=true: the GitLab contract tests must run)");
+    }
+    eprintln!("skipping: {missing}");
+    false
+}
+
 // ---------------------------------------------------------------------------
 // Child processes
 
@@ -115,6 +186,8 @@ struct Proc {
     /// Held open so the child sees EOF when we go away.
     _stdin: Option<ChildStdin>,
     stderr_path: PathBuf,
+    /// Every stdout line, when the spawner asked to keep them.
+    stdout_path: Option<PathBuf>,
     /// Owns the stderr file (and anything else the child needs on disk).
     _tmp: tempfile::TempDir,
 }
@@ -135,12 +208,33 @@ impl Proc {
         cmd: &mut Command,
         prefix: &'static str,
     ) -> Result<(Proc, String), String> {
+        Self::try_spawn_matching(name, cmd, &format!("`{prefix}…`"), false, move |line| {
+            line.strip_prefix(prefix).map(|rest| rest.trim().to_owned())
+        })
+    }
+
+    /// The general form of [`Proc::try_spawn`]: waits (bounded by
+    /// [`START_TIMEOUT`]) for the first stdout line on which `matcher` returns
+    /// `Some`, and returns that. `what` names the awaited line in errors. With
+    /// `keep_stdout`, every stdout line is also kept (see [`Proc::stdout`]);
+    /// otherwise later lines are drained and discarded.
+    fn try_spawn_matching(
+        name: &str,
+        cmd: &mut Command,
+        what: &str,
+        keep_stdout: bool,
+        matcher: impl Fn(&str) -> Option<String> + Send + 'static,
+    ) -> Result<(Proc, String), String> {
         let tmp = tempfile::Builder::new()
             .prefix(&format!("cistern-{name}-"))
             .tempdir()
             .or_fail("creating a temp dir");
         let stderr_path = tmp.path().join("stderr.log");
         let stderr = File::create(&stderr_path).or_fail("creating the stderr log");
+        let stdout_path = keep_stdout.then(|| tmp.path().join("stdout.log"));
+        let mut stdout_log = stdout_path
+            .as_ref()
+            .map(|p| File::create(p).or_fail("creating the stdout log"));
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -154,10 +248,14 @@ impl Proc {
             let mut tx = Some(tx);
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(rest) = line.strip_prefix(prefix)
+                if let Some(log) = stdout_log.as_mut() {
+                    let _ = writeln!(log, "{line}");
+                }
+                if tx.is_some()
+                    && let Some(found) = matcher(&line)
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(rest.trim().to_owned());
+                    let _ = tx.send(found);
                 }
             }
         });
@@ -166,6 +264,7 @@ impl Proc {
             child,
             _stdin: stdin,
             stderr_path,
+            stdout_path,
             _tmp: tmp,
         };
         match rx.recv_timeout(START_TIMEOUT) {
@@ -179,7 +278,7 @@ impl Proc {
                 let status = proc.child.try_wait().ok().flatten();
                 proc.stop();
                 Err(format!(
-                    "{name} did not print `{prefix}…` {why} (exit status: {status:?}); stderr:\n{}",
+                    "{name} did not print {what} {why} (exit status: {status:?}); stderr:\n{}",
                     proc.stderr()
                 ))
             }
@@ -188,6 +287,14 @@ impl Proc {
 
     fn stderr(&self) -> String {
         fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The stdout lines kept so far (empty unless spawned with `keep_stdout`).
+    fn stdout(&self) -> String {
+        self.stdout_path
+            .as_ref()
+            .and_then(|p| fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     fn stop(&mut self) {
@@ -393,6 +500,520 @@ impl Peer {
         );
         serde_json::from_str(&text).or_fail("the issuer peer's answer is not JSON")
     }
+}
+
+// ---------------------------------------------------------------------------
+// GitLab REST API stand-ins: Prism serving GitLab's OpenAPI contract, and a
+// recording, fault-injecting front for it.
+
+/// Prism (`@stoplight/prism-cli`, pinned in `tests/peers/package.json`)
+/// mocking GitLab's REST API from [`gitlab_openapi_spec`] on 127.0.0.1;
+/// killed on drop (and exits by itself when this test process goes away).
+///
+/// Requests go to `{url}/api/v4/…`, e.g.
+/// `POST {url}/api/v4/projects/42/access_tokens`. How Prism 5.14 answers
+/// (checked against this spec):
+///
+/// - **Valid requests** get the spec's static example with the documented
+///   success status: `201` for create (`POST …/access_tokens`), `200` for
+///   list/get/rotate, `204` for revoke (`DELETE …/access_tokens/{id}`). The
+///   answer never echoes the request: create always returns the same token
+///   (`id` 2, name `John Doe`, scopes `["api"]`, access_level 10,
+///   `expires_at` `2026-01-31`, `token` `glpat-xxxxxxxxxxxxxxxxxxxx`).
+/// - **Invalid requests** (schema, enum, `format: date`, missing required
+///   field or body, wrong content type, bad query parameter) get `400`,
+///   the operation's documented 4xx, whose body is the spec's *fixed example*
+///   (`{"error":"scopes is missing"}` for create, whatever was wrong). The
+///   actual violations are in the `sl-violations` response header, a JSON
+///   array of `{location, severity, code, message}`, e.g. `Request body must
+///   have required property 'scopes'` ([`Recorded::violations`] keeps it).
+/// - **Content-Type**: the request body must be `application/json`
+///   (parameters such as `; charset=utf-8` are fine). A form or `text/plain`
+///   body is a 415 violation answered with `400`; no Content-Type at all is
+///   read as a string (`Request body must be object`, `400`).
+/// - **Auth**: the spec's security is `PRIVATE-TOKEN` header *or* HTTP
+///   bearer. Prism checks presence only: any non-empty `PRIVATE-TOKEN` or any
+///   `Authorization: Bearer …` passes; none, an empty one, or `Basic` gets
+///   `401` `{"message":"401 Unauthorized"}`.
+/// - Extra body properties are accepted (the schema does not forbid them).
+/// - Unknown paths get `404` and unknown methods `405`, both Prism's own
+///   `application/problem+json`, not GitLab-shaped.
+/// - A `Prefer: code=404` request header picks another documented response.
+pub struct Prism {
+    url: String,
+    proc: Proc,
+}
+
+impl Prism {
+    /// Starts `prism mock -h 127.0.0.1 -p PORT SPEC` on a free port and
+    /// waits (bounded by [`START_TIMEOUT`] for each) until it prints its
+    /// listening line and answers HTTP. Blocking: call it before starting
+    /// anything on the test's runtime that must keep serving meanwhile.
+    pub fn start() -> Prism {
+        let spec = gitlab_openapi_spec();
+        assert!(
+            spec.is_file(),
+            "GitLab's OpenAPI spec is missing at {}",
+            spec.display()
+        );
+        // The port is picked by binding :0 and releasing it; retry when taken.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            // node --require: the pinned `.bin/prism` entry point, with the
+            // peers' lifetime bounds (exit on stdin EOF) preloaded.
+            let mut cmd = Command::new("node");
+            cmd.arg("--require")
+                .arg(peers_dir().join("_bound_lifetime.cjs"))
+                .arg(prism_bin())
+                .args(["mock", "-h", "127.0.0.1", "-p", &port.to_string()])
+                .arg(&spec)
+                .current_dir(peers_dir())
+                .env("PEER_MAX_LIFETIME_SECS", PEER_MAX_LIFETIME_SECS)
+                .env("PEER_EXIT_ON_STDIN_EOF", "1")
+                .env("FORCE_COLOR", "0");
+            let listening = |line: &str| {
+                line.split_once("Prism is listening on ")
+                    .map(|(_, url)| url.trim().trim_end_matches('/').to_owned())
+            };
+            match Proc::try_spawn_matching(
+                "prism",
+                &mut cmd,
+                "`… Prism is listening on URL`",
+                true,
+                listening,
+            ) {
+                Ok((proc, url)) => {
+                    let prism = Prism { url, proc };
+                    prism.wait_http(port);
+                    return prism;
+                }
+                Err(e) if e.contains("EADDRINUSE") => last = e,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("prism could not get a port: {last}");
+    }
+
+    /// Polls with a raw HTTP/1.1 GET until Prism answers anything.
+    fn wait_http(&self, port: u16) {
+        use std::io::Read as _;
+        let deadline = Instant::now() + START_TIMEOUT;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let probe = format!(
+            "GET /api/v4/projects/1/access_tokens HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+        );
+        loop {
+            let attempt = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .and_then(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                    s.write_all(probe.as_bytes())?;
+                    let mut head = [0u8; 12];
+                    s.read_exact(&mut head)?;
+                    Ok(String::from_utf8_lossy(&head).into_owned())
+                });
+            let last = match attempt {
+                Ok(head) if head.starts_with("HTTP/1.") => return,
+                Ok(head) => format!("answered {head:?}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                Instant::now() < deadline,
+                "prism did not answer HTTP on {addr} within {START_TIMEOUT:?} ({last}); stdout:\n{}\nstderr:\n{}",
+                self.log(),
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The GitLab base URL, `http://127.0.0.1:PORT` (no trailing slash, no
+    /// `/api/v4`): what a GitLab client is configured with.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Prism's request log (its stdout) so far, violations included.
+    pub fn log(&self) -> String {
+        self.proc.stdout()
+    }
+
+    /// What Prism wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.proc.stderr()
+    }
+}
+
+/// What [`GitLabFront`] does instead of plainly forwarding one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answers this status without forwarding, with a GitLab-style JSON error
+    /// body `{"message":"<code> <reason>"}`, e.g. `{"message":"500 Internal
+    /// Server Error"}`.
+    Status(u16),
+    /// Answers `429` without forwarding, with `Retry-After: <secs>` and
+    /// GitLab's throttle body (Rack::Attack): `text/plain` `Retry later`.
+    RateLimited {
+        /// The `Retry-After` value, in seconds.
+        retry_after_secs: u64,
+    },
+    /// Waits this long, then forwards (for client timeouts). The request is
+    /// recorded on arrival with `status: None`, which stays so while it waits
+    /// (and for good if the server notices that the client went away).
+    Delay(Duration),
+    /// Forwards (so Prism still validates the request), then answers a
+    /// success status with the body `{not json` (`Content-Type:
+    /// application/json`): the upstream's status if it was 200 or 201, else
+    /// 201 for POST and 200 for anything else.
+    Malformed,
+}
+
+/// One request [`GitLabFront`] received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// Path and query as received, e.g. `/api/v4/projects/42/access_tokens?per_page=20`.
+    pub path_and_query: String,
+    /// The `PRIVATE-TOKEN` header.
+    pub private_token: Option<String>,
+    /// The `Authorization` header.
+    pub authorization: Option<String>,
+    /// The `Content-Type` header.
+    pub content_type: Option<String>,
+    /// The request body (lossy UTF-8).
+    pub body: String,
+    /// The fault that was applied, if any.
+    pub fault: Option<Fault>,
+    /// The upstream's status; `None` when not forwarded (a `Status` or
+    /// `RateLimited` fault, the upstream unreachable, or still in flight).
+    pub upstream_status: Option<u16>,
+    /// The status the client was answered; `None` while in flight or when
+    /// the client went away first (e.g. timed out during a `Delay`).
+    pub status: Option<u16>,
+    /// Prism's `sl-violations` header from the upstream answer: a JSON
+    /// array describing why the request broke the contract.
+    pub violations: Option<String>,
+    /// The body the client was answered (lossy UTF-8).
+    pub response_body: String,
+}
+
+impl Recorded {
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.path_and_query
+            .split_once('?')
+            .map_or(self.path_and_query.as_str(), |(p, _)| p)
+    }
+
+    /// The request body as JSON (`Value::Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// [`Recorded::violations`] parsed (empty when there were none).
+    pub fn violation_messages(&self) -> Vec<String> {
+        self.violations
+            .as_deref()
+            .and_then(|v| serde_json::from_str::<Vec<Value>>(v).ok())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v["message"].as_str().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// Largest request body [`GitLabFront`] accepts.
+const FRONT_MAX_BODY: usize = 1024 * 1024;
+
+/// Request headers not forwarded (hop-by-hop, or set by the forwarder).
+const HOP_BY_HOP: [&str; 9] = [
+    "host",
+    "content-length",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+];
+
+struct FrontState {
+    upstream: String,
+    http: reqwest::Client,
+    inner: std::sync::Mutex<FrontInner>,
+}
+
+#[derive(Default)]
+struct FrontInner {
+    next_id: u64,
+    requests: Vec<(u64, Recorded)>,
+    faults: std::collections::VecDeque<Fault>,
+}
+
+impl FrontState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FrontInner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A recording, fault-injecting HTTP front for a GitLab stand-in (normally
+/// [`Prism`]): listens on 127.0.0.1, forwards every request to the upstream
+/// and returns its answer, and records each request ([`Recorded`]). Faults
+/// queued with [`GitLabFront::fail_next`] replace forwarding for the next
+/// requests, in order. Runs on the tokio runtime that started it; stops
+/// accepting connections on drop (the runtime's end stops the rest).
+///
+/// It serves on the test's own runtime: with `#[tokio::test]` (one thread),
+/// call peer scripts through it with `run_python_async`/`run_node_async`,
+/// never the blocking `run_python`/`run_node`, which would stall it.
+pub struct GitLabFront {
+    url: String,
+    state: std::sync::Arc<FrontState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GitLabFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GitLabFront {
+    /// Starts a front for `upstream` (a base URL such as [`Prism::url`]; the
+    /// request's path and query are appended) on a free port.
+    pub async fn start(upstream: &str) -> GitLabFront {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .or_fail("binding the GitLab front on 127.0.0.1:0");
+        let addr = listener.local_addr().or_fail("the GitLab front's address");
+        let state = std::sync::Arc::new(FrontState {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            http: http_client(),
+            inner: std::sync::Mutex::new(FrontInner::default()),
+        });
+        let app = axum::Router::new()
+            .fallback(front_handle)
+            .with_state(state.clone());
+        let task = tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                eprintln!("GitLab front on {addr} stopped: {e}");
+            }
+        });
+        GitLabFront {
+            url: format!("http://{addr}"),
+            state,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`: the GitLab base URL to give the client.
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    /// Every request received so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state
+            .lock()
+            .requests
+            .iter()
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    /// Forgets the recorded requests (queued faults stay).
+    pub fn clear(&self) {
+        self.state.lock().requests.clear();
+    }
+
+    /// Applies `fault` to the next `n` requests (after any faults already
+    /// queued); forwarding resumes after them.
+    pub fn fail_next(&self, n: usize, fault: Fault) {
+        if let Fault::Status(code) = fault {
+            assert!(
+                (200..=599).contains(&code),
+                "Fault::Status({code}) is not an HTTP status to answer with"
+            );
+        }
+        let mut inner = self.state.lock();
+        inner.faults.extend(std::iter::repeat_n(fault, n));
+    }
+
+    /// How many queued faults are still to be applied.
+    pub fn pending_faults(&self) -> usize {
+        self.state.lock().faults.len()
+    }
+}
+
+/// A status, headers and body to answer with.
+type Answer = (
+    axum::http::StatusCode,
+    axum::http::HeaderMap,
+    axum::body::Bytes,
+);
+
+async fn front_handle(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<FrontState>>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::http::{StatusCode, header};
+
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, FRONT_MAX_BODY)
+        .await
+        .unwrap_or_default();
+    let header_text = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    let (id, fault) = {
+        let mut inner = state.lock();
+        let fault = inner.faults.pop_front();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.requests.push((
+            id,
+            Recorded {
+                method: parts.method.to_string(),
+                path_and_query: path_and_query.clone(),
+                private_token: header_text("private-token"),
+                authorization: header_text("authorization"),
+                content_type: header_text("content-type"),
+                body: String::from_utf8_lossy(&body).into_owned(),
+                fault: fault.clone(),
+                upstream_status: None,
+                status: None,
+                violations: None,
+                response_body: String::new(),
+            },
+        ));
+        (id, fault)
+    };
+
+    let json_headers = || {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        );
+        h
+    };
+    let gitlab_error = |status: StatusCode| -> Answer {
+        let message = format!(
+            "{} {}",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("Error")
+        );
+        (
+            status,
+            json_headers(),
+            json!({ "message": message }).to_string().into(),
+        )
+    };
+
+    let mut upstream: Option<Answer> = None;
+    let answer: Answer = match &fault {
+        Some(Fault::Status(code)) => {
+            gitlab_error(StatusCode::from_u16(*code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        }
+        Some(Fault::RateLimited { retry_after_secs }) => {
+            let mut h = axum::http::HeaderMap::new();
+            h.insert(
+                header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("text/plain"),
+            );
+            h.insert(header::RETRY_AFTER, (*retry_after_secs).into());
+            (StatusCode::TOO_MANY_REQUESTS, h, "Retry later\n".into())
+        }
+        Some(Fault::Delay(_)) | Some(Fault::Malformed) | None => {
+            if let Some(Fault::Delay(d)) = &fault {
+                tokio::time::sleep(*d).await;
+            }
+            match front_forward(&state, &parts, &path_and_query, body).await {
+                Ok(a) => {
+                    upstream = Some(a.clone());
+                    if fault == Some(Fault::Malformed) {
+                        let status = if a.0 == StatusCode::OK || a.0 == StatusCode::CREATED {
+                            a.0
+                        } else if parts.method == axum::http::Method::POST {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        };
+                        (status, json_headers(), "{not json".into())
+                    } else {
+                        a
+                    }
+                }
+                Err(e) => {
+                    eprintln!("GitLab front: forwarding {path_and_query} failed: {e}");
+                    gitlab_error(StatusCode::BAD_GATEWAY)
+                }
+            }
+        }
+    };
+
+    {
+        let mut inner = state.lock();
+        if let Some((_, r)) = inner.requests.iter_mut().find(|(i, _)| *i == id) {
+            r.status = Some(answer.0.as_u16());
+            r.response_body = String::from_utf8_lossy(&answer.2).into_owned();
+            if let Some((status, headers, _)) = &upstream {
+                r.upstream_status = Some(status.as_u16());
+                r.violations = headers
+                    .get("sl-violations")
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            }
+        }
+    }
+
+    let (status, headers, bytes) = answer;
+    let mut res = axum::response::Response::new(axum::body::Body::from(bytes));
+    *res.status_mut() = status;
+    for (name, value) in &headers {
+        if !HOP_BY_HOP.contains(&name.as_str()) {
+            res.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    res
+}
+
+async fn front_forward(
+    state: &FrontState,
+    parts: &axum::http::request::Parts,
+    path_and_query: &str,
+    body: axum::body::Bytes,
+) -> Result<Answer, reqwest::Error> {
+    let mut headers = parts.headers.clone();
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    let mut req = state
+        .http
+        .request(
+            parts.method.clone(),
+            format!("{}{path_and_query}", state.upstream),
+        )
+        .headers(headers);
+    if !body.is_empty() {
+        req = req.body(body);
+    }
+    let res = req.send().await?;
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.bytes().await?;
+    Ok((status, headers, bytes))
 }
 
 // ---------------------------------------------------------------------------
