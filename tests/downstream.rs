@@ -38,11 +38,19 @@ struct World {
 }
 
 async fn start(ttl: &str, extra: &[(&str, toml::Value)]) -> Option<World> {
+    start_with(ttl, extra, false).await
+}
+
+async fn start_with(ttl: &str, extra: &[(&str, toml::Value)], stateful: bool) -> Option<World> {
     if !common::require_prism() {
         return None;
     }
     let prism = Prism::start();
-    let front = GitLabFront::start(&prism.url()).await;
+    let front = if stateful {
+        GitLabFront::start_stateful(&prism.url()).await
+    } else {
+        GitLabFront::start(&prism.url()).await
+    };
     let secrets = tempfile::tempdir().unwrap();
     let token_file = secrets.path().join("gitlab-token");
     std::fs::write(&token_file, format!("{OWN_TOKEN}\n")).unwrap();
@@ -306,4 +314,106 @@ async fn a_replayed_id_token_never_reaches_gitlab() {
         "{body}"
     );
     assert_eq!(w.creates().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_just_before_a_crash_is_revoked_by_reconciliation_on_restart() {
+    let Some(mut w) = start_with(
+        "10m",
+        &[("providers.gitlab.reconcile_interval", "1s".into())],
+        true,
+    )
+    .await
+    else {
+        return;
+    };
+    // GitLab creates the token; its answer is held back, and cistern is
+    // killed (SIGKILL) before it can record anything.
+    w.front
+        .fail_next(1, Fault::DelayAfter(Duration::from_secs(60)));
+    let id = w.dev.id_token("42", "7").await;
+    let url = w.c.token_url();
+    let http = w.c.http().clone();
+    let pending = tokio::spawn(async move {
+        http.post(url)
+            .form(&[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", id.as_str()),
+                ("subject_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("role", "ci-read"),
+            ])
+            .send()
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.front.tokens().is_empty() {
+        assert!(Instant::now() < deadline, "GitLab never saw the create");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &w.c.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(pending.await.unwrap().is_err(), "the job got an answer");
+    let db = w.c.data_dir().join("data/cistern.db");
+    let recorded: i64 = rusqlite::Connection::open(&db)
+        .unwrap()
+        .query_row("SELECT COUNT(*) FROM downstream_credentials", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(recorded, 0, "nothing was recorded");
+    let orphan = w.front.tokens()[0].clone();
+    assert!(
+        orphan.active && orphan.name.starts_with("cistern-"),
+        "{orphan:?}"
+    );
+
+    // On restart, reconciliation lists the project and revokes the orphan.
+    w.c.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.front.tokens()[0].active {
+        assert!(
+            Instant::now() < deadline,
+            "orphan not revoked; logs:\n{}",
+            w.c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let delete = w
+        .front
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "DELETE")
+        .unwrap();
+    assert_eq!(
+        delete.path(),
+        format!("/api/v4/projects/42/access_tokens/{}", orphan.id)
+    );
+    assert!(delete.violation_messages().is_empty(), "{delete:?}");
+    // Audited, with the mark it carried.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE reason = 'reconciled_unknown'
+                 AND json_extract(detail, '$.external_id') = ?1",
+                [orphan.id.to_string()],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no audit record of the reconciliation"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -661,6 +661,9 @@ pub enum Fault {
     /// recorded on arrival with `status: None`, which stays so while it waits
     /// (and for good if the server notices that the client went away).
     Delay(Duration),
+    /// Forwards (so the upstream has acted and validated), then waits this
+    /// long before answering: a client killed meanwhile never sees the answer.
+    DelayAfter(Duration),
     /// Forwards (so Prism still validates the request), then answers a
     /// success status with the body `{not json` (`Content-Type:
     /// application/json`): the upstream's status if it was 200 or 201, else
@@ -742,6 +745,7 @@ const HOP_BY_HOP: [&str; 9] = [
 struct FrontState {
     upstream: String,
     http: reqwest::Client,
+    stateful: bool,
     inner: std::sync::Mutex<FrontInner>,
 }
 
@@ -750,6 +754,20 @@ struct FrontInner {
     next_id: u64,
     requests: Vec<(u64, Recorded)>,
     faults: std::collections::VecDeque<Fault>,
+    tokens: Vec<FakeToken>,
+}
+
+/// A project access token a stateful [`GitLabFront`] remembers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeToken {
+    /// The project (`:id` as sent).
+    pub project: String,
+    /// Its id (unique per front, from 1000).
+    pub id: u64,
+    /// Its name as created.
+    pub name: String,
+    /// Not revoked.
+    pub active: bool,
 }
 
 impl FrontState {
@@ -786,6 +804,24 @@ impl GitLabFront {
     /// Starts a front for `upstream` (a base URL such as [`Prism::url`]; the
     /// request's path and query are appended) on a free port.
     pub async fn start(upstream: &str) -> GitLabFront {
+        Self::start_with(upstream, false).await
+    }
+
+    /// A front that also keeps GitLab's state for project access tokens on
+    /// top of the (stateless) upstream, which still validates every request:
+    /// a create that the upstream accepts is remembered (with a unique id and
+    /// token in the answer), a list answers what is remembered, a revoke
+    /// marks it inactive.
+    pub async fn start_stateful(upstream: &str) -> GitLabFront {
+        Self::start_with(upstream, true).await
+    }
+
+    /// The tokens a stateful front remembers.
+    pub fn tokens(&self) -> Vec<FakeToken> {
+        self.state.lock().tokens.clone()
+    }
+
+    async fn start_with(upstream: &str, stateful: bool) -> GitLabFront {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .or_fail("binding the GitLab front on 127.0.0.1:0");
@@ -793,6 +829,7 @@ impl GitLabFront {
         let state = std::sync::Arc::new(FrontState {
             upstream: upstream.trim_end_matches('/').to_owned(),
             http: http_client(),
+            stateful,
             inner: std::sync::Mutex::new(FrontInner::default()),
         });
         let app = axum::Router::new()
@@ -936,13 +973,21 @@ async fn front_handle(
             h.insert(header::RETRY_AFTER, (*retry_after_secs).into());
             (StatusCode::TOO_MANY_REQUESTS, h, "Retry later\n".into())
         }
-        Some(Fault::Delay(_)) | Some(Fault::Malformed) | None => {
+        Some(Fault::Delay(_)) | Some(Fault::DelayAfter(_)) | Some(Fault::Malformed) | None => {
             if let Some(Fault::Delay(d)) = &fault {
                 tokio::time::sleep(*d).await;
             }
-            match front_forward(&state, &parts, &path_and_query, body).await {
+            match front_forward(&state, &parts, &path_and_query, body.clone()).await {
                 Ok(a) => {
                     upstream = Some(a.clone());
+                    let a = if state.stateful {
+                        front_stateful(&state, &parts.method, &path_and_query, &body, a)
+                    } else {
+                        a
+                    };
+                    if let Some(Fault::DelayAfter(d)) = &fault {
+                        tokio::time::sleep(*d).await;
+                    }
                     if fault == Some(Fault::Malformed) {
                         let status = if a.0 == StatusCode::OK || a.0 == StatusCode::CREATED {
                             a.0
@@ -987,6 +1032,77 @@ async fn front_handle(
         }
     }
     res
+}
+
+/// Applies a forwarded, upstream-accepted request to the remembered
+/// tokens and answers from them.
+fn front_stateful(
+    state: &FrontState,
+    method: &axum::http::Method,
+    path_and_query: &str,
+    body: &[u8],
+    upstream: Answer,
+) -> Answer {
+    use axum::http::{Method, StatusCode};
+    let path = path_and_query.split('?').next().unwrap_or_default();
+    let rest = path.strip_prefix("/api/v4/projects/").unwrap_or_default();
+    let mut segments = rest.split('/');
+    let (Some(project), Some("access_tokens")) = (segments.next(), segments.next()) else {
+        return upstream;
+    };
+    let token_id = segments.next().and_then(|t| t.parse::<u64>().ok());
+    let mut inner = state.lock();
+    let shape = |t: &FakeToken| {
+        json!({ "id": t.id, "name": t.name, "active": t.active, "revoked": !t.active,
+                "scopes": ["read_api"], "access_level": 20, "expires_at": "2099-01-01",
+                "created_at": "2026-01-01T00:00:00.000Z", "user_id": 1, "last_used_at": null })
+    };
+    match (method, token_id) {
+        (&Method::POST, None) if upstream.0 == StatusCode::CREATED => {
+            let sent: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+            let id = 1000 + inner.tokens.len() as u64;
+            let t = FakeToken {
+                project: project.to_owned(),
+                id,
+                name: sent["name"].as_str().unwrap_or_default().to_owned(),
+                active: true,
+            };
+            let mut answer = shape(&t);
+            answer["token"] = format!("glpat-front-{id}").into();
+            inner.tokens.push(t);
+            (upstream.0, upstream.1, answer.to_string().into())
+        }
+        (&Method::GET, None) if upstream.0 == StatusCode::OK => {
+            let active_only = path_and_query.contains("state=active");
+            let list: Vec<Value> = inner
+                .tokens
+                .iter()
+                .filter(|t| t.project == project && (t.active || !active_only))
+                .map(shape)
+                .collect();
+            (upstream.0, upstream.1, Value::from(list).to_string().into())
+        }
+        (&Method::DELETE, Some(id)) if upstream.0 == StatusCode::NO_CONTENT => {
+            match inner
+                .tokens
+                .iter_mut()
+                .find(|t| t.id == id && t.project == project)
+            {
+                Some(t) => {
+                    t.active = false;
+                    upstream
+                }
+                None => (
+                    StatusCode::NOT_FOUND,
+                    upstream.1,
+                    json!({ "message": "404 project Access Token Not Found" })
+                        .to_string()
+                        .into(),
+                ),
+            }
+        }
+        _ => upstream,
+    }
 }
 
 async fn front_forward(
