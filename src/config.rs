@@ -906,7 +906,9 @@ scopes = ["deploy:*"]
 
     #[test]
     fn the_example_audit_sinks_load_when_uncommented() {
-        let text = include_str!("../examples/cistern.toml")
+        let full = include_str!("../examples/cistern.toml");
+        let end = full.find("# Downstream credential providers").unwrap();
+        let text = full[..end]
             .replace("# [[audit.sinks]]", "[[audit.sinks]]")
             .replace("# kind = ", "kind = ")
             .replace("# path = ", "path = ")
@@ -922,6 +924,63 @@ scopes = ["deploy:*"]
                 AuditSinkConfig::Stdout
             ]
         ));
+    }
+
+    #[test]
+    fn a_gitlab_provider_loads_and_bad_ones_name_their_field() {
+        let ok = format!(
+            "{MINIMAL}\n[providers.gitlab]\nkind = \"gitlab\"\nurl = \"https://gitlab-api.example.com\"\ntoken_env = \"GITLAB_BROKER_TOKEN\"\nscopes = [\"read_api\"]\n"
+        );
+        let c = load(&ok).unwrap();
+        assert_eq!(c.ceiling.providers["gitlab"].max_access_level, 30);
+        assert_eq!(c.ceiling.providers["gitlab"].scopes, ["read_api"]);
+        for (from, to, field) in [
+            (
+                "https://gitlab-api.example.com",
+                "http://gitlab-api.example.com",
+                "providers.gitlab.url",
+            ),
+            (
+                "token_env = \"GITLAB_BROKER_TOKEN\"",
+                "",
+                "providers.gitlab.token_env",
+            ),
+            (
+                "[\"read_api\"]",
+                "[\"read_user\"]",
+                "providers.gitlab.scopes",
+            ),
+            (
+                "token_env =",
+                "max_access_level = 45\ntoken_env =",
+                "providers.gitlab.max_access_level",
+            ),
+        ] {
+            let e = load(&ok.replace(from, to)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{from}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_example_provider_loads_when_uncommented_and_its_example_policy_compiles() {
+        let text = include_str!("../examples/cistern.toml");
+        let start = text.find("# [providers.gitlab]").unwrap();
+        let uncommented: String = text[start..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").unwrap_or(l))
+            .filter(|l| !l.starts_with("# ") && !l.starts_with("token_file"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = load(&format!("{}{uncommented}", &text[..start])).unwrap();
+        let limits = &c.ceiling.providers["gitlab"];
+        assert_eq!(limits.max_access_level, 30);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("p.toml"),
+            include_str!("../examples/downstream/gitlab-read-api.toml"),
+        )
+        .unwrap();
+        crate::policy::PolicyStore::load(dir.path(), &c.ceiling, &c.issuers).unwrap();
     }
 
     #[test]

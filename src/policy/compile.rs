@@ -1037,4 +1037,110 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
             "{errs:?}"
         );
     }
+
+    fn gitlab_ceiling() -> CeilingConfig {
+        let mut c = ceiling();
+        c.providers.insert(
+            "gl".into(),
+            crate::config::ProviderLimits {
+                kind: "gitlab",
+                max_access_level: 30,
+                scopes: vec!["read_api".into(), "read_repository".into()],
+            },
+        );
+        c
+    }
+
+    const GITLAB: &str = r#"role = "ci"
+owner = "team-payments"
+issuer = "gitlab"
+
+[bindings]
+project_id = "20"
+
+[grant]
+kind = "gitlab_project_token"
+provider = "gl"
+scopes = ["read_api"]
+access_level = 30
+ttl = "10m"
+"#;
+
+    #[test]
+    fn a_gitlab_grant_compiles_within_its_providers_limits() {
+        let p = compile_with(GITLAB, &gitlab_ceiling()).unwrap();
+        assert_eq!(p.grant_kind(), CredentialKind::GitlabProjectToken);
+        assert_eq!(p.access_level(), 30);
+        assert_eq!(p.provider_arc().map(|a| &**a), Some("gl"));
+        assert_eq!(p.grant_audience(), "gitlab:gl");
+        // Default access level: Reporter.
+        let p = compile_with(
+            &GITLAB.replace("access_level = 30\n", ""),
+            &gitlab_ceiling(),
+        )
+        .unwrap();
+        assert_eq!(p.access_level(), 20);
+    }
+
+    #[test]
+    fn a_gitlab_grant_beyond_its_provider_is_refused_naming_the_field() {
+        let cases = [
+            (
+                "access_level = 30",
+                "access_level = 40",
+                "grant.access_level",
+                "max_access_level",
+            ),
+            (
+                "access_level = 30",
+                "access_level = 35",
+                "grant.access_level",
+                "GitLab access level",
+            ),
+            (
+                "scopes = [\"read_api\"]",
+                "scopes = [\"api\"]",
+                "grant.scopes",
+                "providers.gl.scopes",
+            ),
+            (
+                "provider = \"gl\"",
+                "provider = \"other\"",
+                "grant.provider",
+                "not a configured gitlab provider",
+            ),
+            (
+                "provider = \"gl\"\n",
+                "",
+                "grant.provider",
+                "name a [providers",
+            ),
+            (
+                "kind = \"gitlab_project_token\"",
+                "kind = \"gitlab_project_token\"\naudience = \"x\"",
+                "grant.audience",
+                "not used",
+            ),
+        ];
+        for (from, to, field, message) in cases {
+            assert!(GITLAB.contains(from), "{from}");
+            let errs = compile_with(&GITLAB.replacen(from, to, 1), &gitlab_ceiling()).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|e| e.field.as_deref() == Some(field) && e.to_string().contains(message)),
+                "{from} -> {to}: {errs:?}"
+            );
+        }
+        // An access token names no provider.
+        let errs = compile_with(
+            &BASE.replace("ttl = \"10m\"", "ttl = \"10m\"\nprovider = \"gl\""),
+            &gitlab_ceiling(),
+        )
+        .unwrap_err();
+        assert!(
+            errs.iter()
+                .any(|e| e.field.as_deref() == Some("grant.provider")),
+            "{errs:?}"
+        );
+    }
 }
