@@ -417,3 +417,48 @@ async fn a_token_minted_just_before_a_crash_is_revoked_by_reconciliation_on_rest
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offboarding_a_project_revokes_its_gitlab_tokens_at_once() {
+    const BOOTSTRAP: &str = "cst_bg_CCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCCC";
+    let hash = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        BOOTSTRAP.as_bytes(),
+    ));
+    let Some(w) = start_with("10m", &[("admin.bootstrap_sha256", hash.into())], true).await else {
+        return;
+    };
+    assert_eq!(w.exchange().await.0, 200);
+    assert_eq!(w.exchange().await.0, 200);
+    assert!(w.front.tokens().iter().all(|t| t.active));
+    let res = w
+        .c
+        .http()
+        .post(format!("{}/v1/admin/offboard", w.c.base_url()))
+        .bearer_auth(BOOTSTRAP)
+        .json(
+            &serde_json::json!({ "grain": "project", "value": "42", "reason": "project archived" }),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Long before their 10-minute lifetime: revoked by the next reaper pass.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.front.tokens().iter().any(|t| t.active) {
+        assert!(
+            Instant::now() < deadline,
+            "tokens still active: {:?}",
+            w.front.tokens()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And no new one is minted for the offboarded project.
+    let (status, body, _) = w.exchange().await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_grant")),
+        "{body}"
+    );
+    assert_eq!(w.front.tokens().len(), 2);
+}
