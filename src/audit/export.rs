@@ -9,7 +9,6 @@ use rusqlite::Connection;
 use rusqlite::types::Value;
 use serde_json::value::RawValue;
 
-use super::chain::ChainFields;
 use super::record::{CheckpointLine, CheckpointWrapper, RecordLine};
 
 /// Which records to export; every field narrows.
@@ -69,10 +68,7 @@ pub fn export_connection(
     mut out: impl Write,
 ) -> Result<u64, ExportError> {
     conn.execute_batch("BEGIN")?;
-    let mut sql = String::from(
-        "SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail, prev_hash, hash
-         FROM audit WHERE 1 = 1",
-    );
+    let mut sql = format!("SELECT {} FROM audit WHERE 1 = 1", super::RECORD_COLUMNS);
     let mut args: Vec<Value> = Vec::new();
     let mut push = |clause: &str, v: Value| {
         args.push(v);
@@ -126,18 +122,8 @@ pub fn export_connection(
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut n = 0u64;
     while let Some(r) = rows.next()? {
-        let fields = ChainFields {
-            seq: r.get(0)?,
-            at_ms: r.get(1)?,
-            kind: r.get_ref(2)?.as_str()?,
-            issuer: r.get_ref(3)?.as_str_or_null()?,
-            role: r.get_ref(4)?.as_str_or_null()?,
-            project_id: r.get_ref(5)?.as_str_or_null()?,
-            reason: r.get_ref(6)?.as_str_or_null()?,
-            detail: r.get_ref(7)?.as_str()?,
-        };
-        let prev = r.get_ref(8)?.as_blob_or_null()?.unwrap_or_default();
-        let hash = r.get_ref(9)?.as_blob_or_null()?.unwrap_or_default();
+        let (fields, prev, hash) = super::stored_row(r)?;
+        let (prev, hash) = (prev.unwrap_or_default(), hash.unwrap_or_default());
         // Stored detail is JSON cistern wrote; a row edited into something
         // else is exported as a string (and fails verification, as it should).
         let owned;

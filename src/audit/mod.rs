@@ -28,3 +28,28 @@ pub(crate) fn open_read_only(path: &std::path::Path) -> rusqlite::Result<rusqlit
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
 }
+
+/// The stored columns of a record, in [`stored_row`]'s order.
+pub(crate) const RECORD_COLUMNS: &str =
+    "seq, at_ms, kind, issuer, role, project_id, reason, detail, prev_hash, hash";
+
+/// One row of `SELECT RECORD_COLUMNS FROM audit`, borrowed: the hashed
+/// fields, the stored previous hash and the stored hash.
+pub(crate) fn stored_row<'r>(
+    r: &'r rusqlite::Row<'_>,
+) -> rusqlite::Result<(chain::ChainFields<'r>, Option<&'r [u8]>, Option<&'r [u8]>)> {
+    Ok((
+        chain::ChainFields {
+            seq: r.get(0)?,
+            at_ms: r.get(1)?,
+            kind: r.get_ref(2)?.as_str()?,
+            issuer: r.get_ref(3)?.as_str_or_null()?,
+            role: r.get_ref(4)?.as_str_or_null()?,
+            project_id: r.get_ref(5)?.as_str_or_null()?,
+            reason: r.get_ref(6)?.as_str_or_null()?,
+            detail: r.get_ref(7)?.as_str()?,
+        },
+        r.get_ref(8)?.as_blob_or_null()?,
+        r.get_ref(9)?.as_blob_or_null()?,
+    ))
+}

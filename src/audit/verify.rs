@@ -439,27 +439,18 @@ pub fn verify_connection(
         out
     };
     let mut verifier = Verifier::new(checkpoints, keys, issuer, Start::Genesis);
-    let mut stmt = conn.prepare(
-        "SELECT seq, at_ms, kind, issuer, role, project_id, reason, detail, prev_hash, hash
-         FROM audit ORDER BY seq",
-    )?;
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {} FROM audit ORDER BY seq",
+        super::RECORD_COLUMNS
+    ))?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let outcome = (|| -> Result<Result<(), Problem>, rusqlite::Error> {
-            let fields = ChainFields {
-                seq: r.get(0)?,
-                at_ms: r.get(1)?,
-                kind: r.get_ref(2)?.as_str()?,
-                issuer: r.get_ref(3)?.as_str_or_null()?,
-                role: r.get_ref(4)?.as_str_or_null()?,
-                project_id: r.get_ref(5)?.as_str_or_null()?,
-                reason: r.get_ref(6)?.as_str_or_null()?,
-                detail: r.get_ref(7)?.as_str()?,
-            };
+            let (fields, prev_hash, hash) = super::stored_row(r)?;
             let row = Row {
                 fields,
-                prev_hash: r.get_ref(8)?.as_blob_or_null()?,
-                hash: r.get_ref(9)?.as_blob_or_null()?,
+                prev_hash,
+                hash,
             };
             Ok(verifier.feed(&row))
         })();

@@ -136,11 +136,12 @@ pub fn prism_bin() -> PathBuf {
 }
 
 /// GitLab's OpenAPI contract for the access-token endpoints, in the variant
-/// Prism can serve: `../shared/gitlab/gitlab-openapi.prism.yaml` from the
-/// repository root (derived from `gitlab-openapi.yaml` beside it by
-/// `make_prism_variant.py`).
+/// Prism can serve: `tests/fixtures/gitlab/gitlab-openapi.prism.yaml`.
 pub fn gitlab_openapi_spec() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/gitlab/gitlab-openapi.prism.yaml")
+    // A copy of ../shared/gitlab/gitlab-openapi.prism.yaml (GitLab's own
+    // OpenAPI v3 extract, normalised for Prism), kept in the repository so
+    // the contract tests run on a clean clone with nothing beside it.
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gitlab/gitlab-openapi.prism.yaml")
 }
 
 /// Whether [`Prism`] can start: its binary, the spec and `node` are there.
@@ -163,7 +164,7 @@ pub fn require_prism() -> bool {
         )
     } else if !gitlab_openapi_spec().is_file() {
         format!(
-            "GitLab's OpenAPI spec is missing at {} (shared/ beside the repository)",
+            "GitLab's OpenAPI spec is missing at {}",
             gitlab_openapi_spec().display()
         )
     } else {
