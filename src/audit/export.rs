@@ -122,8 +122,12 @@ pub fn export_connection(
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut n = 0u64;
     while let Some(r) = rows.next()? {
-        let (fields, prev, hash) = super::stored_row(r)?;
-        let (prev, hash) = (prev.unwrap_or_default(), hash.unwrap_or_default());
+        let row = super::stored_row(r)?;
+        let fields = row.fields;
+        let (prev, hash) = (
+            row.prev_hash.unwrap_or_default(),
+            row.hash.unwrap_or_default(),
+        );
         // Stored detail is JSON cistern wrote; a row edited into something
         // else is exported as a string (and fails verification, as it should).
         let owned;

@@ -35,11 +35,9 @@ pub(crate) const RECORD_COLUMNS: &str =
 
 /// One row of `SELECT RECORD_COLUMNS FROM audit`, borrowed: the hashed
 /// fields, the stored previous hash and the stored hash.
-pub(crate) fn stored_row<'r>(
-    r: &'r rusqlite::Row<'_>,
-) -> rusqlite::Result<(chain::ChainFields<'r>, Option<&'r [u8]>, Option<&'r [u8]>)> {
-    Ok((
-        chain::ChainFields {
+pub(crate) fn stored_row<'r>(r: &'r rusqlite::Row<'_>) -> rusqlite::Result<verify::Row<'r>> {
+    Ok(verify::Row {
+        fields: chain::ChainFields {
             seq: r.get(0)?,
             at_ms: r.get(1)?,
             kind: r.get_ref(2)?.as_str()?,
@@ -49,7 +47,7 @@ pub(crate) fn stored_row<'r>(
             reason: r.get_ref(6)?.as_str_or_null()?,
             detail: r.get_ref(7)?.as_str()?,
         },
-        r.get_ref(8)?.as_blob_or_null()?,
-        r.get_ref(9)?.as_blob_or_null()?,
-    ))
+        prev_hash: r.get_ref(8)?.as_blob_or_null()?,
+        hash: r.get_ref(9)?.as_blob_or_null()?,
+    })
 }

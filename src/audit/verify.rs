@@ -446,12 +446,7 @@ pub fn verify_connection(
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
         let outcome = (|| -> Result<Result<(), Problem>, rusqlite::Error> {
-            let (fields, prev_hash, hash) = super::stored_row(r)?;
-            let row = Row {
-                fields,
-                prev_hash,
-                hash,
-            };
+            let row = super::stored_row(r)?;
             Ok(verifier.feed(&row))
         })();
         match outcome {
