@@ -341,6 +341,7 @@ impl Exchanger {
             scope: grant.scopes.join(" "),
             audience: grant.audience.to_string(),
             kid: String::new(),
+            kind: grant.kind,
         };
         let record = DownstreamRecord {
             provider: name.to_owned(),

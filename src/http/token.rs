@@ -205,11 +205,7 @@ pub async fn token(
                 token_type: "Bearer",
                 expires_in: (minted.expires_at - now).max(0),
                 scope: &minted.scope,
-                cistern_credential_kind: if minted.kid.is_empty() {
-                    "gitlab_project_token"
-                } else {
-                    "access_token"
-                },
+                cistern_credential_kind: minted.kind.as_str(),
             };
             Ok(no_store(Json(body).into_response()))
         }

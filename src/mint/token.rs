@@ -31,8 +31,10 @@ pub struct MintedToken {
     pub scope: String,
     /// The `aud` claim.
     pub audience: String,
-    /// The key that signed it.
+    /// The key that signed it (empty for a downstream credential).
     pub kid: String,
+    /// What it is.
+    pub kind: crate::policy::CredentialKind,
 }
 
 impl fmt::Debug for MintedToken {
@@ -45,6 +47,7 @@ impl fmt::Debug for MintedToken {
             .field("scope", &self.scope)
             .field("audience", &self.audience)
             .field("kid", &self.kid)
+            .field("kind", &self.kind)
             .finish()
     }
 }
@@ -181,6 +184,7 @@ pub fn mint(
         scope,
         audience: grant.audience.to_string(),
         kid,
+        kind: crate::policy::CredentialKind::AccessToken,
     })
 }
 
