@@ -167,7 +167,10 @@ async fn a_job_gets_a_gitlab_token_minted_to_gitlabs_contract_and_revoked_when_i
     let deadline = Instant::now() + Duration::from_secs(30);
     let delete = loop {
         let d = w.front.requests().into_iter().find(|r| {
-            r.method == "DELETE" && r.path().starts_with("/api/v4/projects/42/access_tokens/")
+            // Recorded on arrival; wait until it has been answered.
+            r.method == "DELETE"
+                && r.path().starts_with("/api/v4/projects/42/access_tokens/")
+                && r.status.is_some()
         });
         if let Some(d) = d {
             break d;
@@ -384,12 +387,21 @@ async fn a_token_minted_just_before_a_crash_is_revoked_by_reconciliation_on_rest
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let delete = w
-        .front
-        .requests()
-        .into_iter()
-        .find(|r| r.method == "DELETE")
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let delete = loop {
+        // Recorded on arrival; its status and Prism's verdict once answered.
+        if let Some(d) = w
+            .front
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "DELETE" && r.status.is_some())
+        {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "the revoke was never answered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(delete.upstream_status, Some(204), "{delete:?}");
     assert_eq!(
         delete.path(),
         format!("/api/v4/projects/42/access_tokens/{}", orphan.id)
