@@ -88,6 +88,23 @@ pub struct GitLabProviderConfig {
     /// Allow plain http to a loopback GitLab (tests, local mocks).
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// Environment variable holding the key-encryption key (32 bytes,
+    /// base64). With a KEK, cistern keeps its own credential sealed in the
+    /// store and rotates it before it expires; without, it only reads it.
+    #[serde(default)]
+    pub kek_env: Option<String>,
+    /// File holding the KEK instead (mode 0600).
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// Rotate cistern's own credential when it expires within this long.
+    #[serde(default = "defaults::gitlab_rotate_before", with = "humantime_serde")]
+    pub rotate_before: Duration,
+    /// Lifetime asked for a rotated credential (GitLab allows at most a year).
+    #[serde(default = "defaults::gitlab_rotate_lifetime", with = "humantime_serde")]
+    pub rotate_lifetime: Duration,
+    /// How often the credential's expiry is checked.
+    #[serde(default = "defaults::gitlab_rotation_check", with = "humantime_serde")]
+    pub rotation_check_interval: Duration,
     /// How often managed projects are listed to revoke marked tokens that
     /// are past their lifetime or unknown to the store.
     #[serde(
@@ -476,6 +493,15 @@ mod defaults {
     pub(super) fn gitlab_max_retries() -> u32 {
         3
     }
+    pub(super) fn gitlab_rotate_before() -> Duration {
+        Duration::from_secs(7 * 86400)
+    }
+    pub(super) fn gitlab_rotate_lifetime() -> Duration {
+        Duration::from_secs(30 * 86400)
+    }
+    pub(super) fn gitlab_rotation_check() -> Duration {
+        Duration::from_secs(3600)
+    }
     pub(super) fn gitlab_reconcile_interval() -> Duration {
         Duration::from_secs(300)
     }
@@ -639,6 +665,9 @@ impl Config {
             if let Some(f) = &mut g.token_file {
                 join(f);
             }
+            if let Some(f) = &mut g.kek_file {
+                join(f);
+            }
         }
         join(&mut self.policy.dir);
         if let Some(p) = &mut self.server.tls_cert {
@@ -737,6 +766,20 @@ impl Config {
             }
             if g.max_retries > 10 {
                 return Err(src.error(&field("max_retries"), "must be at most 10"));
+            }
+            if g.kek_env.is_some() && g.kek_file.is_some() {
+                return Err(src.error(&field("kek_env"), "set at most one of kek_env and kek_file"));
+            }
+            if g.rotate_lifetime <= g.rotate_before
+                || g.rotate_lifetime > Duration::from_secs(365 * 86400)
+            {
+                return Err(src.error(
+                    &field("rotate_lifetime"),
+                    "must be longer than rotate_before and at most 365 days",
+                ));
+            }
+            if g.rotation_check_interval < Duration::from_secs(1) {
+                return Err(src.error(&field("rotation_check_interval"), "must be at least 1s"));
             }
             if g.reconcile_interval < Duration::from_secs(1) {
                 return Err(src.error(&field("reconcile_interval"), "must be at least 1s"));

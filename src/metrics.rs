@@ -51,6 +51,16 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     jwks_age: Family<IssuerLabels, Gauge>,
     policies_loaded: Gauge,
+    credential_expiry: Family<ProviderLabels, Gauge>,
+    credential_rotated: Family<ProviderLabels, Gauge>,
+    credential_errors: Family<ProviderLabels, Counter>,
+}
+
+/// Labels of per-provider metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabels {
+    /// Configured provider name.
+    pub provider: String,
 }
 
 impl Default for Metrics {
@@ -96,6 +106,24 @@ impl Metrics {
             "Roles in the policy set in force",
             policies_loaded.clone(),
         );
+        let credential_expiry = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "provider_credential_expiry_timestamp_seconds",
+            "When cistern's own credential for a provider expires (unix seconds)",
+            credential_expiry.clone(),
+        );
+        let credential_rotated = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "provider_credential_rotated_timestamp_seconds",
+            "When cistern last rotated its own credential for a provider (unix seconds)",
+            credential_rotated.clone(),
+        );
+        let credential_errors = Family::<ProviderLabels, Counter>::default();
+        registry.register(
+            "provider_credential_errors",
+            "Failed checks or rotations of cistern's own provider credential",
+            credential_errors.clone(),
+        );
         Self {
             registry,
             exchanges,
@@ -104,6 +132,9 @@ impl Metrics {
             errors,
             jwks_age,
             policies_loaded,
+            credential_expiry,
+            credential_rotated,
+            credential_errors,
         }
     }
 
@@ -149,6 +180,33 @@ impl Metrics {
                 issuer: issuer.to_owned(),
             })
             .set(secs);
+    }
+
+    /// Records the expiry (unix seconds) of cistern's own provider credential.
+    pub fn set_credential_expiry(&self, provider: &str, unix_secs: i64) {
+        self.credential_expiry
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .set(unix_secs);
+    }
+
+    /// Records a rotation of cistern's own provider credential.
+    pub fn set_credential_rotated(&self, provider: &str, unix_secs: i64) {
+        self.credential_rotated
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .set(unix_secs);
+    }
+
+    /// Counts a failed check or rotation of cistern's own provider credential.
+    pub fn credential_error(&self, provider: &str) {
+        self.credential_errors
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .inc();
     }
 
     /// Sets the number of roles in force.

@@ -474,3 +474,113 @@ async fn offboarding_a_project_revokes_its_gitlab_tokens_at_once() {
     );
     assert_eq!(w.front.tokens().len(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cisterns_own_credential_is_sealed_rotated_before_expiry_and_survives_a_restart() {
+    let keys = tempfile::tempdir().unwrap();
+    let kek_file = keys.path().join("kek");
+    std::fs::write(&kek_file, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=\n").unwrap();
+    let Some(mut w) = start(
+        "10m",
+        &[
+            (
+                "providers.gitlab.kek_file",
+                kek_file.to_str().unwrap().into(),
+            ),
+            ("providers.gitlab.rotation_check_interval", "1h".into()),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    // At start: the seed from token_file was sealed, and the first check
+    // found it expiring (GitLab's example token expired in 2026-01) and
+    // rotated it through the self-rotate endpoint.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rotate = loop {
+        if let Some(r) = w.front.requests().into_iter().find(|r| {
+            r.method == "POST"
+                && r.path() == "/api/v4/personal_access_tokens/self/rotate"
+                && r.status.is_some()
+        }) {
+            break r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rotation; logs:\n{}",
+            w.c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rotate.upstream_status, Some(200), "{rotate:?}");
+    assert!(rotate.violation_messages().is_empty(), "{rotate:?}");
+    assert_eq!(rotate.private_token.as_deref(), Some(OWN_TOKEN));
+    let rotated: Value = serde_json::from_str(&rotate.response_body).unwrap();
+    let rotated = rotated["token"].as_str().unwrap().to_owned();
+    assert_ne!(rotated, OWN_TOKEN);
+
+    // From then on every call carries the rotated credential.
+    let db = w.c.data_dir().join("data/cistern.db");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: i64 = rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*) FROM audit WHERE reason = 'provider_credential_rotated'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "rotation not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.front.clear();
+    assert_eq!(w.exchange().await.0, 200);
+    assert_eq!(
+        w.creates()[0].private_token.as_deref(),
+        Some(rotated.as_str())
+    );
+
+    // Sealed at rest: neither credential appears in the database file.
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let (ciphertext, expires_on): (Vec<u8>, Option<String>) = conn
+        .query_row(
+            "SELECT ciphertext, expires_on FROM provider_credentials WHERE provider = 'gitlab'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(!ciphertext.windows(6).any(|w| w == b"glpat-"));
+    assert!(expires_on.is_some());
+    drop(conn);
+    let raw = std::fs::read(&db).unwrap();
+    assert!(!raw.windows(rotated.len()).any(|w| w == rotated.as_bytes()));
+
+    // Health is in the metrics.
+    let metrics =
+        w.c.http()
+            .get(format!("{}/metrics", w.c.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(
+        metrics
+            .contains("cistern_provider_credential_rotated_timestamp_seconds{provider=\"gitlab\"}"),
+        "{metrics}"
+    );
+
+    // After a restart the stored, rotated credential is used, not the seed.
+    w.c.restart();
+    w.c.wait_ready(common::START_TIMEOUT).await;
+    w.front.clear();
+    assert_eq!(w.exchange().await.0, 200);
+    let first = w.front.requests().into_iter().next().unwrap();
+    assert_ne!(first.private_token.as_deref(), Some(OWN_TOKEN), "{first:?}");
+}

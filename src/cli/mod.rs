@@ -9,6 +9,7 @@ pub mod dev;
 pub mod inventory;
 pub mod policy;
 pub mod policy_diff;
+pub mod provider;
 pub mod report;
 pub mod serve;
 
@@ -55,6 +56,9 @@ pub enum Command {
     /// The tamper-evident audit log: verify the chain, export records.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Downstream credential providers: cistern's own credentials.
+    #[command(subcommand)]
+    Provider(provider::ProviderCommand),
 }
 
 /// How an admin command reaches cistern.
@@ -373,6 +377,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Admin(AdminCommand::Bootstrap) => admin::bootstrap(),
         Command::Audit(audit::AuditCommand::Verify(args)) => audit::verify(&args),
         Command::Audit(audit::AuditCommand::Export(args)) => audit::export(&args),
+        Command::Provider(provider::ProviderCommand::SetCredential(args)) => {
+            provider::set_credential(&args).await
+        }
         Command::Admin(AdminCommand::Offboarded(conn)) => admin::list_offboarded(&conn).await,
     }
 }

@@ -60,6 +60,8 @@ pub struct Built {
     pub policies: Arc<PolicyStore>,
     /// The issuers (for the warm-up fetch).
     pub issuers: Arc<Issuers>,
+    /// Keepers of cistern's own provider credentials, with their check interval.
+    pub keepers: Vec<(Arc<crate::provider::rotation::Keeper>, Duration)>,
 }
 
 /// Opens the store, keys, policies and issuers for `config`.
@@ -120,6 +122,32 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
     let providers = crate::provider::Providers::from_config(&config.providers)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context("downstream credential providers ([providers])")?;
+    let mut keepers = Vec::new();
+    for (name, p) in &config.providers {
+        let crate::config::ProviderConfig::Gitlab(g) = p;
+        let (Some(kek), Some(gl)) = (
+            crate::provider::rotation::kek_of(g)
+                .map_err(|e| anyhow::anyhow!("providers.{name}: key-encryption key: {e}"))?,
+            providers.gitlab(name),
+        ) else {
+            continue;
+        };
+        let keeper = Arc::new(crate::provider::rotation::Keeper::new(
+            name.clone(),
+            gl.clone(),
+            kek,
+            store.clone(),
+            clock.clone(),
+            metrics.clone(),
+            g.rotate_before,
+            g.rotate_lifetime,
+        ));
+        keeper
+            .load_or_seal()
+            .await
+            .with_context(|| format!("providers.{name}: the sealed own credential"))?;
+        keepers.push((keeper, g.rotation_check_interval));
+    }
     let exchanger = Arc::new(Exchanger {
         providers,
         issuers: issuers.clone(),
@@ -166,6 +194,7 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
         },
         policies,
         issuers,
+        keepers,
     })
 }
 
@@ -257,6 +286,9 @@ fn spawn_background(config: &Config, built: &Built) {
         .spawn_poller(config.revocation.poll_interval);
 
     let ex = built.state.exchanger.clone();
+    for (keeper, interval) in &built.keepers {
+        tokio::spawn(keeper.clone().run(*interval));
+    }
     if !ex.providers.is_empty() {
         let reaper = Arc::new(crate::provider::reaper::Reaper {
             store: ex.store.clone(),

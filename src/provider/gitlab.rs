@@ -76,7 +76,8 @@ const MAX_BODY: usize = 1 << 20;
 pub struct GitLab {
     name: String,
     api: String,
-    token: Zeroizing<String>,
+    /// cistern's own credential; swapped whole when it is rotated.
+    token: arc_swap::ArcSwap<Zeroizing<String>>,
     http: reqwest::Client,
     max_retries: u32,
 }
@@ -131,10 +132,88 @@ impl GitLab {
         Ok(GitLab {
             name: name.to_owned(),
             api: format!("{}/api/v4", cfg.url.as_str().trim_end_matches('/')),
-            token,
+            token: arc_swap::ArcSwap::from_pointee(token),
             http,
             max_retries: cfg.max_retries,
         })
+    }
+
+    /// Puts `token` in use for every later call.
+    pub fn set_credential(&self, token: Zeroizing<String>) {
+        self.token.store(std::sync::Arc::new(token));
+    }
+
+    /// The credential in use.
+    pub(crate) fn credential(&self) -> std::sync::Arc<Zeroizing<String>> {
+        self.token.load_full()
+    }
+
+    /// The expiry date of cistern's own credential (`GET
+    /// /personal_access_tokens/self`); `None` when it never expires.
+    pub async fn own_expiry(&self) -> Result<Option<String>, ProviderError> {
+        let (status, _, bytes) = self
+            .call(Method::GET, "/personal_access_tokens/self", &[], None)
+            .await?;
+        if status != StatusCode::OK {
+            return Err(if status.is_client_error() {
+                self.refused(status, &bytes)
+            } else {
+                self.bad(format!("unexpected status {status}"))
+            });
+        }
+        #[derive(Deserialize)]
+        struct SelfBody {
+            #[serde(default)]
+            expires_at: Option<String>,
+        }
+        let body: SelfBody = serde_json::from_slice(&bytes)
+            .map_err(|e| self.bad(format!("self answered an unreadable token: {e}")))?;
+        match body.expires_at {
+            Some(d) if date_ms(&d).is_none() => {
+                Err(self.bad(format!("expires_at {d:?} is not a date")))
+            }
+            other => Ok(other),
+        }
+    }
+
+    /// Rotates cistern's own credential (`POST
+    /// /personal_access_tokens/self/rotate`): GitLab revokes the old one at
+    /// once and answers the new one, which is *not* put in use here (the
+    /// caller persists it first). Returns it with its expiry date.
+    pub async fn rotate_own(
+        &self,
+        expires_at: &str,
+    ) -> Result<(Zeroizing<String>, Option<String>), ProviderError> {
+        let body = json!({ "expires_at": expires_at });
+        let (status, _, bytes) = self
+            .call(
+                Method::POST,
+                "/personal_access_tokens/self/rotate",
+                &[],
+                Some(&body),
+            )
+            .await?;
+        if status != StatusCode::OK && status != StatusCode::CREATED {
+            return Err(if status.is_client_error() {
+                self.refused(status, &bytes)
+            } else {
+                self.bad(format!("unexpected status {status}"))
+            });
+        }
+        #[derive(Deserialize)]
+        struct Rotated {
+            #[serde(default)]
+            token: Option<String>,
+            #[serde(default)]
+            expires_at: Option<String>,
+        }
+        let r: Rotated = serde_json::from_slice(&bytes)
+            .map_err(|e| self.bad(format!("rotate answered an unreadable token: {e}")))?;
+        let token = r
+            .token
+            .filter(|t| !t.is_empty() && !t.chars().any(|c| c.is_control() || c == ' '))
+            .ok_or_else(|| self.bad("rotate answered without a usable token".into()))?;
+        Ok((Zeroizing::new(token), r.expires_at))
     }
 
     fn unavailable(&self, message: String) -> ProviderError {
@@ -165,7 +244,7 @@ impl GitLab {
             let mut req = self
                 .http
                 .request(method.clone(), &url)
-                .header("PRIVATE-TOKEN", self.token.as_str())
+                .header("PRIVATE-TOKEN", self.token.load().as_str())
                 .query(query);
             if let Some(b) = body {
                 req = req.json(b);
@@ -309,6 +388,43 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// (year, month, day) → days since 1970-01-01 (Howard Hinnant's
+/// `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// A GitLab date (`YYYY-MM-DD`) as the ms of its 00:00 UTC, when GitLab
+/// considers a token expired.
+pub fn date_ms(date: &str) -> Option<i64> {
+    let mut parts = date.split('-');
+    let (Some(y), Some(m), Some(d), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    if y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d) = (
+        y.parse::<i64>().ok()?,
+        m.parse::<u32>().ok()?,
+        d.parse::<u32>().ok()?,
+    );
+    if !(1..=12).contains(&m) || !(1..=31).contains(&d) {
+        return None;
+    }
+    let days = days_from_civil(y, m, d);
+    // Reject dates that do not exist (2026-02-30).
+    (civil_from_days(days) == (y, m, d)).then_some(days * 86_400_000)
+}
+
 /// The `expires_at` date that keeps a token valid until at least
 /// `until_ms`: GitLab expires tokens at 00:00 UTC *on* that date, so the
 /// day after `until_ms`'s day. Returns the date and its midnight in ms.
@@ -444,6 +560,25 @@ mod tests {
         assert_eq!(civil_from_days(19_782), (2024, 2, 29));
         assert_eq!(civil_from_days(20_818), (2026, 12, 31));
         assert_eq!(civil_from_days(0), (1970, 1, 1));
+    }
+
+    #[test]
+    fn dates_parse_to_their_midnight_and_nonsense_is_refused() {
+        assert_eq!(date_ms("2026-11-30"), Some(1_795_996_800_000));
+        assert_eq!(date_ms("1970-01-01"), Some(0));
+        assert_eq!(date_ms("2024-02-29"), Some(19_782 * 86_400_000));
+        for bad in [
+            "2026-02-30",
+            "2026-13-01",
+            "26-01-01",
+            "2026-1-01",
+            "2026-01-01T00:00",
+            "",
+        ] {
+            assert_eq!(date_ms(bad), None, "{bad}");
+        }
+        let (d, at) = expires_at_for(1_795_995_000_000);
+        assert_eq!(date_ms(&d), Some(at));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 
 pub mod gitlab;
 pub mod reaper;
+pub mod rotation;
+pub mod sealed;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -127,11 +129,14 @@ pub trait CredentialProvider: Send + Sync {
 
 /// The configured providers by name.
 #[derive(Clone, Default)]
-pub struct Providers(BTreeMap<String, Arc<dyn CredentialProvider>>);
+pub struct Providers {
+    all: BTreeMap<String, Arc<dyn CredentialProvider>>,
+    gitlab: BTreeMap<String, Arc<gitlab::GitLab>>,
+}
 
 impl std::fmt::Debug for Providers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_list().entries(self.0.keys()).finish()
+        f.debug_list().entries(self.all.keys()).finish()
     }
 }
 
@@ -140,29 +145,40 @@ impl Providers {
     pub fn from_config(
         configs: &BTreeMap<String, ProviderConfig>,
     ) -> Result<Providers, ProviderError> {
-        let mut out = BTreeMap::new();
+        let mut out = Providers::default();
         for (name, c) in configs {
-            let p: Arc<dyn CredentialProvider> = match c {
-                ProviderConfig::Gitlab(g) => Arc::new(gitlab::GitLab::new(name, g)?),
-            };
-            out.insert(name.clone(), p);
+            match c {
+                ProviderConfig::Gitlab(g) => {
+                    let gl = Arc::new(gitlab::GitLab::new(name, g)?);
+                    out.gitlab.insert(name.clone(), gl.clone());
+                    out.all.insert(name.clone(), gl);
+                }
+            }
         }
-        Ok(Providers(out))
+        Ok(out)
     }
 
     /// A set of providers built elsewhere (tests).
-    pub fn from_map(map: BTreeMap<String, Arc<dyn CredentialProvider>>) -> Providers {
-        Providers(map)
+    pub fn from_map(all: BTreeMap<String, Arc<dyn CredentialProvider>>) -> Providers {
+        Providers {
+            all,
+            gitlab: BTreeMap::new(),
+        }
     }
 
     /// The provider named `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn CredentialProvider>> {
-        self.0.get(name)
+        self.all.get(name)
+    }
+
+    /// The GitLab instance named `name` (for managing cistern's own credential).
+    pub fn gitlab(&self, name: &str) -> Option<&Arc<gitlab::GitLab>> {
+        self.gitlab.get(name)
     }
 
     /// Whether none is configured.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.all.is_empty()
     }
 }
 

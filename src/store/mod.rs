@@ -407,6 +407,24 @@ pub trait Store: Send + Sync + 'static {
         jti: &str,
     ) -> Result<Option<(OutstandingDownstream, Option<i64>)>, StoreError>;
 
+    // --- cistern's own provider credentials ---
+
+    /// The sealed credential stored for `provider`, with its expiry date.
+    async fn sealed_credential(
+        &self,
+        provider: &str,
+    ) -> Result<Option<(crate::provider::sealed::Sealed, Option<String>)>, StoreError>;
+
+    /// Replaces the sealed credential of `provider` and appends `audit`, in
+    /// one transaction.
+    async fn save_sealed_credential(
+        &self,
+        provider: &str,
+        sealed: crate::provider::sealed::Sealed,
+        expires_on: Option<String>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError>;
+
     // --- the audit chain ---
 
     /// The chain head (committed) and the newest checkpoint.

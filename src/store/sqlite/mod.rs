@@ -349,8 +349,54 @@ impl Store for SqliteStore {
             jti: jti.to_owned(),
             at_ms,
             cause: cause.to_owned(),
-            audit,
+            audit: Box::new(audit),
         })
+        .await
+        .map(drop)
+    }
+
+    async fn sealed_credential(
+        &self,
+        provider: &str,
+    ) -> Result<Option<(crate::provider::sealed::Sealed, Option<String>)>, StoreError> {
+        let provider = provider.to_owned();
+        self.read(move |conn| {
+            use rusqlite::OptionalExtension as _;
+            conn.prepare_cached(
+                "SELECT nonce, ciphertext, expires_on FROM provider_credentials WHERE provider = ?1",
+            )
+            .and_then(|mut s| {
+                s.query_row([provider], |r| {
+                    Ok((
+                        crate::provider::sealed::Sealed {
+                            nonce: r.get(0)?,
+                            ciphertext: r.get(1)?,
+                        },
+                        r.get(2)?,
+                    ))
+                })
+                .optional()
+            })
+            .map_err(|e| db_err("read sealed credential", e))
+        })
+        .await
+    }
+
+    async fn save_sealed_credential(
+        &self,
+        provider: &str,
+        sealed: crate::provider::sealed::Sealed,
+        expires_on: Option<String>,
+        audit: AuditEvent,
+    ) -> Result<(), StoreError> {
+        self.write(WriteOp::SealedCredential(Box::new(
+            writer::SealedCredentialOp {
+                provider: provider.to_owned(),
+                sealed,
+                expires_on,
+                audit,
+            },
+        )))
         .await
         .map(drop)
     }

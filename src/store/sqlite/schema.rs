@@ -28,6 +28,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (3, MIGRATION_3),
     (4, MIGRATION_4),
     (5, MIGRATION_5),
+    (6, MIGRATION_6),
 ];
 
 /// The initial schema. Times are integer milliseconds since the epoch, ids
@@ -244,6 +245,18 @@ CREATE TABLE downstream_targets (
     target      TEXT    NOT NULL,
     first_at_ms INTEGER NOT NULL,
     PRIMARY KEY (provider, target)
+) WITHOUT ROWID;
+";
+
+/// cistern's own provider credentials, sealed (AES-256-GCM under a KEK
+/// that is never stored): one row per provider, replaced whole on rotation.
+const MIGRATION_6: &str = "
+CREATE TABLE provider_credentials (
+    provider   TEXT    NOT NULL PRIMARY KEY,
+    nonce      BLOB    NOT NULL,
+    ciphertext BLOB    NOT NULL,
+    expires_on TEXT,
+    saved_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
 ";
 

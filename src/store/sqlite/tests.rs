@@ -121,7 +121,7 @@ async fn opening_twice_runs_migrations_once_and_keeps_data() {
     let first = open(&path);
     first.commit_exchange(record(1)).await.unwrap();
     let second = open(&path);
-    assert_eq!(count(&path, "schema_version"), 5);
+    assert_eq!(count(&path, "schema_version"), 6);
     assert_eq!(second.issued_tokens(10).await.unwrap().len(), 1);
     second.ping().await.unwrap();
 }

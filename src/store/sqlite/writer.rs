@@ -48,6 +48,8 @@ pub(super) enum WriteOp {
         now_ms: i64,
         limit: u32,
     },
+    /// Replace a provider's sealed credential and audit it.
+    SealedCredential(Box<SealedCredentialOp>),
     /// A target a provider is about to mint on.
     DownstreamTarget {
         provider: String,
@@ -60,8 +62,16 @@ pub(super) enum WriteOp {
         jti: String,
         at_ms: i64,
         cause: String,
-        audit: AuditEvent,
+        audit: Box<AuditEvent>,
     },
+}
+
+/// [`WriteOp::SealedCredential`]'s fields (boxed: the op stays small).
+pub(super) struct SealedCredentialOp {
+    pub(super) provider: String,
+    pub(super) sealed: crate::provider::sealed::Sealed,
+    pub(super) expires_on: Option<String>,
+    pub(super) audit: AuditEvent,
 }
 
 /// Where audit records go besides the store, and what a sink failure means.
@@ -377,6 +387,33 @@ fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, 
         WriteOp::Audit(event) => chain.append(conn, event).map(|()| 0),
         WriteOp::Checkpoint(line) => chain.checkpoint(conn, line),
         WriteOp::SweepExpired { now_ms, limit } => sweep_expired(conn, chain, *now_ms, *limit),
+        WriteOp::SealedCredential(op) => {
+            let SealedCredentialOp {
+                provider,
+                sealed,
+                expires_on,
+                audit,
+            } = &**op;
+            conn.prepare_cached(
+                "INSERT INTO provider_credentials (provider, nonce, ciphertext, expires_on, saved_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (provider) DO UPDATE SET nonce = excluded.nonce,
+                     ciphertext = excluded.ciphertext, expires_on = excluded.expires_on,
+                     saved_at_ms = excluded.saved_at_ms",
+            )
+            .and_then(|mut s| {
+                s.execute(params![
+                    provider,
+                    sealed.nonce,
+                    sealed.ciphertext,
+                    expires_on,
+                    audit.at_ms
+                ])
+            })
+            .map_err(|e| db_err("save sealed credential", e))?;
+            chain.append(conn, audit)?;
+            Ok(1)
+        }
         WriteOp::DownstreamTarget {
             provider,
             target,
