@@ -1011,7 +1011,9 @@ scopes = ["deploy:*"]
         let uncommented: String = text[start..]
             .lines()
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
-            .filter(|l| !l.starts_with("# ") && !l.starts_with("token_file"))
+            .filter(|l| {
+                !l.starts_with("# ") && !l.starts_with("token_file") && !l.starts_with("kek_file")
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         let c = load(&format!("{}{uncommented}", &text[..start])).unwrap();

@@ -576,6 +576,23 @@ async fn cisterns_own_credential_is_sealed_rotated_before_expiry_and_survives_a_
         "{metrics}"
     );
 
+    // ... and in the report.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["report", "--format", "json", "--config"])
+        .arg(w.c.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let health = &report["provider_credentials"][0];
+    assert_eq!(health["provider"], "gitlab", "{report}");
+    assert!(health["expires_on"].is_string(), "{report}");
+    assert!(!out.stdout.windows(6).any(|w| w == b"glpat-"));
+
     // After a restart the stored, rotated credential is used, not the seed.
     w.c.restart();
     w.c.wait_ready(common::START_TIMEOUT).await;

@@ -211,6 +211,8 @@ pub struct Report {
     pub unused: Vec<UnusedIdentity>,
     /// The longest-lived outstanding credentials (at most 10).
     pub longest_lived: Vec<LongLived>,
+    /// cistern's own provider credentials (the long-lived secrets left).
+    pub provider_credentials: Vec<crate::store::sqlite::inventory::ProviderCredentialHealth>,
 }
 
 /// Nearest-rank percentile of sorted values.
@@ -332,6 +334,7 @@ pub fn build_report(data: &InventoryData, now_ms: i64, unused_days: u32) -> Repo
         revocation,
         unused,
         longest_lived: longest,
+        provider_credentials: Vec::new(),
     }
 }
 
@@ -557,6 +560,30 @@ pub fn render_text(r: &Report, markdown: bool) -> String {
         );
     }
 
+    if !r.provider_credentials.is_empty() {
+        h(&mut o, 2, "cistern's own provider credentials");
+        table(
+            &mut o,
+            &[
+                "provider",
+                "expires",
+                "last loaded or rotated",
+                "last error since",
+            ],
+            r.provider_credentials
+                .iter()
+                .map(|p| {
+                    vec![
+                        md_or_clean(&p.provider, markdown),
+                        p.expires_on.clone().unwrap_or_else(|| "never".to_owned()),
+                        rfc3339(p.saved_at_ms),
+                        md_or_clean(p.last_error.as_deref().unwrap_or("none"), markdown),
+                    ]
+                })
+                .collect(),
+        );
+    }
+
     h(&mut o, 2, "Longest-lived outstanding credentials");
     if r.longest_lived.is_empty() {
         none(&mut o, "none");
@@ -602,7 +629,10 @@ pub fn run(args: &ReportArgs) -> Result<(), CliError> {
     let days = args
         .unused_days
         .unwrap_or(config.inventory.unused_after_days);
-    let report = build_report(&data, now_ms, days);
+    let mut report = build_report(&data, now_ms, days);
+    report.provider_credentials = super::inventory::open_reader(&config)?
+        .provider_credentials()
+        .map_err(|e| CliError::new(super::exit::UNAVAILABLE, e.to_string()))?;
     match args.format {
         ReportFormat::Text => print!("{}", render_text(&report, false)),
         ReportFormat::Markdown => print!("{}", render_text(&report, true)),

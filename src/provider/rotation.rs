@@ -209,6 +209,12 @@ impl Keeper {
             if let Err(e) = self.check().await {
                 self.metrics.credential_error(&self.name);
                 tracing::error!(provider = %self.name, error = %e, "checking or rotating the own GitLab credential failed");
+                // Provider and store errors name statuses and messages, never the credential.
+                let mut event = self.audit("provider_credential_error", None);
+                event.detail = json!({ "provider": self.name, "error": e.to_string() }).into();
+                if let Err(e) = self.store.append_audit(event).await {
+                    tracing::error!(error = %e, "audit of a credential error failed");
+                }
             }
         }
     }

@@ -204,6 +204,19 @@ pub struct RecordedRequest {
     pub detail: String,
 }
 
+/// The health of cistern's own credential for one provider.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProviderCredentialHealth {
+    /// Provider name.
+    pub provider: String,
+    /// Expiry date, when known.
+    pub expires_on: Option<String>,
+    /// When it was last loaded or rotated (ms).
+    pub saved_at_ms: i64,
+    /// The newest failed check or rotation since then.
+    pub last_error: Option<String>,
+}
+
 impl InventoryReader {
     /// Opens the database at `path` for reading. A missing file is an error
     /// (it is never created here).
@@ -217,6 +230,35 @@ impl InventoryReader {
         let conn = schema::open_reader(path)?;
         read::ping(&conn)?;
         Ok(Self { conn })
+    }
+
+    /// cistern's own provider credentials: expiry, last save (load or
+    /// rotation), and the newest failed check or rotation since then.
+    pub fn provider_credentials(&self) -> Result<Vec<ProviderCredentialHealth>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT p.provider, p.expires_on, p.saved_at_ms,
+                     (SELECT json_extract(a.detail, '$.error') FROM audit a
+                      WHERE a.kind = 'admin_action' AND a.reason = 'provider_credential_error'
+                        AND json_extract(a.detail, '$.provider') = p.provider
+                        AND a.at_ms > p.saved_at_ms
+                      ORDER BY a.seq DESC LIMIT 1)
+                 FROM provider_credentials p ORDER BY p.provider",
+            )
+            .map_err(|e| db_err("read provider credentials", e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(ProviderCredentialHealth {
+                    provider: r.get(0)?,
+                    expires_on: r.get(1)?,
+                    saved_at_ms: r.get(2)?,
+                    last_error: r.get(3)?,
+                })
+            })
+            .map_err(|e| db_err("read provider credentials", e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| db_err("read provider credentials", e))
     }
 
     /// Every identity, in key order.
