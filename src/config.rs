@@ -58,6 +58,56 @@ pub struct Config {
 pub enum ProviderConfig {
     /// GitLab project access tokens, minted through the REST API.
     Gitlab(GitLabProviderConfig),
+    /// OAuth 2.0 client-credentials tokens from the company IdP (RFC 6749 §4.4).
+    Oauth2ClientCredentials(OAuth2ClientCredentialsConfig),
+}
+
+/// `[providers.<name>] kind = "oauth2_client_credentials"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2ClientCredentialsConfig {
+    /// The IdP's token endpoint.
+    pub token_url: Url,
+    /// cistern's client id at the IdP.
+    pub client_id: String,
+    /// Environment variable holding the client secret.
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// File holding it instead (mode 0600); exactly one of the two.
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// `client_secret_basic` (default) or `client_secret_post`.
+    #[serde(default)]
+    pub auth_method: ClientAuthMethod,
+    /// Scopes policies may ask for (empty: none).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Resource indicators (RFC 8707) policies may ask for, as `audience`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// A cached token is handed out until it has this little life left.
+    #[serde(default = "defaults::oauth2_refresh_before", with = "humantime_serde")]
+    pub refresh_before: Duration,
+    /// Bound on each call.
+    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries after 429, 5xx or a transport error.
+    #[serde(default = "defaults::gitlab_max_retries")]
+    pub max_retries: u32,
+    /// Allow plain http to a loopback IdP (tests).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+/// How cistern authenticates to a token endpoint (RFC 6749 §2.3.1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMethod {
+    /// HTTP Basic with the form-encoded id and secret.
+    #[default]
+    ClientSecretBasic,
+    /// `client_id` and `client_secret` in the form body.
+    ClientSecretPost,
 }
 
 /// `[providers.<name>] kind = "gitlab"`
@@ -123,6 +173,8 @@ pub struct ProviderLimits {
     pub max_access_level: u8,
     /// Grantable scopes.
     pub scopes: Vec<String>,
+    /// Grantable audiences (resource indicators); empty for GitLab.
+    pub audiences: Vec<String>,
 }
 
 impl ProviderConfig {
@@ -133,6 +185,13 @@ impl ProviderConfig {
                 kind: "gitlab",
                 max_access_level: g.max_access_level,
                 scopes: g.scopes.clone(),
+                audiences: Vec::new(),
+            },
+            ProviderConfig::Oauth2ClientCredentials(o) => ProviderLimits {
+                kind: "oauth2_client_credentials",
+                max_access_level: 0,
+                scopes: o.scopes.clone(),
+                audiences: o.audiences.clone(),
             },
         }
     }
@@ -493,6 +552,9 @@ mod defaults {
     pub(super) fn gitlab_max_retries() -> u32 {
         3
     }
+    pub(super) fn oauth2_refresh_before() -> Duration {
+        Duration::from_secs(60)
+    }
     pub(super) fn gitlab_rotate_before() -> Duration {
         Duration::from_secs(7 * 86400)
     }
@@ -661,12 +723,20 @@ impl Config {
         };
         join(&mut self.signing.key_dir);
         for p in self.providers.values_mut() {
-            let ProviderConfig::Gitlab(g) = p;
-            if let Some(f) = &mut g.token_file {
-                join(f);
-            }
-            if let Some(f) = &mut g.kek_file {
-                join(f);
+            match p {
+                ProviderConfig::Gitlab(g) => {
+                    if let Some(f) = &mut g.token_file {
+                        join(f);
+                    }
+                    if let Some(f) = &mut g.kek_file {
+                        join(f);
+                    }
+                }
+                ProviderConfig::Oauth2ClientCredentials(o) => {
+                    if let Some(f) = &mut o.client_secret_file {
+                        join(f);
+                    }
+                }
             }
         }
         join(&mut self.policy.dir);
@@ -726,8 +796,48 @@ impl Config {
             return Err(src.error("revocation.poll_interval", "must be between 10ms and 60s"));
         }
         for (name, p) in &self.providers {
-            let ProviderConfig::Gitlab(g) = p;
             let field = |f: &str| format!("providers.{name}.{f}");
+            let g = match p {
+                ProviderConfig::Gitlab(g) => g,
+                ProviderConfig::Oauth2ClientCredentials(o) => {
+                    if o.token_url.scheme() != "https"
+                        && !(o.token_url.scheme() == "http"
+                            && o.allow_insecure_http
+                            && is_loopback_host(&o.token_url))
+                    {
+                        return Err(src.error(
+                            &field("token_url"),
+                            "must be https (http only on loopback with allow_insecure_http)",
+                        ));
+                    }
+                    if o.client_id.is_empty() || o.client_id.chars().any(char::is_control) {
+                        return Err(src.error(&field("client_id"), "must be non-empty"));
+                    }
+                    if o.client_secret_env.is_some() == o.client_secret_file.is_some() {
+                        return Err(src.error(
+                            &field("client_secret_env"),
+                            "set exactly one of client_secret_env and client_secret_file",
+                        ));
+                    }
+                    if o.scopes
+                        .iter()
+                        .chain(&o.audiences)
+                        .any(|s| s.is_empty() || s.contains(char::is_whitespace))
+                    {
+                        return Err(src.error(
+                            &field("scopes"),
+                            "scopes and audiences are non-empty and contain no whitespace",
+                        ));
+                    }
+                    if o.timeout.is_zero() || o.timeout > Duration::from_secs(120) {
+                        return Err(src.error(&field("timeout"), "must be between 1ms and 120s"));
+                    }
+                    if o.max_retries > 10 {
+                        return Err(src.error(&field("max_retries"), "must be at most 10"));
+                    }
+                    continue;
+                }
+            };
             if g.url.scheme() != "https"
                 && !(g.url.scheme() == "http" && g.allow_insecure_http && is_loopback_host(&g.url))
             {
@@ -1008,8 +1118,13 @@ scopes = ["deploy:*"]
     fn the_example_provider_loads_when_uncommented_and_its_example_policy_compiles() {
         let text = include_str!("../examples/cistern.toml");
         let start = text.find("# [providers.gitlab]").unwrap();
-        let uncommented: String = text[start..]
+        let end = text
+            .find("# An OAuth 2.0 client-credentials provider")
+            .unwrap();
+        let idp = text.find("# [providers.idp]").unwrap();
+        let uncommented: String = text[start..end]
             .lines()
+            .chain(text[idp..].lines())
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
             .filter(|l| {
                 !l.starts_with("# ") && !l.starts_with("token_file") && !l.starts_with("kek_file")
@@ -1019,6 +1134,10 @@ scopes = ["deploy:*"]
         let c = load(&format!("{}{uncommented}", &text[..start])).unwrap();
         let limits = &c.ceiling.providers["gitlab"];
         assert_eq!(limits.max_access_level, 30);
+        assert_eq!(
+            c.ceiling.providers["idp"].audiences,
+            ["https://api.internal.example.com"]
+        );
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("p.toml"),

@@ -164,7 +164,7 @@ impl Exchanger {
                 mint(&self.keys, &self.issuer_url, &grant, &verified, now_ms)?,
                 None,
             ),
-            CredentialKind::GitlabProjectToken => {
+            CredentialKind::GitlabProjectToken | CredentialKind::Oauth2AccessToken => {
                 match self.mint_downstream(&verified, req, &grant, now_ms).await? {
                     Some(pair) => (pair.0, Some(pair.1)),
                     None => return Err(ExchangeError::Replay),
@@ -291,7 +291,21 @@ impl Exchanger {
                 message: "not configured".into(),
             })
         })?;
-        let target = c.effective_project_id().to_string();
+        // Where the credential lives: the job's project (GitLab), or the
+        // resource indicator asked of the IdP (`""` for none).
+        let target = match grant.kind {
+            CredentialKind::Oauth2AccessToken => {
+                if grant
+                    .audience
+                    .starts_with(crate::policy::OAUTH2_NO_RESOURCE)
+                {
+                    String::new()
+                } else {
+                    grant.audience.to_string()
+                }
+            }
+            _ => c.effective_project_id().to_string(),
+        };
         // Durable before the provider is asked: a crash after it mints
         // leaves a target that reconciliation lists.
         self.store
@@ -333,11 +347,17 @@ impl Exchanger {
         };
         let now_secs = now_ms.div_euclid(1000);
         let ttl = i64::try_from(grant.ttl.as_secs()).map_err(|_| MintError::Time)?;
+        // cistern enforces a GitLab token's lifetime itself; an IdP token's
+        // lifetime is the IdP's.
+        let expires_at = match grant.kind {
+            CredentialKind::Oauth2AccessToken => minted.provider_expires_at_ms.div_euclid(1000),
+            _ => now_secs.saturating_add(ttl),
+        };
         let token = MintedToken {
             access_token: minted.secret.to_string(),
             jti: jti.clone(),
             issued_at: now_secs,
-            expires_at: now_secs.saturating_add(ttl),
+            expires_at,
             scope: grant.scopes.join(" "),
             audience: grant.audience.to_string(),
             kid: String::new(),

@@ -124,7 +124,9 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
         .context("downstream credential providers ([providers])")?;
     let mut keepers = Vec::new();
     for (name, p) in &config.providers {
-        let crate::config::ProviderConfig::Gitlab(g) = p;
+        let crate::config::ProviderConfig::Gitlab(g) = p else {
+            continue;
+        };
         let (Some(kek), Some(gl)) = (
             crate::provider::rotation::kek_of(g)
                 .map_err(|e| anyhow::anyhow!("providers.{name}: key-encryption key: {e}"))?,
@@ -298,12 +300,14 @@ fn spawn_background(config: &Config, built: &Built) {
         });
         tokio::spawn(reaper.clone().run());
         for (name, p) in &config.providers {
-            let crate::config::ProviderConfig::Gitlab(g) = p;
-            tokio::spawn(
-                reaper
-                    .clone()
-                    .run_reconcile(name.clone(), g.reconcile_interval),
-            );
+            // Only GitLab's tokens carry a mark to reconcile.
+            if let crate::config::ProviderConfig::Gitlab(g) = p {
+                tokio::spawn(
+                    reaper
+                        .clone()
+                        .run_reconcile(name.clone(), g.reconcile_interval),
+                );
+            }
         }
     }
     tokio::spawn(checkpoint::run(

@@ -52,8 +52,9 @@ struct GrantSpec {
     #[serde(default)]
     access_level: Option<u8>,
     scopes: Vec<String>,
-    #[serde(with = "humantime_serde")]
-    ttl: Duration,
+    /// Required, except for `oauth2_access_token` (the IdP's lifetime).
+    #[serde(default, with = "humantime_serde::option")]
+    ttl: Option<Duration>,
 }
 
 /// One compiled binding: a claim and what it must be.
@@ -520,15 +521,39 @@ pub(crate) fn compile(
             }
             None => audience = "gitlab".to_owned(),
         },
+        CredentialKind::Oauth2AccessToken => {
+            if let Some(name) = check_oauth2_grant(g, env, &mut err)
+                && g.audience.is_empty()
+            {
+                audience = format!("{OAUTH2_NO_RESOURCE}{name}");
+            }
+        }
     }
-    if g.ttl.is_zero() {
+    let ttl = match (g.kind, g.ttl) {
+        (CredentialKind::Oauth2AccessToken, Some(_)) => {
+            err(
+                "grant.ttl",
+                "not used by oauth2_access_token: the lifetime is the IdP's".to_owned(),
+            );
+            Duration::ZERO
+        }
+        (CredentialKind::Oauth2AccessToken, None) => Duration::ZERO,
+        (_, None) => {
+            err("grant.ttl", "required".to_owned());
+            Duration::ZERO
+        }
+        (_, Some(ttl)) => ttl,
+    };
+    if g.kind == CredentialKind::Oauth2AccessToken || g.ttl.is_none() {
+        // Checked above.
+    } else if ttl.is_zero() {
         err("grant.ttl", "must be positive".to_owned());
-    } else if g.ttl > env.ceiling.max_ttl {
+    } else if ttl > env.ceiling.max_ttl {
         err(
             "grant.ttl",
             format!(
                 "{} exceeds ceiling.max_ttl ({})",
-                humantime::format_duration(g.ttl),
+                humantime::format_duration(ttl),
                 humantime::format_duration(env.ceiling.max_ttl)
             ),
         );
@@ -551,7 +576,7 @@ pub(crate) fn compile(
         access_level,
         audience: audience.into(),
         scopes: spec.grant.scopes,
-        ttl: spec.grant.ttl,
+        ttl,
     })
 }
 
@@ -731,13 +756,66 @@ fn check_gitlab_grant(
     Some((name.clone(), level))
 }
 
+/// The audience of an `oauth2_access_token` grant that names no resource
+/// indicator: `oauth2:<provider>` (never sent to the IdP).
+pub const OAUTH2_NO_RESOURCE: &str = "oauth2:";
+
+/// `[grant]` of an `oauth2_access_token`: a configured client-credentials
+/// provider, scopes (possibly none) and an optional resource indicator
+/// (`audience`) within its lists. Returns the provider name.
+fn check_oauth2_grant(
+    g: &GrantSpec,
+    env: &CompileEnv<'_>,
+    err: &mut impl FnMut(&str, String),
+) -> Option<String> {
+    if g.access_level.is_some() {
+        err(
+            "grant.access_level",
+            "only gitlab_project_token has an access level".to_owned(),
+        );
+    }
+    let Some(name) = &g.provider else {
+        err(
+            "grant.provider",
+            "name a [providers.<name>] of kind oauth2_client_credentials".to_owned(),
+        );
+        return None;
+    };
+    let Some(limits) = env
+        .ceiling
+        .providers
+        .get(name)
+        .filter(|l| l.kind == "oauth2_client_credentials")
+    else {
+        err(
+            "grant.provider",
+            format!("{name:?} is not a configured oauth2_client_credentials provider"),
+        );
+        return None;
+    };
+    if !g.audience.is_empty() && !limits.audiences.contains(&g.audience) {
+        err(
+            "grant.audience",
+            format!("{:?} is not in providers.{name}.audiences", g.audience),
+        );
+    }
+    check_scope_list(g, err, |s| {
+        limits
+            .scopes
+            .contains(&s.to_owned())
+            .then_some(())
+            .ok_or_else(|| format!("is not allowed by providers.{name}.scopes"))
+    });
+    Some(name.clone())
+}
+
 /// Non-empty, no whitespace, no duplicates, each admitted by `allowed`.
 fn check_scope_list(
     g: &GrantSpec,
     err: &mut impl FnMut(&str, String),
     allowed: impl Fn(&str) -> Result<(), String>,
 ) {
-    if g.scopes.is_empty() {
+    if g.scopes.is_empty() && g.kind != CredentialKind::Oauth2AccessToken {
         err("grant.scopes", "list at least one scope".to_owned());
     }
     for (i, s) in g.scopes.iter().enumerate() {
@@ -1046,6 +1124,7 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
                 kind: "gitlab",
                 max_access_level: 30,
                 scopes: vec!["read_api".into(), "read_repository".into()],
+                audiences: Vec::new(),
             },
         );
         c
@@ -1140,6 +1219,61 @@ ttl = "10m"
         assert!(
             errs.iter()
                 .any(|e| e.field.as_deref() == Some("grant.provider")),
+            "{errs:?}"
+        );
+    }
+
+    #[test]
+    fn an_oauth2_grant_names_a_client_credentials_provider_and_no_ttl() {
+        let mut c = ceiling();
+        c.providers.insert(
+            "idp".into(),
+            crate::config::ProviderLimits {
+                kind: "oauth2_client_credentials",
+                max_access_level: 0,
+                scopes: vec!["api.read".into()],
+                audiences: vec!["https://api.internal".into()],
+            },
+        );
+        let ok = r#"role = "api"
+owner = "team-payments"
+issuer = "gitlab"
+[bindings]
+project_id = "20"
+[grant]
+kind = "oauth2_access_token"
+provider = "idp"
+audience = "https://api.internal"
+scopes = ["api.read"]
+"#;
+        let p = compile_with(ok, &c).unwrap();
+        assert_eq!(p.grant_audience(), "https://api.internal");
+        let p = compile_with(&ok.replace("audience = \"https://api.internal\"\n", ""), &c).unwrap();
+        assert_eq!(p.grant_audience(), "oauth2:idp");
+        for (from, to, field) in [
+            (
+                "scopes = [\"api.read\"]",
+                "scopes = [\"api.read\"]\nttl = \"5m\"",
+                "grant.ttl",
+            ),
+            (
+                "https://api.internal\"",
+                "https://elsewhere\"",
+                "grant.audience",
+            ),
+            ("[\"api.read\"]", "[\"api.write\"]", "grant.scopes"),
+            ("provider = \"idp\"", "provider = \"gl\"", "grant.provider"),
+        ] {
+            let errs = compile_with(&ok.replace(from, to), &c).unwrap_err();
+            assert!(
+                errs.iter().any(|e| e.field.as_deref() == Some(field)),
+                "{from}: {errs:?}"
+            );
+        }
+        // Other kinds still need a ttl.
+        let errs = compile_with(&BASE.replace("ttl = \"10m\"\n", ""), &c).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.field.as_deref() == Some("grant.ttl")),
             "{errs:?}"
         );
     }

@@ -40,7 +40,7 @@ mod glob;
 mod reload;
 mod set;
 
-pub use compile::CompiledPolicy;
+pub use compile::{CompiledPolicy, OAUTH2_NO_RESOURCE};
 pub use decide::{Check, Denial, RoleRequest, RoleTrace, render_traces};
 pub use reload::{PolicyStore, ReloadOutcome, spawn_reloader};
 pub use set::{PolicyErrors, PolicySet, fingerprint_dir};
@@ -57,6 +57,9 @@ pub enum CredentialKind {
     /// A GitLab project access token for the project the job runs in,
     /// minted by a configured `gitlab` provider, revoked when `ttl` ends.
     GitlabProjectToken,
+    /// An OAuth 2.0 access token from a configured client-credentials
+    /// provider (the company IdP); its lifetime is the IdP's.
+    Oauth2AccessToken,
 }
 
 impl CredentialKind {
@@ -65,6 +68,7 @@ impl CredentialKind {
         match self {
             CredentialKind::AccessToken => "access_token",
             CredentialKind::GitlabProjectToken => "gitlab_project_token",
+            CredentialKind::Oauth2AccessToken => "oauth2_access_token",
         }
     }
 }

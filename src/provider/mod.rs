@@ -9,6 +9,7 @@
 //! against the store.
 
 pub mod gitlab;
+pub mod oauth2;
 pub mod reaper;
 pub mod rotation;
 pub mod sealed;
@@ -152,6 +153,12 @@ impl Providers {
                     let gl = Arc::new(gitlab::GitLab::new(name, g)?);
                     out.gitlab.insert(name.clone(), gl.clone());
                     out.all.insert(name.clone(), gl);
+                }
+                ProviderConfig::Oauth2ClientCredentials(o) => {
+                    out.all.insert(
+                        name.clone(),
+                        Arc::new(oauth2::ClientCredentials::new(name, o)?),
+                    );
                 }
             }
         }
