@@ -304,7 +304,10 @@ impl Exchanger {
                     grant.audience.to_string()
                 }
             }
-            _ => c.effective_project_id().to_string(),
+            _ => grant
+                .downstream_target
+                .as_deref()
+                .map_or_else(|| c.effective_project_id().to_string(), str::to_owned),
         };
         // Durable before the provider is asked: a crash after it mints
         // leaves a target that reconciliation lists.

@@ -601,3 +601,60 @@ async fn cisterns_own_credential_is_sealed_rotated_before_expiry_and_survives_a_
     let first = w.front.requests().into_iter().next().unwrap();
     assert_ne!(first.private_token.as_deref(), Some(OWN_TOKEN), "{first:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_can_mint_a_group_token_by_group_id() {
+    let Some(w) = start("2s", &[]).await else {
+        return;
+    };
+    w.c.write_policy(
+        "ci-group.toml",
+        &GITLAB_ROLE
+            .replace("role = \"ci-read\"", "role = \"ci-group\"")
+            .replace("ttl = \"2s\"", "ttl = \"2s\"\ntarget = { group = 7 }"),
+    );
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &w.c.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let id = w.dev.id_token("42", "7").await;
+        let (status, body) = w.c.exchange(&id, "ci-group", None).await;
+        if status == 200 {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new policy never took: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(body["access_token"].as_str().unwrap().starts_with("glpat-"));
+    let create = w
+        .front
+        .requests()
+        .into_iter()
+        .find(|r| r.method == "POST" && r.path() == "/api/v4/groups/7/access_tokens")
+        .expect("a group create");
+    assert_eq!(create.upstream_status, Some(201), "{create:?}");
+    assert!(create.violation_messages().is_empty(), "{create:?}");
+    // Revoked on the group when its lifetime ends.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if w.front.requests().iter().any(|r| {
+            r.method == "DELETE"
+                && r.path().starts_with("/api/v4/groups/7/access_tokens/")
+                && r.status == Some(204)
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no group revoke; logs:\n{}",
+            w.c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -36,6 +36,7 @@ pub fn grant(audience: &str, ttl: Duration) -> Grant {
         ttl,
         provider: None,
         access_level: 0,
+        downstream_target: None,
         matched: Vec::new(),
         condition_checked: false,
         _proof: (),

@@ -37,6 +37,38 @@ struct PolicySpec {
     grant: GrantSpec,
 }
 
+/// `grant.target` as written: exactly one immutable id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetSpec {
+    #[serde(default)]
+    project: Option<toml::Value>,
+    #[serde(default)]
+    group: Option<toml::Value>,
+}
+
+/// `grant.target` → `"42"` (project) or `"group:7"`, ids given as integers or digit strings.
+fn compile_target(t: &TargetSpec) -> Result<String, String> {
+    let id = |v: &toml::Value| -> Result<String, String> {
+        let text = match v {
+            toml::Value::Integer(i) if *i > 0 => i.to_string(),
+            toml::Value::String(s) => s.clone(),
+            _ => return Err("ids are positive integers".to_owned()),
+        };
+        if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) || text.starts_with('0') {
+            return Err(format!(
+                "{text:?} is not an id (paths can be reused: name ids)"
+            ));
+        }
+        Ok(text)
+    };
+    match (&t.project, &t.group) {
+        (Some(p), None) => id(p),
+        (None, Some(g)) => id(g).map(|g| format!("group:{g}")),
+        _ => Err("name exactly one of project and group".to_owned()),
+    }
+}
+
 /// `[grant]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +83,10 @@ struct GrantSpec {
     /// GitLab access level of a `gitlab_project_token` (default 20, Reporter).
     #[serde(default)]
     access_level: Option<u8>,
+    /// Where a GitLab token is minted, by immutable id: `{ project = 42 }`
+    /// or `{ group = 7 }`. Default: the project the job runs in.
+    #[serde(default)]
+    target: Option<TargetSpec>,
     scopes: Vec<String>,
     /// Required, except for `oauth2_access_token` (the IdP's lifetime).
     #[serde(default, with = "humantime_serde::option")]
@@ -105,6 +141,7 @@ pub struct CompiledPolicy {
     ttl: Duration,
     provider: Option<Arc<str>>,
     access_level: u8,
+    downstream_target: Option<Arc<str>>,
 }
 
 impl CompiledPolicy {
@@ -164,6 +201,9 @@ impl CompiledPolicy {
     }
     pub(crate) fn provider_arc(&self) -> Option<&Arc<str>> {
         self.provider.as_ref()
+    }
+    pub(crate) fn downstream_target_arc(&self) -> Option<&Arc<str>> {
+        self.downstream_target.as_ref()
     }
     /// The access level of a GitLab grant (0 for other kinds).
     pub fn access_level(&self) -> u8 {
@@ -529,6 +569,23 @@ pub(crate) fn compile(
             }
         }
     }
+    let downstream_target = match (&g.target, g.kind) {
+        (None, _) => None,
+        (Some(t), CredentialKind::GitlabProjectToken) => match compile_target(t) {
+            Ok(t) => Some(Arc::<str>::from(t)),
+            Err(m) => {
+                err("grant.target", m);
+                None
+            }
+        },
+        (Some(_), _) => {
+            err(
+                "grant.target",
+                "only gitlab_project_token has a target".to_owned(),
+            );
+            None
+        }
+    };
     let ttl = match (g.kind, g.ttl) {
         (CredentialKind::Oauth2AccessToken, Some(_)) => {
             err(
@@ -574,6 +631,7 @@ pub(crate) fn compile(
         kind: spec.grant.kind,
         provider: spec.grant.provider.as_deref().map(Arc::from),
         access_level,
+        downstream_target,
         audience: audience.into(),
         scopes: spec.grant.scopes,
         ttl,
@@ -1276,5 +1334,34 @@ scopes = ["api.read"]
             errs.iter().any(|e| e.field.as_deref() == Some("grant.ttl")),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn a_gitlab_grant_may_name_a_project_or_group_by_id() {
+        let with =
+            |t: &str| GITLAB.replace("ttl = \"10m\"", &format!("ttl = \"10m\"\ntarget = {t}"));
+        let p = compile_with(&with("{ group = 7 }"), &gitlab_ceiling()).unwrap();
+        assert_eq!(p.downstream_target_arc().map(|a| &**a), Some("group:7"));
+        let p = compile_with(&with("{ project = \"99\" }"), &gitlab_ceiling()).unwrap();
+        assert_eq!(p.downstream_target_arc().map(|a| &**a), Some("99"));
+        assert!(
+            compile_with(GITLAB, &gitlab_ceiling())
+                .unwrap()
+                .downstream_target_arc()
+                .is_none()
+        );
+        for bad in [
+            "{ group = \"acme/platform\" }",
+            "{ project = 1, group = 2 }",
+            "{}",
+            "{ group = -3 }",
+        ] {
+            let errs = compile_with(&with(bad), &gitlab_ceiling()).unwrap_err();
+            assert!(
+                errs.iter()
+                    .any(|e| e.field.as_deref() == Some("grant.target")),
+                "{bad}: {errs:?}"
+            );
+        }
     }
 }

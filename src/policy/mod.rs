@@ -108,6 +108,9 @@ pub struct Grant {
     pub provider: Option<Arc<str>>,
     /// For a GitLab token: the access level (10 Guest .. 50 Owner).
     pub access_level: u8,
+    /// For a GitLab token: where it is minted, when the policy names a
+    /// place (`"42"` a project, `"group:7"` a group); `None` = the job's project.
+    pub downstream_target: Option<Arc<str>>,
     /// The bindings that matched, for the audit record.
     pub matched: Vec<MatchedBinding>,
     /// Whether a CEL condition was evaluated (and was true).

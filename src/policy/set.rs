@@ -351,6 +351,7 @@ fn grant(
         ttl: p.grant_ttl(),
         provider: p.provider_arc().cloned(),
         access_level: p.access_level(),
+        downstream_target: p.downstream_target_arc().cloned(),
         matched: p.matched(claims),
         condition_checked: p.has_condition(),
         _proof: (),

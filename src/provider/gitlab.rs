@@ -453,7 +453,7 @@ impl CredentialProvider for GitLab {
             "access_level": req.access_level,
             "expires_at": expires_at,
         });
-        let path = format!("/projects/{}/access_tokens", urlencode(req.target));
+        let path = tokens_path(req.target);
         let (status, _, bytes) = self.call(Method::POST, &path, &[], Some(&body)).await?;
         if status != StatusCode::CREATED && status != StatusCode::OK {
             return Err(if status.is_client_error() {
@@ -479,10 +479,7 @@ impl CredentialProvider for GitLab {
         if external_id.is_empty() || !external_id.bytes().all(|b| b.is_ascii_digit()) {
             return Err(self.bad(format!("not a token id: {external_id:?}")));
         }
-        let path = format!(
-            "/projects/{}/access_tokens/{external_id}",
-            urlencode(target)
-        );
+        let path = format!("{}/{external_id}", tokens_path(target));
         let (status, _, bytes) = self.call(Method::DELETE, &path, &[], None).await?;
         match status {
             // 404: already revoked and deleted, or never existed: gone either way.
@@ -493,7 +490,7 @@ impl CredentialProvider for GitLab {
     }
 
     async fn list_marked(&self, target: &str) -> Result<Vec<Listed>, ProviderError> {
-        let path = format!("/projects/{}/access_tokens", urlencode(target));
+        let path = tokens_path(target);
         let mut out = Vec::new();
         let mut page = 1u32;
         loop {
@@ -536,6 +533,15 @@ impl CredentialProvider for GitLab {
 /// A project id or path as one path segment (`group/app` → `group%2Fapp`).
 fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// The API path of a target's access tokens: `"42"` is a project,
+/// `"group:7"` a group.
+fn tokens_path(target: &str) -> String {
+    match target.strip_prefix("group:") {
+        Some(group) => format!("/groups/{}/access_tokens", urlencode(group)),
+        None => format!("/projects/{}/access_tokens", urlencode(target)),
+    }
 }
 
 #[cfg(test)]
@@ -623,5 +629,7 @@ mod tests {
     fn project_paths_are_one_segment() {
         assert_eq!(urlencode("group/app"), "group%2Fapp");
         assert_eq!(urlencode("42"), "42");
+        assert_eq!(tokens_path("42"), "/projects/42/access_tokens");
+        assert_eq!(tokens_path("group:7"), "/groups/7/access_tokens");
     }
 }
