@@ -113,17 +113,8 @@ impl GitLab {
             provider: name.to_owned(),
             message,
         };
-        let token = match (&cfg.token_env, &cfg.token_file) {
-            (Some(var), _) => std::env::var(var)
-                .map_err(|_| cred_err(format!("environment variable {var} is not set")))?,
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| cred_err(format!("cannot read {}: {e}", path.display())))?,
-            (None, None) => return Err(cred_err("no credential configured".into())),
-        };
-        let token = Zeroizing::new(token.trim().to_owned());
-        if token.is_empty() || token.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(cred_err("the credential is empty or malformed".into()));
-        }
+        let token = super::read_secret(cfg.token_env.as_deref(), cfg.token_file.as_deref())
+            .map_err(|e| cred_err(format!("own credential: {e}")))?;
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -23,6 +23,28 @@ use zeroize::Zeroizing;
 
 use crate::config::ProviderConfig;
 
+/// Reads a secret from an environment variable or a file (exactly one is
+/// given), trimmed; the error names where, never the value.
+pub fn read_secret(
+    env: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<Zeroizing<String>, String> {
+    let text = match (env, file) {
+        (Some(var), _) => {
+            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+        }
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+        (None, None) => return Err("not configured".into()),
+    };
+    let text = Zeroizing::new(text);
+    let secret = Zeroizing::new(text.trim().to_owned());
+    if secret.is_empty() || secret.chars().any(|c| c.is_control() || c == ' ') {
+        return Err("empty or malformed".into());
+    }
+    Ok(secret)
+}
+
 /// What to mint, for which job.
 #[derive(Debug, Clone)]
 pub struct MintRequest<'a> {

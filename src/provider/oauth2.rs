@@ -80,17 +80,11 @@ impl ClientCredentials {
             provider: name.to_owned(),
             message,
         };
-        let secret = match (&cfg.client_secret_env, &cfg.client_secret_file) {
-            (Some(var), _) => std::env::var(var)
-                .map_err(|_| cred_err(format!("environment variable {var} is not set")))?,
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .map_err(|e| cred_err(format!("cannot read {}: {e}", path.display())))?,
-            (None, None) => return Err(cred_err("no client secret configured".into())),
-        };
-        let secret = Zeroizing::new(secret.trim().to_owned());
-        if secret.is_empty() {
-            return Err(cred_err("the client secret is empty".into()));
-        }
+        let secret = super::read_secret(
+            cfg.client_secret_env.as_deref(),
+            cfg.client_secret_file.as_deref(),
+        )
+        .map_err(|e| cred_err(format!("client secret: {e}")))?;
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .redirect(reqwest::redirect::Policy::none())

@@ -222,15 +222,9 @@ impl Keeper {
 
 /// The KEK a GitLab provider config names, if any.
 pub fn kek_of(cfg: &crate::config::GitLabProviderConfig) -> Result<Option<Kek>, String> {
-    let text = match (&cfg.kek_env, &cfg.kek_file) {
-        (Some(var), _) => Zeroizing::new(
-            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?,
-        ),
-        (None, Some(path)) => Zeroizing::new(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
-        ),
-        (None, None) => return Ok(None),
-    };
+    if cfg.kek_env.is_none() && cfg.kek_file.is_none() {
+        return Ok(None);
+    }
+    let text = super::read_secret(cfg.kek_env.as_deref(), cfg.kek_file.as_deref())?;
     Kek::from_base64(&text).map(Some).map_err(|e| e.to_string())
 }

@@ -1,3 +1,4 @@
+import { createRequire } from 'node:module';
 // Small helpers shared by the peer servers: port parsing, lifetime bounds,
 // JSON responses and bounded body reading. Everything listens on 127.0.0.1.
 
@@ -25,19 +26,8 @@ export function listenPort(argv = process.argv.slice(2)) {
  * (which happens when the parent dies, however it dies).
  */
 export function boundLifetime() {
-  for (const sig of ['SIGTERM', 'SIGINT']) process.on(sig, () => process.exit(0));
-  const max = Number(process.env.PEER_MAX_LIFETIME_SECS ?? 3600);
-  if (Number.isFinite(max) && max > 0) {
-    setTimeout(() => {
-      console.error(`peer: maximum lifetime of ${max}s reached; exiting`);
-      process.exit(3);
-    }, max * 1000).unref();
-  }
-  if (process.env.PEER_EXIT_ON_STDIN_EOF === '1') {
-    process.stdin.on('end', () => process.exit(0));
-    process.stdin.on('error', () => process.exit(0));
-    process.stdin.resume();
-  }
+  // One implementation, shared with CLIs started with `--require` (Prism).
+  createRequire(import.meta.url)('./_bound_lifetime.cjs');
 }
 
 /** Writes a JSON response. */
