@@ -755,6 +755,33 @@ fn check_access_token_grant(
     });
 }
 
+/// The configured provider of kind `kind` a downstream grant names, with
+/// its limits; a missing or mismatched one is an error on `grant.provider`.
+fn grant_provider<'e>(
+    g: &GrantSpec,
+    env: &CompileEnv<'e>,
+    kind: &str,
+    err: &mut impl FnMut(&str, String),
+) -> Option<(String, &'e crate::config::ProviderLimits)> {
+    let Some(name) = &g.provider else {
+        err(
+            "grant.provider",
+            format!("name a [providers.<name>] of kind {kind}"),
+        );
+        return None;
+    };
+    match env.ceiling.providers.get(name).filter(|l| l.kind == kind) {
+        Some(limits) => Some((name.clone(), limits)),
+        None => {
+            err(
+                "grant.provider",
+                format!("{name:?} is not a configured {kind} provider"),
+            );
+            None
+        }
+    }
+}
+
 /// `[grant]` of a `gitlab_project_token`: a configured gitlab provider,
 /// scopes and access level within its limits. Returns the provider name
 /// and the access level.
@@ -769,25 +796,7 @@ fn check_gitlab_grant(
             "not used by gitlab_project_token (the token is for the GitLab API)".to_owned(),
         );
     }
-    let Some(name) = &g.provider else {
-        err(
-            "grant.provider",
-            "name a [providers.<name>] of kind gitlab".to_owned(),
-        );
-        return None;
-    };
-    let Some(limits) = env
-        .ceiling
-        .providers
-        .get(name)
-        .filter(|l| l.kind == "gitlab")
-    else {
-        err(
-            "grant.provider",
-            format!("{name:?} is not a configured gitlab provider"),
-        );
-        return None;
-    };
+    let (name, limits) = grant_provider(g, env, "gitlab", err)?;
     let level = g.access_level.unwrap_or(20);
     if ![10, 15, 20, 25, 30, 40, 50].contains(&level) {
         err(
@@ -832,25 +841,7 @@ fn check_oauth2_grant(
             "only gitlab_project_token has an access level".to_owned(),
         );
     }
-    let Some(name) = &g.provider else {
-        err(
-            "grant.provider",
-            "name a [providers.<name>] of kind oauth2_client_credentials".to_owned(),
-        );
-        return None;
-    };
-    let Some(limits) = env
-        .ceiling
-        .providers
-        .get(name)
-        .filter(|l| l.kind == "oauth2_client_credentials")
-    else {
-        err(
-            "grant.provider",
-            format!("{name:?} is not a configured oauth2_client_credentials provider"),
-        );
-        return None;
-    };
+    let (name, limits) = grant_provider(g, env, "oauth2_client_credentials", err)?;
     if !g.audience.is_empty() && !limits.audiences.contains(&g.audience) {
         err(
             "grant.audience",

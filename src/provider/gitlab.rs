@@ -29,7 +29,7 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{CredentialProvider, Listed, MintRequest, Minted, ProviderError};
+use super::{CredentialProvider, Listed, MintRequest, Minted, ProviderError, backoff};
 use crate::config::GitLabProviderConfig;
 
 /// The name prefix that marks a token as cistern's.
@@ -62,9 +62,6 @@ pub fn is_resource_scope(s: &str) -> bool {
 
 /// Longest `Retry-After` honoured; beyond it the call counts as failed.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
-/// First backoff after a 5xx or transport error; doubled per retry.
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Page size for listings (GitLab's maximum).
 const PER_PAGE: u32 = 100;
 /// Pages read per listing at most (10,000 tokens per project).
@@ -330,19 +327,6 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
         .map(Duration::from_secs)
 }
 
-/// Exponential backoff with full jitter: uniform in `[0, min(cap, base·2^n)]`.
-fn backoff(attempt: u32) -> Duration {
-    let ceiling = BACKOFF_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(BACKOFF_CAP);
-    let mut b = [0u8; 4];
-    let r = match aws_lc_rs::rand::fill(&mut b) {
-        Ok(()) => u32::from_le_bytes(b),
-        Err(_) => u32::MAX / 2,
-    };
-    ceiling.mul_f64(f64::from(r) / f64::from(u32::MAX))
-}
-
 /// GitLab's error text: `{"message": "..."}` (string or object), or
 /// `{"error": "...", "error_description": "..."}`; bounded, one line.
 fn gitlab_message(body: &[u8]) -> String {
@@ -605,12 +589,7 @@ mod tests {
     }
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 0..20 {
-            let b = backoff(attempt);
-            assert!(b <= BACKOFF_CAP);
-            assert!(b <= BACKOFF_BASE.saturating_mul(1 << attempt.min(16)));
-        }
+    fn retry_after_is_read_in_seconds() {
         let mut h = reqwest::header::HeaderMap::new();
         h.insert(reqwest::header::RETRY_AFTER, "7".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));

@@ -23,6 +23,25 @@ use zeroize::Zeroizing;
 
 use crate::config::ProviderConfig;
 
+/// First backoff after a 5xx or transport error; doubled per retry.
+const BACKOFF_BASE: Duration = Duration::from_millis(200);
+/// Longest backoff.
+const BACKOFF_CAP: Duration = Duration::from_secs(5);
+
+/// Exponential backoff with full jitter, for every provider's retries:
+/// uniform in `[0, min(cap, base·2^attempt)]`.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let ceiling = BACKOFF_BASE
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_CAP);
+    let mut b = [0u8; 4];
+    let r = match aws_lc_rs::rand::fill(&mut b) {
+        Ok(()) => u32::from_le_bytes(b),
+        Err(_) => u32::MAX / 2,
+    };
+    ceiling.mul_f64(f64::from(r) / f64::from(u32::MAX))
+}
+
 /// Reads a secret from an environment variable or a file (exactly one is
 /// given), trimmed; the error names where, never the value.
 pub fn read_secret(
@@ -213,3 +232,17 @@ impl Providers {
 
 #[cfg(test)]
 mod reaper_tests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..20 {
+            let b = backoff(attempt);
+            assert!(b <= BACKOFF_CAP);
+            assert!(b <= BACKOFF_BASE.saturating_mul(1 << attempt.min(16)));
+        }
+    }
+}

@@ -14,7 +14,6 @@
 //! the old one at the IdP (two secrets are valid in between).
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -26,8 +25,6 @@ use crate::config::{ClientAuthMethod, OAuth2ClientCredentialsConfig};
 
 /// Largest token response read.
 const MAX_BODY: usize = 256 * 1024;
-const BACKOFF_BASE: Duration = Duration::from_millis(200);
-const BACKOFF_CAP: Duration = Duration::from_secs(5);
 
 /// A cached token.
 struct Cached {
@@ -163,10 +160,7 @@ impl ClientCredentials {
                     Err(e) => format!("{e} (after {} attempts)", attempt + 1),
                 }));
             }
-            let ceiling = BACKOFF_BASE
-                .saturating_mul(1u32 << attempt.min(16))
-                .min(BACKOFF_CAP);
-            tokio::time::sleep(ceiling / 2).await;
+            tokio::time::sleep(super::backoff(attempt)).await;
             attempt += 1;
         };
         if !status.is_success() {
