@@ -60,6 +60,71 @@ pub enum ProviderConfig {
     Gitlab(GitLabProviderConfig),
     /// OAuth 2.0 client-credentials tokens from the company IdP (RFC 6749 §4.4).
     Oauth2ClientCredentials(OAuth2ClientCredentialsConfig),
+    /// OAuth 2.0 access tokens minted from a refresh token an operator
+    /// obtained once (authorization code + PKCE, `cistern provider authorize`).
+    Oauth2RefreshToken(OAuth2RefreshTokenConfig),
+}
+
+/// `[providers.<name>] kind = "oauth2_refresh_token"`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuth2RefreshTokenConfig {
+    /// The IdP's token endpoint.
+    pub token_url: Url,
+    /// The IdP's authorization endpoint (the operator's browser opens it).
+    pub authorization_url: Url,
+    /// cistern's client id at the IdP.
+    pub client_id: String,
+    /// Environment variable holding the client secret (none for a public
+    /// client, `auth_method = "none"`).
+    #[serde(default)]
+    pub client_secret_env: Option<String>,
+    /// File holding it instead (mode 0600).
+    #[serde(default)]
+    pub client_secret_file: Option<PathBuf>,
+    /// `client_secret_basic` (default), `client_secret_post` or `none`.
+    #[serde(default)]
+    pub auth_method: ClientAuthMethod,
+    /// Scopes the operator authorizes (sent with the authorization request);
+    /// policies may ask for these (a refresh may only narrow them).
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Resource indicators (RFC 8707) policies may ask for, as `audience`.
+    #[serde(default)]
+    pub audiences: Vec<String>,
+    /// Extra authorization request parameters the IdP needs to issue a
+    /// refresh token (`prompt = "consent"`, Google's `access_type = "offline"`).
+    #[serde(default)]
+    pub authorization_params: BTreeMap<String, String>,
+    /// Loopback port of the redirect listener (`http://127.0.0.1:PORT/callback`);
+    /// 0 picks a free one (RFC 8252 §7.3; IdPs that match ports exactly need a fixed one).
+    #[serde(default)]
+    pub redirect_port: u16,
+    /// How long `cistern provider authorize` waits for the redirect.
+    #[serde(
+        default = "defaults::oauth2_authorize_timeout",
+        with = "humantime_serde"
+    )]
+    pub authorize_timeout: Duration,
+    /// Environment variable holding the key-encryption key (32 bytes,
+    /// base64) the refresh token is sealed under; exactly one of the two.
+    #[serde(default)]
+    pub kek_env: Option<String>,
+    /// File holding the KEK instead (mode 0600).
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// A cached access token is handed out until it has this little life left.
+    #[serde(default = "defaults::oauth2_refresh_before", with = "humantime_serde")]
+    pub refresh_before: Duration,
+    /// Bound on each call.
+    #[serde(default = "defaults::fetch_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Retries after 429, 5xx or a transport error.
+    #[serde(default = "defaults::gitlab_max_retries")]
+    pub max_retries: u32,
+    /// Allow plain http to a loopback IdP (tests).
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 /// `[providers.<name>] kind = "oauth2_client_credentials"`
@@ -108,6 +173,9 @@ pub enum ClientAuthMethod {
     ClientSecretBasic,
     /// `client_id` and `client_secret` in the form body.
     ClientSecretPost,
+    /// A public client: `client_id` in the form, no secret (refresh-token
+    /// providers only; PKCE protects the authorization code).
+    None,
 }
 
 /// `[providers.<name>] kind = "gitlab"`
@@ -177,7 +245,49 @@ pub struct ProviderLimits {
     pub audiences: Vec<String>,
 }
 
+/// What both OAuth provider kinds configure about cistern's client at the
+/// token endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct OAuthClientConfig<'a> {
+    /// The token endpoint.
+    pub token_url: &'a Url,
+    /// cistern's client id.
+    pub client_id: &'a str,
+    /// Environment variable holding the client secret.
+    pub client_secret_env: Option<&'a str>,
+    /// File holding it.
+    pub client_secret_file: Option<&'a Path>,
+    /// Client authentication.
+    pub auth_method: ClientAuthMethod,
+    /// Bound on each call.
+    pub timeout: Duration,
+    /// Retries after 429, 5xx or a transport error.
+    pub max_retries: u32,
+}
+
 impl ProviderConfig {
+    /// cistern's OAuth client, for the OAuth kinds.
+    pub fn oauth_client(&self) -> Option<OAuthClientConfig<'_>> {
+        macro_rules! view {
+            ($o:expr) => {
+                OAuthClientConfig {
+                    token_url: &$o.token_url,
+                    client_id: &$o.client_id,
+                    client_secret_env: $o.client_secret_env.as_deref(),
+                    client_secret_file: $o.client_secret_file.as_deref(),
+                    auth_method: $o.auth_method,
+                    timeout: $o.timeout,
+                    max_retries: $o.max_retries,
+                }
+            };
+        }
+        match self {
+            ProviderConfig::Gitlab(_) => None,
+            ProviderConfig::Oauth2ClientCredentials(o) => Some(view!(o)),
+            ProviderConfig::Oauth2RefreshToken(o) => Some(view!(o)),
+        }
+    }
+
     /// The limits policies are compiled against.
     pub fn limits(&self) -> ProviderLimits {
         match self {
@@ -189,6 +299,12 @@ impl ProviderConfig {
             },
             ProviderConfig::Oauth2ClientCredentials(o) => ProviderLimits {
                 kind: "oauth2_client_credentials",
+                max_access_level: 0,
+                scopes: o.scopes.clone(),
+                audiences: o.audiences.clone(),
+            },
+            ProviderConfig::Oauth2RefreshToken(o) => ProviderLimits {
+                kind: "oauth2_refresh_token",
                 max_access_level: 0,
                 scopes: o.scopes.clone(),
                 audiences: o.audiences.clone(),
@@ -555,6 +671,9 @@ mod defaults {
     pub(super) fn oauth2_refresh_before() -> Duration {
         Duration::from_secs(60)
     }
+    pub(super) fn oauth2_authorize_timeout() -> Duration {
+        Duration::from_secs(300)
+    }
     pub(super) fn gitlab_rotate_before() -> Duration {
         Duration::from_secs(7 * 86400)
     }
@@ -639,6 +758,101 @@ pub fn is_loopback_host(url: &Url) -> bool {
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
     }
+}
+
+/// Authorization request parameters cistern sets itself; `authorization_params`
+/// may not override them.
+pub const RESERVED_AUTHORIZATION_PARAMS: [&str; 8] = [
+    "response_type",
+    "client_id",
+    "redirect_uri",
+    "scope",
+    "state",
+    "code_challenge",
+    "code_challenge_method",
+    "response_mode",
+];
+
+/// `[providers.<name>] kind = "oauth2_refresh_token"` checks.
+fn validate_refresh_token_provider(
+    o: &OAuth2RefreshTokenConfig,
+    src: &Source,
+    field: &dyn Fn(&str) -> String,
+) -> Result<(), SourceError> {
+    for (name, url) in [
+        ("token_url", &o.token_url),
+        ("authorization_url", &o.authorization_url),
+    ] {
+        if url.scheme() != "https"
+            && !(url.scheme() == "http" && o.allow_insecure_http && is_loopback_host(url))
+        {
+            return Err(src.error(
+                &field(name),
+                "must be https (http only on loopback with allow_insecure_http)",
+            ));
+        }
+        if url.fragment().is_some() {
+            return Err(src.error(&field(name), "must not contain a fragment"));
+        }
+    }
+    if o.client_id.is_empty() || o.client_id.chars().any(char::is_control) {
+        return Err(src.error(&field("client_id"), "must be non-empty"));
+    }
+    let has_secret = o.client_secret_env.is_some() || o.client_secret_file.is_some();
+    if o.client_secret_env.is_some() && o.client_secret_file.is_some() {
+        return Err(src.error(
+            &field("client_secret_env"),
+            "set at most one of client_secret_env and client_secret_file",
+        ));
+    }
+    if has_secret == (o.auth_method == ClientAuthMethod::None) {
+        return Err(src.error(
+            &field("auth_method"),
+            "a client secret (client_secret_env or client_secret_file) goes with client_secret_basic or client_secret_post; a public client has none and auth_method = \"none\"",
+        ));
+    }
+    if o.kek_env.is_some() == o.kek_file.is_some() {
+        return Err(src.error(
+            &field("kek_env"),
+            "set exactly one of kek_env and kek_file: the refresh token is kept sealed",
+        ));
+    }
+    if o.scopes
+        .iter()
+        .chain(&o.audiences)
+        .any(|s| s.is_empty() || s.contains(char::is_whitespace))
+    {
+        return Err(src.error(
+            &field("scopes"),
+            "scopes and audiences are non-empty and contain no whitespace",
+        ));
+    }
+    for (k, v) in &o.authorization_params {
+        if RESERVED_AUTHORIZATION_PARAMS.contains(&k.as_str()) {
+            return Err(src.error(
+                &field("authorization_params"),
+                format!("{k} is set by cistern itself"),
+            ));
+        }
+        if k.is_empty() || k.chars().chain(v.chars()).any(char::is_control) {
+            return Err(src.error(
+                &field("authorization_params"),
+                "names are non-empty; no control characters",
+            ));
+        }
+    }
+    if o.authorize_timeout < Duration::from_secs(1)
+        || o.authorize_timeout > Duration::from_secs(3600)
+    {
+        return Err(src.error(&field("authorize_timeout"), "must be between 1s and 1h"));
+    }
+    if o.timeout.is_zero() || o.timeout > Duration::from_secs(120) {
+        return Err(src.error(&field("timeout"), "must be between 1ms and 120s"));
+    }
+    if o.max_retries > 10 {
+        return Err(src.error(&field("max_retries"), "must be at most 10"));
+    }
+    Ok(())
 }
 
 /// Checks an issuer URL's shape: https (or http on loopback when allowed),
@@ -737,6 +951,14 @@ impl Config {
                         join(f);
                     }
                 }
+                ProviderConfig::Oauth2RefreshToken(o) => {
+                    if let Some(f) = &mut o.client_secret_file {
+                        join(f);
+                    }
+                    if let Some(f) = &mut o.kek_file {
+                        join(f);
+                    }
+                }
             }
         }
         join(&mut self.policy.dir);
@@ -819,6 +1041,12 @@ impl Config {
                             "set exactly one of client_secret_env and client_secret_file",
                         ));
                     }
+                    if o.auth_method == ClientAuthMethod::None {
+                        return Err(src.error(
+                            &field("auth_method"),
+                            "client credentials need a secret: client_secret_basic or client_secret_post",
+                        ));
+                    }
                     if o.scopes
                         .iter()
                         .chain(&o.audiences)
@@ -835,6 +1063,10 @@ impl Config {
                     if o.max_retries > 10 {
                         return Err(src.error(&field("max_retries"), "must be at most 10"));
                     }
+                    continue;
+                }
+                ProviderConfig::Oauth2RefreshToken(o) => {
+                    validate_refresh_token_provider(o, src, &field)?;
                     continue;
                 }
             };
@@ -1115,6 +1347,59 @@ scopes = ["deploy:*"]
     }
 
     #[test]
+    fn refresh_token_providers_are_checked_field_by_field() {
+        let ok = format!(
+            "{MINIMAL}\n[providers.idp]\nkind = \"oauth2_refresh_token\"\n\
+             token_url = \"https://idp.example/token\"\n\
+             authorization_url = \"https://idp.example/authorize\"\n\
+             client_id = \"cistern\"\nclient_secret_env = \"S\"\nkek_env = \"K\"\n\
+             scopes = [\"openid\", \"offline_access\"]\n\
+             authorization_params = {{ prompt = \"consent\" }}\n"
+        );
+        let c = load(&ok).unwrap();
+        assert_eq!(c.ceiling.providers["idp"].kind, "oauth2_refresh_token");
+        for (from, to, field) in [
+            ("kek_env = \"K\"\n", "", "providers.idp.kek_env"),
+            (
+                "kek_env = \"K\"",
+                "kek_env = \"K\"\nkek_file = \"k\"",
+                "providers.idp.kek_env",
+            ),
+            (
+                "client_secret_env = \"S\"",
+                "client_secret_env = \"S\"\nauth_method = \"none\"",
+                "providers.idp.auth_method",
+            ),
+            (
+                "client_secret_env = \"S\"\n",
+                "",
+                "providers.idp.auth_method",
+            ),
+            (
+                "prompt = \"consent\"",
+                "state = \"fixed\"",
+                "providers.idp.authorization_params",
+            ),
+            (
+                "https://idp.example/authorize",
+                "http://idp.example/authorize",
+                "providers.idp.authorization_url",
+            ),
+        ] {
+            let e = load(&ok.replace(from, to)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{from}: {e}");
+        }
+        // A public client: no secret, auth_method none.
+        load(&ok.replace("client_secret_env = \"S\"", "auth_method = \"none\"")).unwrap();
+        // Client credentials always need a secret.
+        let cc = "[providers.cc]\nkind = \"oauth2_client_credentials\"\n\
+                  token_url = \"https://idp.example/token\"\nclient_id = \"c\"\n\
+                  client_secret_env = \"S\"\nauth_method = \"none\"\n";
+        let e = load(&format!("{MINIMAL}\n{cc}")).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("providers.cc.auth_method"));
+    }
+
+    #[test]
     fn the_example_provider_loads_when_uncommented_and_its_example_policy_compiles() {
         let text = include_str!("../examples/cistern.toml");
         let start = text.find("# [providers.gitlab]").unwrap();
@@ -1122,9 +1407,12 @@ scopes = ["deploy:*"]
             .find("# An OAuth 2.0 client-credentials provider")
             .unwrap();
         let idp = text.find("# [providers.idp]").unwrap();
+        let idp_end = text.find("# An OAuth 2.0 refresh-token provider").unwrap();
+        let company = text.find("# [providers.company-idp]").unwrap();
         let uncommented: String = text[start..end]
             .lines()
-            .chain(text[idp..].lines())
+            .chain(text[idp..idp_end].lines())
+            .chain(text[company..].lines())
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
             .filter(|l| {
                 !l.starts_with("# ") && !l.starts_with("token_file") && !l.starts_with("kek_file")
@@ -1138,6 +1426,11 @@ scopes = ["deploy:*"]
             c.ceiling.providers["idp"].audiences,
             ["https://api.internal.example.com"]
         );
+        assert_eq!(
+            c.ceiling.providers["company-idp"].kind,
+            "oauth2_refresh_token"
+        );
+        assert_eq!(c.ceiling.providers["company-idp"].scopes, ["read_api"]);
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("p.toml"),

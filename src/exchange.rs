@@ -340,6 +340,7 @@ impl Exchanger {
                 let reason = match &e {
                     ProviderError::Refused { .. } => "downstream_refused",
                     ProviderError::Unavailable { .. } => "downstream_unavailable",
+                    ProviderError::NeedsAuthorization { .. } => "downstream_needs_authorization",
                     _ => "downstream_error",
                 };
                 let detail = json!({ "description": e.to_string(), "provider": name, "target": target, "subject": SubjectRef::of(v), "claims": &v.claims, "request": RequestSummary::of(req) });

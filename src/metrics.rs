@@ -54,6 +54,7 @@ pub struct Metrics {
     credential_expiry: Family<ProviderLabels, Gauge>,
     credential_rotated: Family<ProviderLabels, Gauge>,
     credential_errors: Family<ProviderLabels, Counter>,
+    needs_authorization: Family<ProviderLabels, Gauge>,
 }
 
 /// Labels of per-provider metrics.
@@ -124,6 +125,12 @@ impl Metrics {
             "Failed checks or rotations of cistern's own provider credential",
             credential_errors.clone(),
         );
+        let needs_authorization = Family::<ProviderLabels, Gauge>::default();
+        registry.register(
+            "provider_needs_authorization",
+            "1 while a refresh-token provider has no usable refresh token (run `cistern provider authorize`)",
+            needs_authorization.clone(),
+        );
         Self {
             registry,
             exchanges,
@@ -135,6 +142,7 @@ impl Metrics {
             credential_expiry,
             credential_rotated,
             credential_errors,
+            needs_authorization,
         }
     }
 
@@ -198,6 +206,15 @@ impl Metrics {
                 provider: provider.to_owned(),
             })
             .set(unix_secs);
+    }
+
+    /// Whether a refresh-token provider needs an operator to re-authorize it.
+    pub fn set_needs_authorization(&self, provider: &str, needed: bool) {
+        self.needs_authorization
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_owned(),
+            })
+            .set(i64::from(needed));
     }
 
     /// Counts a failed check or rotation of cistern's own provider credential.

@@ -380,6 +380,12 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Provider(provider::ProviderCommand::SetCredential(args)) => {
             provider::set_credential(&args).await
         }
+        Command::Provider(provider::ProviderCommand::Authorize(args)) => {
+            provider::authorize(&args).await
+        }
+        Command::Provider(provider::ProviderCommand::CheckSecret(args)) => {
+            provider::check_secret(&args).await
+        }
         Command::Admin(AdminCommand::Offboarded(conn)) => admin::list_offboarded(&conn).await,
     }
 }

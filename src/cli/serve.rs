@@ -119,9 +119,23 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
         .await
         .context("loading revocation rules and offboarding blocks")?;
     tracing::info!(rules = loaded, "revocation set loaded");
-    let providers = crate::provider::Providers::from_config(&config.providers)
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .context("downstream credential providers ([providers])")?;
+    let providers = crate::provider::Providers::from_config(
+        &config.providers,
+        &crate::provider::ProviderContext {
+            store: store.clone(),
+            clock: clock.clone(),
+            metrics: metrics.clone(),
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))
+    .context("downstream credential providers ([providers])")?;
+    for p in providers.refresh_token_providers() {
+        p.clone()
+            .startup()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("a refresh-token provider's stored state")?;
+    }
     let mut keepers = Vec::new();
     for (name, p) in &config.providers {
         let crate::config::ProviderConfig::Gitlab(g) = p else {

@@ -177,6 +177,14 @@ impl From<&ExchangeError> for AppError {
                 OAuthCode::TemporarilyUnavailable,
                 "the downstream service is unavailable; try again later",
             ),
+            ExchangeError::Downstream(ProviderError::NeedsAuthorization { provider, .. }) => {
+                AppError::new(
+                    OAuthCode::TemporarilyUnavailable,
+                    format!(
+                        "the OAuth provider {provider} needs an operator to re-authorize it (cistern provider authorize {provider}); try again later"
+                    ),
+                )
+            }
             ExchangeError::Downstream(_) => AppError::internal(),
             ExchangeError::Mint(_) | ExchangeError::Store(_) => AppError::internal(),
         }

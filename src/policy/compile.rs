@@ -760,9 +760,10 @@ fn check_access_token_grant(
 fn grant_provider<'e>(
     g: &GrantSpec,
     env: &CompileEnv<'e>,
-    kind: &str,
+    kinds: &[&str],
     err: &mut impl FnMut(&str, String),
 ) -> Option<(String, &'e crate::config::ProviderLimits)> {
+    let kind = kinds.join(" or ");
     let Some(name) = &g.provider else {
         err(
             "grant.provider",
@@ -770,7 +771,12 @@ fn grant_provider<'e>(
         );
         return None;
     };
-    match env.ceiling.providers.get(name).filter(|l| l.kind == kind) {
+    match env
+        .ceiling
+        .providers
+        .get(name)
+        .filter(|l| kinds.contains(&l.kind))
+    {
         Some(limits) => Some((name.clone(), limits)),
         None => {
             err(
@@ -796,7 +802,7 @@ fn check_gitlab_grant(
             "not used by gitlab_project_token (the token is for the GitLab API)".to_owned(),
         );
     }
-    let (name, limits) = grant_provider(g, env, "gitlab", err)?;
+    let (name, limits) = grant_provider(g, env, &["gitlab"], err)?;
     let level = g.access_level.unwrap_or(20);
     if ![10, 15, 20, 25, 30, 40, 50].contains(&level) {
         err(
@@ -828,7 +834,7 @@ fn check_gitlab_grant(
 pub const OAUTH2_NO_RESOURCE: &str = "oauth2:";
 
 /// `[grant]` of an `oauth2_access_token`: a configured client-credentials
-/// provider, scopes (possibly none) and an optional resource indicator
+/// or refresh-token provider, scopes (possibly none) and an optional resource indicator
 /// (`audience`) within its lists. Returns the provider name.
 fn check_oauth2_grant(
     g: &GrantSpec,
@@ -841,7 +847,12 @@ fn check_oauth2_grant(
             "only gitlab_project_token has an access level".to_owned(),
         );
     }
-    let (name, limits) = grant_provider(g, env, "oauth2_client_credentials", err)?;
+    let (name, limits) = grant_provider(
+        g,
+        env,
+        &["oauth2_client_credentials", "oauth2_refresh_token"],
+        err,
+    )?;
     if !g.audience.is_empty() && !limits.audiences.contains(&g.audience) {
         err(
             "grant.audience",

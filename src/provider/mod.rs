@@ -8,8 +8,10 @@
 //! that a revocation rule covers, and reconciles what the provider holds
 //! against the store.
 
+pub mod authorize;
 pub mod gitlab;
 pub mod oauth2;
+pub mod oauth2_refresh;
 pub mod reaper;
 pub mod rotation;
 pub mod sealed;
@@ -146,6 +148,17 @@ pub enum ProviderError {
         /// What was wrong.
         message: String,
     },
+    /// The refresh-token provider has no usable refresh token: an operator
+    /// must run `cistern provider authorize`.
+    #[error(
+        "{provider} needs re-authorization ({reason}): run `cistern provider authorize {provider}`"
+    )]
+    NeedsAuthorization {
+        /// Provider name.
+        provider: String,
+        /// Why (never a secret).
+        reason: String,
+    },
     /// cistern's own credential for the provider is missing or unreadable.
     #[error("{provider}: {message}")]
     Credential {
@@ -169,11 +182,23 @@ pub trait CredentialProvider: Send + Sync {
     async fn list_marked(&self, target: &str) -> Result<Vec<Listed>, ProviderError>;
 }
 
+/// What providers that keep state need from the server.
+#[derive(Clone)]
+pub struct ProviderContext {
+    /// Records (sealed credentials, audit).
+    pub store: Arc<dyn crate::store::Store>,
+    /// Time.
+    pub clock: Arc<dyn crate::clock::Clock>,
+    /// Health metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
 /// The configured providers by name.
 #[derive(Clone, Default)]
 pub struct Providers {
     all: BTreeMap<String, Arc<dyn CredentialProvider>>,
     gitlab: BTreeMap<String, Arc<gitlab::GitLab>>,
+    refresh: BTreeMap<String, Arc<oauth2_refresh::RefreshTokenProvider>>,
 }
 
 impl std::fmt::Debug for Providers {
@@ -186,6 +211,7 @@ impl Providers {
     /// Builds every configured provider (reads cistern's own credentials).
     pub fn from_config(
         configs: &BTreeMap<String, ProviderConfig>,
+        ctx: &ProviderContext,
     ) -> Result<Providers, ProviderError> {
         let mut out = Providers::default();
         for (name, c) in configs {
@@ -201,6 +227,11 @@ impl Providers {
                         Arc::new(oauth2::ClientCredentials::new(name, o)?),
                     );
                 }
+                ProviderConfig::Oauth2RefreshToken(o) => {
+                    let p = Arc::new(oauth2_refresh::RefreshTokenProvider::new(name, o, ctx)?);
+                    out.refresh.insert(name.clone(), p.clone());
+                    out.all.insert(name.clone(), p);
+                }
             }
         }
         Ok(out)
@@ -210,8 +241,15 @@ impl Providers {
     pub fn from_map(all: BTreeMap<String, Arc<dyn CredentialProvider>>) -> Providers {
         Providers {
             all,
-            gitlab: BTreeMap::new(),
+            ..Providers::default()
         }
+    }
+
+    /// The refresh-token providers (their health is published at start).
+    pub fn refresh_token_providers(
+        &self,
+    ) -> impl Iterator<Item = &Arc<oauth2_refresh::RefreshTokenProvider>> {
+        self.refresh.values()
     }
 
     /// The provider named `name`.

@@ -1,0 +1,587 @@
+//! OAuth 2.0 access tokens minted from a refresh token (RFC 6749 §6): an
+//! operator authorizes cistern once (`cistern provider authorize`,
+//! authorization code + PKCE, [`super::authorize`]); cistern keeps the
+//! refresh token sealed in the store and trades it for short-lived access
+//! tokens (GitLab's OAuth access tokens live 2 hours), cached until
+//! `refresh_before` their expiry and shared by jobs with the same grant, as
+//! the client-credentials provider does.
+//!
+//! IdPs rotate refresh tokens (GitLab, Okta, Auth0, oidc-provider): each
+//! refresh returns a new one and consumes the old, so the stored token is
+//! often the only valid one. The discipline, under one lock (one refresh at
+//! a time):
+//!
+//! 1. read the state from the store (it is the source of truth: an
+//!    operator's `authorize` reaches a running server this way);
+//! 2. record a *rotation pending* marker (same token, status `rotating`):
+//!    the refresh is only sent if the store is writable right now, and a
+//!    restart knows a rotation was interrupted;
+//! 3. send the refresh;
+//! 4. seal and commit the new refresh token (status `active`) — only then
+//!    is the new access token cached and handed out. A failed commit keeps
+//!    the new state in memory (it is the only valid token now) and retries
+//!    the commit before anything else.
+//!
+//! A crash between the IdP's rotation and step 4 loses the new token. On
+//! restart the marker says so, and cistern retries with the stored token:
+//! IdPs with a reuse grace period (Okta's "grace period for token
+//! rotation", Auth0's "reuse interval") answer with a fresh pair; the others
+//! answer `invalid_grant` (and usually revoke the whole grant, reuse
+//! detection). Then the provider *needs re-authorization*: recorded sealed
+//! in the store (so restarts do not keep asking), audited, in `/metrics`
+//! (`provider_needs_authorization`) and `cistern report`, and jobs are
+//! refused with `temporarily_unavailable` naming `cistern provider
+//! authorize NAME`, which fixes it without a restart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq as _;
+use tokio::sync::Mutex;
+use zeroize::Zeroizing;
+
+use super::oauth2::{
+    Cached, TokenEndpoint, TokenError, cached, evict, fingerprint, millis, scope_and_resource,
+};
+use super::sealed::{Kek, SealError, Sealed};
+use super::{CredentialProvider, Listed, MintRequest, Minted, ProviderError};
+use crate::clock::Clock;
+use crate::config::OAuth2RefreshTokenConfig;
+use crate::metrics::Metrics;
+use crate::store::{AuditEvent, AuditKind, Store};
+
+/// Where the stored refresh token stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Valid as far as cistern knows.
+    Active,
+    /// A refresh with it was sent and its answer not (yet) committed.
+    Rotating,
+    /// The IdP refused it: an operator must run `cistern provider authorize`.
+    NeedsAuthorization,
+}
+
+/// What is sealed in the store for a refresh-token provider.
+pub struct State {
+    /// The refresh token (the secret).
+    pub refresh_token: Zeroizing<String>,
+    /// Where it stands.
+    pub status: Status,
+    /// Rotations since the operator authorized (0 = as authorized).
+    pub generation: u64,
+    /// When the status was set (ms).
+    pub since_ms: i64,
+    /// The scope the IdP granted at authorization.
+    pub scope: String,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("refresh_token", &fingerprint(&self.refresh_token))
+            .field("status", &self.status)
+            .field("generation", &self.generation)
+            .field("since_ms", &self.since_ms)
+            .field("scope", &self.scope)
+            .finish()
+    }
+}
+
+/// The sealed form, version 1.
+#[derive(Serialize)]
+struct WireOut<'a> {
+    v: u8,
+    refresh_token: &'a str,
+    status: Status,
+    generation: u64,
+    since_ms: i64,
+    scope: &'a str,
+}
+
+#[derive(Deserialize)]
+struct WireIn {
+    v: u8,
+    refresh_token: String,
+    status: Status,
+    generation: u64,
+    since_ms: i64,
+    #[serde(default)]
+    scope: String,
+}
+
+/// Why the stored state cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// Sealing or opening failed (wrong KEK, tampering, another provider's value).
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    /// It opened but is not a refresh-token state (e.g. the provider's kind changed).
+    #[error(
+        "the stored credential is not a refresh-token state (run `cistern provider authorize`)"
+    )]
+    Format,
+}
+
+impl State {
+    /// A freshly authorized refresh token.
+    pub fn authorized(refresh_token: Zeroizing<String>, scope: String, now_ms: i64) -> State {
+        State {
+            refresh_token,
+            status: Status::Active,
+            generation: 0,
+            since_ms: now_ms,
+            scope,
+        }
+    }
+
+    /// Seals the state for `provider`.
+    pub fn seal(&self, kek: &Kek, provider: &str) -> Result<Sealed, StateError> {
+        let text = Zeroizing::new(
+            serde_json::to_string(&WireOut {
+                v: 1,
+                refresh_token: &self.refresh_token,
+                status: self.status,
+                generation: self.generation,
+                since_ms: self.since_ms,
+                scope: &self.scope,
+            })
+            .map_err(|_| StateError::Format)?,
+        );
+        Ok(kek.seal(provider, &text)?)
+    }
+
+    /// Opens a state sealed for `provider`.
+    pub fn open(kek: &Kek, provider: &str, sealed: &Sealed) -> Result<State, StateError> {
+        let text = kek.open(provider, sealed)?;
+        let w: WireIn = serde_json::from_str(&text).map_err(|_| StateError::Format)?;
+        let refresh_token = Zeroizing::new(w.refresh_token);
+        if w.v != 1 || refresh_token.is_empty() {
+            return Err(StateError::Format);
+        }
+        Ok(State {
+            refresh_token,
+            status: w.status,
+            generation: w.generation,
+            since_ms: w.since_ms,
+            scope: w.scope,
+        })
+    }
+
+    fn with(&self, status: Status, since_ms: i64) -> State {
+        State {
+            refresh_token: self.refresh_token.clone(),
+            status,
+            generation: self.generation,
+            since_ms,
+            scope: self.scope.clone(),
+        }
+    }
+}
+
+/// An audit event about provider `provider`'s own credential.
+pub fn audit_event(at_ms: i64, reason: &str, detail: serde_json::Value) -> AuditEvent {
+    AuditEvent {
+        at_ms,
+        kind: AuditKind::AdminAction,
+        issuer: None,
+        role: None,
+        project_id: None,
+        reason: Some(reason.to_owned()),
+        detail: detail.into(),
+    }
+}
+
+/// The KEK a refresh-token provider config names (required).
+pub fn kek_of(cfg: &OAuth2RefreshTokenConfig) -> Result<Kek, String> {
+    let text = super::read_secret(cfg.kek_env.as_deref(), cfg.kek_file.as_deref())?;
+    Kek::from_base64(&text).map_err(|e| e.to_string())
+}
+
+/// A rotation the IdP answered that the store has not committed yet.
+struct Unsaved {
+    state: State,
+    key: (String, String),
+    access: Cached,
+    recovered: bool,
+    previous: String,
+}
+
+struct Inner {
+    /// (scope, resource) → access token.
+    cache: HashMap<(String, String), Cached>,
+    /// Holds the only valid refresh token while its commit is failing.
+    unsaved: Option<Unsaved>,
+}
+
+/// A refresh-token client of one IdP.
+pub struct RefreshTokenProvider {
+    name: String,
+    endpoint: TokenEndpoint,
+    kek: Kek,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    refresh_before_ms: i64,
+    /// One refresh at a time; held across the request.
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for RefreshTokenProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefreshTokenProvider")
+            .field("name", &self.name)
+            .field("token_url", &self.endpoint.url())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RefreshTokenProvider {
+    /// Reads the KEK and client secret and builds the provider.
+    pub fn new(
+        name: &str,
+        cfg: &OAuth2RefreshTokenConfig,
+        ctx: &super::ProviderContext,
+    ) -> Result<RefreshTokenProvider, ProviderError> {
+        let cred_err = |message: String| ProviderError::Credential {
+            provider: name.to_owned(),
+            message,
+        };
+        let kek = kek_of(cfg).map_err(|e| cred_err(format!("key-encryption key: {e}")))?;
+        let endpoint = super::oauth2::endpoint_of(
+            name,
+            &crate::config::ProviderConfig::Oauth2RefreshToken(cfg.clone()),
+        )?;
+        Ok(RefreshTokenProvider {
+            name: name.to_owned(),
+            endpoint,
+            kek,
+            store: ctx.store.clone(),
+            clock: ctx.clock.clone(),
+            metrics: ctx.metrics.clone(),
+            refresh_before_ms: millis(cfg.refresh_before),
+            inner: Mutex::new(Inner {
+                cache: HashMap::new(),
+                unsaved: None,
+            }),
+        })
+    }
+
+    fn needs_authorization(&self, reason: &str) -> ProviderError {
+        self.metrics.set_needs_authorization(&self.name, true);
+        ProviderError::NeedsAuthorization {
+            provider: self.name.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn unavailable(&self, message: String) -> ProviderError {
+        ProviderError::Unavailable {
+            provider: self.name.clone(),
+            message,
+        }
+    }
+
+    /// The stored state, if the operator ever authorized.
+    async fn load(&self) -> Result<Option<State>, ProviderError> {
+        let stored = self
+            .store
+            .sealed_credential(&self.name)
+            .await
+            .map_err(|e| self.unavailable(format!("reading the refresh token: {e}")))?;
+        stored
+            .map(|(sealed, _)| State::open(&self.kek, &self.name, &sealed))
+            .transpose()
+            .map_err(|e| ProviderError::Credential {
+                provider: self.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    async fn save(&self, state: &State, audit: AuditEvent) -> Result<(), ProviderError> {
+        let sealed = state
+            .seal(&self.kek, &self.name)
+            .map_err(|e| self.unavailable(format!("sealing the refresh token: {e}")))?;
+        self.store
+            .save_sealed_credential(&self.name, sealed, None, audit)
+            .await
+            .map_err(|e| self.unavailable(format!("saving the refresh token: {e}")))
+    }
+
+    /// At start: publishes the health, and if a rotation was interrupted
+    /// (a crash), recovers at once rather than at the first job.
+    pub async fn startup(self: Arc<Self>) -> Result<(), ProviderError> {
+        match self.load().await? {
+            None => {
+                self.metrics.set_needs_authorization(&self.name, true);
+                tracing::warn!(provider = %self.name, "no refresh token yet: run `cistern provider authorize {}`", self.name);
+            }
+            Some(s) if s.status == Status::NeedsAuthorization => {
+                self.metrics.set_needs_authorization(&self.name, true);
+                tracing::error!(provider = %self.name, "the refresh token was refused by the IdP: run `cistern provider authorize {}`", self.name);
+            }
+            Some(s) => {
+                self.metrics.set_needs_authorization(&self.name, false);
+                if s.status == Status::Rotating {
+                    tokio::spawn(async move {
+                        let mut inner = self.inner.lock().await;
+                        let key = (String::new(), String::new());
+                        let now = self.clock.now_millis();
+                        match self.refresh(&mut inner, &key, now).await {
+                            Ok(c) => {
+                                inner.cache.insert(key, c);
+                            }
+                            Err(e) => {
+                                tracing::error!(provider = %self.name, error = %e, "recovering the interrupted refresh-token rotation failed");
+                            }
+                        }
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits a rotation the store has not committed yet, then caches its
+    /// access token (only now may it be handed out).
+    async fn commit_unsaved(&self, inner: &mut Inner) -> Result<(), ProviderError> {
+        let Some(u) = &inner.unsaved else {
+            return Ok(());
+        };
+        let at = self.clock.now_millis();
+        let audit = audit_event(
+            at,
+            "provider_credential_rotated",
+            json!({
+                "provider": self.name,
+                "generation": u.state.generation,
+                "refresh_token": fingerprint(&u.state.refresh_token),
+                "previous": u.previous,
+                "recovered": u.recovered,
+            }),
+        );
+        if let Err(e) = self.save(&u.state, audit).await {
+            self.metrics.credential_error(&self.name);
+            tracing::error!(provider = %self.name, error = %e, "the rotated refresh token is NOT saved (the old one is likely consumed); holding it in memory and retrying before the next refresh");
+            return Err(e);
+        }
+        let Some(u) = inner.unsaved.take() else {
+            return Ok(());
+        };
+        self.metrics
+            .set_credential_rotated(&self.name, at.div_euclid(1000));
+        self.metrics.set_needs_authorization(&self.name, false);
+        tracing::info!(provider = %self.name, generation = u.state.generation, refresh_token = %fingerprint(&u.state.refresh_token), recovered = u.recovered, "refresh token rotated and saved");
+        inner.cache.insert(u.key, u.access);
+        Ok(())
+    }
+
+    /// One refresh for `key`, following the discipline in the module docs.
+    async fn refresh(
+        &self,
+        inner: &mut Inner,
+        key: &(String, String),
+        now_ms: i64,
+    ) -> Result<Cached, ProviderError> {
+        if inner.unsaved.is_some() {
+            self.commit_unsaved(inner).await?;
+            if let Some(c) = inner.cache.get(key)
+                && c.fresh(now_ms, self.refresh_before_ms)
+            {
+                return Ok(clone_cached(c));
+            }
+        }
+        let Some(state) = self.load().await? else {
+            return Err(self.needs_authorization("never authorized"));
+        };
+        match state.status {
+            Status::NeedsAuthorization => {
+                return Err(self.needs_authorization("the IdP refused the refresh token"));
+            }
+            Status::Rotating => {
+                tracing::warn!(provider = %self.name, generation = state.generation, "the previous refresh was interrupted (crash or lost answer): retrying with the stored refresh token, which works if the IdP allows reuse for a grace period");
+            }
+            Status::Active => {}
+        }
+        let interrupted = state.status == Status::Rotating;
+        let previous = fingerprint(&state.refresh_token);
+        let since = if interrupted { state.since_ms } else { now_ms };
+        self.save(
+            &state.with(Status::Rotating, since),
+            audit_event(
+                now_ms,
+                "provider_refresh_started",
+                json!({ "provider": self.name, "generation": state.generation, "refresh_token": previous, "interrupted_before": interrupted }),
+            ),
+        )
+        .await?;
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", state.refresh_token.as_str()),
+        ];
+        scope_and_resource(&mut form, &key.0, &key.1);
+        match self.endpoint.request(&form, now_ms).await {
+            Ok(answer) => {
+                let rotated = answer.refresh_token.is_some();
+                let next = State {
+                    refresh_token: answer
+                        .refresh_token
+                        .unwrap_or_else(|| state.refresh_token.clone()),
+                    status: Status::Active,
+                    generation: state.generation + u64::from(rotated),
+                    since_ms: now_ms,
+                    scope: state.scope.clone(),
+                };
+                let copy = clone_cached(&answer.access);
+                inner.unsaved = Some(Unsaved {
+                    state: next,
+                    key: key.clone(),
+                    access: answer.access,
+                    recovered: interrupted,
+                    previous,
+                });
+                self.commit_unsaved(inner).await?;
+                Ok(copy)
+            }
+            Err(TokenError::Refused { code, .. }) if code == "invalid_grant" => {
+                let reason = if interrupted {
+                    "the IdP refused the stored refresh token (invalid_grant) after an interrupted rotation: it had rotated it and allows no reuse"
+                } else {
+                    "the IdP refused the refresh token (invalid_grant): revoked, expired, or reused elsewhere"
+                };
+                self.mark_needs_authorization(&state, reason).await;
+                Err(self.needs_authorization(reason))
+            }
+            Err(e) => {
+                // The outcome at the IdP is unknown (or it refused the
+                // client, which consumed nothing): the marker stays, and the
+                // next attempt retries with the stored token.
+                self.metrics.credential_error(&self.name);
+                Err(e.into_provider(&self.name))
+            }
+        }
+    }
+
+    /// Records that the stored token is dead, unless an operator replaced
+    /// it meanwhile (a re-authorization must never be overwritten).
+    async fn mark_needs_authorization(&self, dead: &State, reason: &str) {
+        self.metrics.credential_error(&self.name);
+        let message = format!(
+            "needs re-authorization: {reason}; run `cistern provider authorize {}`",
+            self.name
+        );
+        tracing::error!(provider = %self.name, generation = dead.generation, refresh_token = %fingerprint(&dead.refresh_token), "{message}");
+        match self.load().await {
+            Ok(Some(now))
+                if bool::from(
+                    now.refresh_token
+                        .as_bytes()
+                        .ct_eq(dead.refresh_token.as_bytes()),
+                ) => {}
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(provider = %self.name, error = %e, "cannot record that the refresh token needs re-authorization");
+                return;
+            }
+        }
+        let at = self.clock.now_millis();
+        let saved = self
+            .save(
+                &dead.with(Status::NeedsAuthorization, at),
+                audit_event(
+                    at,
+                    "provider_needs_authorization",
+                    json!({ "provider": self.name, "generation": dead.generation, "refresh_token": fingerprint(&dead.refresh_token), "reason": reason }),
+                ),
+            )
+            .await;
+        if let Err(e) = saved {
+            tracing::error!(provider = %self.name, error = %e, "cannot record that the refresh token needs re-authorization");
+            return;
+        }
+        // After the save (strictly later), so `cistern report` shows it as
+        // the last error since the credential was saved.
+        let event = audit_event(
+            self.clock.now_millis().max(at + 1),
+            "provider_credential_error",
+            json!({ "provider": self.name, "error": message }),
+        );
+        if let Err(e) = self.store.append_audit(event).await {
+            tracing::error!(error = %e, "audit of a credential error failed");
+        }
+    }
+}
+
+fn clone_cached(c: &Cached) -> Cached {
+    Cached {
+        secret: c.secret.clone(),
+        external_id: c.external_id.clone(),
+        expires_at_ms: c.expires_at_ms,
+    }
+}
+
+#[async_trait::async_trait]
+impl CredentialProvider for RefreshTokenProvider {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn mint(&self, req: &MintRequest<'_>) -> Result<Minted, ProviderError> {
+        let key = (req.scopes.join(" "), req.target.to_owned());
+        let mut inner = self.inner.lock().await;
+        if let Some(m) = cached(&inner.cache, &key, req.now_ms, self.refresh_before_ms) {
+            return Ok(m);
+        }
+        let c = self.refresh(&mut inner, &key, req.now_ms).await?;
+        let minted = c.minted();
+        inner.cache.insert(key, c);
+        Ok(minted)
+    }
+
+    async fn revoke(&self, _target: &str, external_id: &str) -> Result<(), ProviderError> {
+        evict(&mut self.inner.lock().await.cache, external_id);
+        Ok(())
+    }
+
+    async fn list_marked(&self, _target: &str) -> Result<Vec<Listed>, ProviderError> {
+        Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const KEK: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    #[test]
+    fn the_state_round_trips_sealed_and_never_shows_the_token() {
+        let kek = Kek::from_base64(KEK).unwrap();
+        let s = State::authorized(Zeroizing::new("rt-secret-value".into()), "openid".into(), 5);
+        let sealed = s.seal(&kek, "idp").unwrap();
+        assert!(!sealed.ciphertext.windows(9).any(|w| w == b"rt-secret"));
+        let back = State::open(&kek, "idp", &sealed).unwrap();
+        assert_eq!(back.refresh_token.as_str(), "rt-secret-value");
+        assert_eq!(back.status, Status::Active);
+        assert_eq!((back.generation, back.since_ms), (0, 5));
+        assert_eq!(back.scope, "openid");
+        let rotating = back.with(Status::Rotating, 9);
+        let again = State::open(&kek, "idp", &rotating.seal(&kek, "idp").unwrap()).unwrap();
+        assert_eq!(again.status, Status::Rotating);
+        assert_eq!(again.refresh_token.as_str(), "rt-secret-value");
+        assert!(!format!("{again:?}").contains("rt-secret"));
+        // Another provider's value, or a GitLab credential, does not open as a state.
+        assert!(matches!(
+            State::open(&kek, "other", &sealed),
+            Err(StateError::Seal(_))
+        ));
+        let gitlab = kek.seal("idp", "glpat-xyz").unwrap();
+        assert!(matches!(
+            State::open(&kek, "idp", &gitlab),
+            Err(StateError::Format)
+        ));
+    }
+}
