@@ -504,6 +504,119 @@ impl Peer {
 }
 
 // ---------------------------------------------------------------------------
+// The refresh-token IdP: oidc-provider with authorization code + PKCE and
+// single-use refresh tokens (tests/peers/oauth_refresh_idp.mjs).
+
+/// True when node and the npm `oidc-provider` package are installed (all the
+/// refresh-token tests need). Panics under `CI=true` otherwise.
+pub fn require_oidc_provider() -> bool {
+    let ok = peers_dir()
+        .join("node_modules/oidc-provider/package.json")
+        .is_file()
+        && Command::new("node").arg("--version").output().is_ok();
+    if ok {
+        return true;
+    }
+    if in_ci() {
+        panic!("npm oidc-provider is not installed in tests/peers (CI=true)");
+    }
+    eprintln!("skipping: oidc-provider not installed; run scripts/install-test-peers.sh");
+    false
+}
+
+/// An OAuth authorization server with rotating refresh tokens, killed on drop.
+pub struct RefreshIdp {
+    url: String,
+    proc: Proc,
+    http: reqwest::Client,
+}
+
+impl RefreshIdp {
+    /// Starts one whose client `cistern` has `client_secret`; a consumed
+    /// refresh token stays usable for `grace_secs` (0: single use at once);
+    /// access tokens live `access_ttl_secs`.
+    pub fn start(client_secret: &str, grace_secs: u32, access_ttl_secs: u32) -> RefreshIdp {
+        let mut cmd = node_command("oauth_refresh_idp.mjs");
+        cmd.arg("0")
+            .env("PEER_EXIT_ON_STDIN_EOF", "1")
+            .env("CLIENT_SECRET", client_secret)
+            .env("REUSE_GRACE_SECS", grace_secs.to_string())
+            .env("ACCESS_TOKEN_TTL", access_ttl_secs.to_string());
+        let (proc, url) = Proc::spawn("refresh-idp", cmd, "idp listening on ");
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(40))
+            .build()
+            .or_fail("building an HTTP client");
+        RefreshIdp { url, proc, http }
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// What the IdP wrote to stderr.
+    pub fn stderr(&self) -> String {
+        self.proc.stderr()
+    }
+
+    async fn control(&self, method: reqwest::Method, path: &str) -> Value {
+        let res = self
+            .http
+            .request(method, format!("{}/control/{path}", self.url))
+            .send()
+            .await
+            .or_fail("calling the IdP's control route");
+        assert!(
+            res.status().is_success(),
+            "control/{path}: {}",
+            res.status()
+        );
+        res.json().await.or_fail("the IdP's control answer")
+    }
+
+    /// Holds the answer to the next refresh-token grant (after the IdP has
+    /// rotated the token) until [`RefreshIdp::release`].
+    pub async fn hold_next_refresh(&self) {
+        self.control(reqwest::Method::POST, "hold").await;
+    }
+
+    /// Waits (≤ 30 s) until an answer is held; returns how many are.
+    pub async fn wait_held(&self) -> u64 {
+        self.control(reqwest::Method::GET, "held").await["held"]
+            .as_u64()
+            .or_fail("held count")
+    }
+
+    /// Sends the held answers.
+    pub async fn release(&self) {
+        self.control(reqwest::Method::POST, "release").await;
+    }
+
+    /// Every token the IdP issued, in order: `(kind, value)` with kind
+    /// `refresh_token` or `access_token`.
+    pub async fn issued(&self) -> Vec<(String, String)> {
+        self.control(reqwest::Method::GET, "issued")
+            .await
+            .as_array()
+            .or_fail("issued is a list")
+            .iter()
+            .map(|t| {
+                (
+                    t["kind"].as_str().or_fail("kind").to_owned(),
+                    t["value"].as_str().or_fail("value").to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Token requests by `grant_type:outcome`.
+    pub async fn stats(&self) -> Value {
+        self.control(reqwest::Method::GET, "stats").await
+    }
+}
+
+// ---------------------------------------------------------------------------
 // GitLab REST API stand-ins: Prism serving GitLab's OpenAPI contract, and a
 // recording, fault-injecting front for it.
 
