@@ -128,7 +128,7 @@ impl Metrics {
         let needs_authorization = Family::<ProviderLabels, Gauge>::default();
         registry.register(
             "provider_needs_authorization",
-            "1 while a refresh-token provider has no usable refresh token (run `cistern provider authorize`)",
+            "1 while a refresh-token provider has no usable refresh token, as of its last refresh or start (run `cistern provider authorize`)",
             needs_authorization.clone(),
         );
         Self {

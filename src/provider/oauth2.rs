@@ -458,3 +458,48 @@ impl CredentialProvider for ClientCredentials {
         Ok(Vec::new())
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_answers_are_read_bounded_and_cleaned() {
+        let e = refusal(
+            StatusCode::BAD_REQUEST,
+            br#"{"error":"invalid_grant","error_description":"refresh token\nalready used"}"#,
+        );
+        let TokenError::Refused {
+            status,
+            code,
+            description,
+        } = e
+        else {
+            panic!("not a refusal");
+        };
+        assert_eq!((status, code.as_str()), (400, "invalid_grant"));
+        assert_eq!(description, "refresh tokenalready used");
+        let long = format!(r#"{{"error":"{}"}}"#, "x".repeat(500));
+        let TokenError::Refused { code, .. } = refusal(StatusCode::UNAUTHORIZED, long.as_bytes())
+        else {
+            panic!("not a refusal");
+        };
+        assert_eq!(code.len(), 64);
+        let TokenError::Refused { code, .. } = refusal(StatusCode::BAD_GATEWAY, b"<html>") else {
+            panic!("not a refusal");
+        };
+        assert_eq!(code, "error");
+    }
+
+    #[test]
+    fn tokens_must_be_well_formed_and_are_named_by_a_fingerprint() {
+        assert!(well_formed("abc.def-_~+/="));
+        assert!(!well_formed(""));
+        assert!(!well_formed("a b"));
+        assert!(!well_formed("a\nb"));
+        let f = fingerprint("secret-token");
+        assert!(f.starts_with("sha256:") && f.len() == 23, "{f}");
+        assert!(!f.contains("secret"));
+    }
+}

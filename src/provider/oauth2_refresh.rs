@@ -557,6 +557,200 @@ mod tests {
 
     const KEK: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::config::Synchronous;
+    use crate::store::sqlite::SqliteStore;
+
+    /// What the mock token endpoint does with a refresh request.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Answer {
+        /// 200 with access token `at-N` and refresh token `rt-N`.
+        Rotate,
+        /// 400 invalid_grant.
+        InvalidGrant,
+        /// Close the store (the commit will fail), then rotate.
+        CloseStoreThenRotate,
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        store: Arc<SqliteStore>,
+        provider: RefreshTokenProvider,
+        calls: Arc<AtomicUsize>,
+        /// The stored status seen by the IdP when each request arrived.
+        seen: Arc<std::sync::Mutex<Vec<Status>>>,
+    }
+
+    async fn world(answer: Answer) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let store =
+            Arc::new(SqliteStore::open(&dir.path().join("c.db"), Synchronous::Normal).unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, st, sn) = (calls.clone(), store.clone(), seen.clone());
+        let app = axum::Router::new().route(
+            "/token",
+            axum::routing::post(move |form: axum::Form<HashMap<String, String>>| {
+                let (c, st, sn) = (c.clone(), st.clone(), sn.clone());
+                async move {
+                    let n = c.fetch_add(1, Ordering::SeqCst) + 1;
+                    assert_eq!(form.0["grant_type"], "refresh_token");
+                    let kek = Kek::from_base64(KEK).unwrap();
+                    let (sealed, _) = st.sealed_credential("idp").await.unwrap().unwrap();
+                    sn.lock()
+                        .unwrap()
+                        .push(State::open(&kek, "idp", &sealed).unwrap().status);
+                    if answer == Answer::InvalidGrant {
+                        return (
+                            http::StatusCode::BAD_REQUEST,
+                            axum::Json(json!({ "error": "invalid_grant" })),
+                        );
+                    }
+                    if answer == Answer::CloseStoreThenRotate {
+                        st.close().await;
+                    }
+                    (
+                        http::StatusCode::OK,
+                        axum::Json(json!({
+                            "access_token": format!("at-{n}"), "token_type": "Bearer",
+                            "expires_in": 7200, "refresh_token": format!("rt-{n}"),
+                        })),
+                    )
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        std::fs::write(dir.path().join("kek"), KEK).unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret").unwrap();
+        let cfg: OAuth2RefreshTokenConfig = toml::from_str(&format!(
+            "token_url = \"http://{addr}/token\"\nauthorization_url = \"http://{addr}/auth\"\n\
+             client_id = \"cistern\"\nclient_secret_file = {:?}\nkek_file = {:?}\nmax_retries = 0\n",
+            dir.path().join("secret"),
+            dir.path().join("kek"),
+        ))
+        .unwrap();
+        let ctx = super::super::ProviderContext {
+            store: store.clone(),
+            clock: Arc::new(crate::clock::SystemClock),
+            metrics: Arc::new(Metrics::new()),
+        };
+        let provider = RefreshTokenProvider::new("idp", &cfg, &ctx).unwrap();
+        World {
+            _dir: dir,
+            store,
+            provider,
+            calls,
+            seen,
+        }
+    }
+
+    impl World {
+        async fn authorize(&self, token: &str) {
+            let s = State::authorized(Zeroizing::new(token.into()), String::new(), 1);
+            let sealed = s.seal(&self.provider.kek, "idp").unwrap();
+            let audit = audit_event(1, "provider_authorized", json!({}));
+            self.store
+                .save_sealed_credential("idp", sealed, None, audit)
+                .await
+                .unwrap();
+        }
+
+        async fn stored(&self) -> State {
+            self.provider.load().await.unwrap().unwrap()
+        }
+
+        async fn mint(&self) -> Result<Minted, ProviderError> {
+            let now = self.provider.clock.now_millis();
+            self.provider
+                .mint(&MintRequest {
+                    jti: "j",
+                    target: "",
+                    scopes: &[],
+                    access_level: 0,
+                    ttl: std::time::Duration::from_secs(60),
+                    now_ms: now,
+                    description: String::new(),
+                })
+                .await
+        }
+    }
+
+    #[tokio::test]
+    async fn the_marker_is_committed_before_the_refresh_and_the_rotated_token_before_use() {
+        let w = world(Answer::Rotate).await;
+        assert!(matches!(
+            w.mint().await,
+            Err(ProviderError::NeedsAuthorization { .. })
+        ));
+        w.authorize("rt-0").await;
+        let m = w.mint().await.unwrap();
+        assert_eq!(m.secret.as_str(), "at-1");
+        // The IdP saw the marker already committed.
+        assert_eq!(*w.seen.lock().unwrap(), [Status::Rotating]);
+        let s = w.stored().await;
+        assert_eq!(
+            (s.refresh_token.as_str(), s.status, s.generation),
+            ("rt-1", Status::Active, 1)
+        );
+        // Cached: no second request while fresh.
+        assert_eq!(w.mint().await.unwrap().secret.as_str(), "at-1");
+        assert_eq!(w.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn invalid_grant_needs_reauthorization_and_stops_asking_until_authorized_again() {
+        let w = world(Answer::InvalidGrant).await;
+        w.authorize("rt-0").await;
+        let e = w.mint().await.unwrap_err();
+        assert!(
+            e.to_string().contains("cistern provider authorize idp"),
+            "{e}"
+        );
+        assert_eq!(w.stored().await.status, Status::NeedsAuthorization);
+        assert!(matches!(
+            w.mint().await,
+            Err(ProviderError::NeedsAuthorization { .. })
+        ));
+        assert_eq!(
+            w.calls.load(Ordering::SeqCst),
+            1,
+            "the dead token is not sent again"
+        );
+        // A new authorization is picked up without a restart.
+        w.authorize("rt-new").await;
+        assert!(w.mint().await.is_err());
+        assert_eq!(w.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn no_refresh_is_sent_unless_the_store_can_record_the_marker() {
+        let w = world(Answer::Rotate).await;
+        w.authorize("rt-0").await;
+        w.store.close().await;
+        assert!(matches!(
+            w.mint().await,
+            Err(ProviderError::Unavailable { .. })
+        ));
+        assert_eq!(w.calls.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_rotated_token_whose_commit_fails_is_held_and_its_access_token_withheld() {
+        let w = world(Answer::CloseStoreThenRotate).await;
+        w.authorize("rt-0").await;
+        assert!(matches!(
+            w.mint().await,
+            Err(ProviderError::Unavailable { .. })
+        ));
+        let inner = w.provider.inner.lock().await;
+        let held = inner.unsaved.as_ref().unwrap();
+        assert_eq!(held.state.refresh_token.as_str(), "rt-1");
+        assert!(inner.cache.is_empty(), "the access token is not handed out");
+    }
+
     #[test]
     fn the_state_round_trips_sealed_and_never_shows_the_token() {
         let kek = Kek::from_base64(KEK).unwrap();
