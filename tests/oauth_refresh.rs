@@ -440,21 +440,43 @@ async fn authorize_once_then_every_refresh_rotates_a_single_use_refresh_token() 
         assert_eq!(s.userinfo(&token).await, 200);
         tokens.push(token);
     }
+    // What a job script does: `eval "$(cistern exchange --format env ...)"`.
+    let id = s.dev.id_token("42", "7").await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+        .args(["exchange", "--url", &s.c.base_url(), "--role", "idp-api"])
+        .args(["--format", "env", "--var", "IDP_TOKEN"])
+        .env("CISTERN_ID_TOKEN", id)
+        .output()
+        .await
+        .unwrap();
+    let line = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{line}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = line
+        .trim()
+        .strip_prefix("export IDP_TOKEN='")
+        .and_then(|t| t.strip_suffix('\''))
+        .unwrap();
+    assert_eq!(s.userinfo(token).await, 200);
+    tokens.push(token.to_owned());
     tokens.dedup();
     assert_eq!(
         tokens.len(),
-        3,
+        4,
         "every exchange refreshed (refresh_before > lifetime)"
     );
 
     // One refresh token from the authorization, one per refresh; each
     // rotated one is dead at the IdP, only the newest lives.
     let refresh = s.refresh_tokens().await;
-    assert_eq!(refresh.len(), 4, "{:?}", s.idp.stats().await);
-    for old in &refresh[..3] {
+    assert_eq!(refresh.len(), 5, "{:?}", s.idp.stats().await);
+    for old in &refresh[..4] {
         assert!(!s.active_at_idp(old).await);
     }
-    assert!(s.active_at_idp(&refresh[3]).await);
+    assert!(s.active_at_idp(&refresh[4]).await);
     let reasons: Vec<String> = s.provider_audit().into_iter().map(|(r, _)| r).collect();
     assert_eq!(reasons[0], "provider_authorized");
     assert_eq!(
@@ -462,7 +484,7 @@ async fn authorize_once_then_every_refresh_rotates_a_single_use_refresh_token() 
             .iter()
             .filter(|r| *r == "provider_credential_rotated")
             .count(),
-        3
+        4
     );
     assert_eq!(s.needs_authorization().await.as_deref(), Some("0"));
 
