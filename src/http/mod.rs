@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod form;
 pub mod revoke;
 pub mod token;
 

@@ -33,7 +33,7 @@ pub(crate) fn form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, S
         ));
     }
     let mut out = HashMap::new();
-    for (k, v) in url::form_urlencoded::parse(body) {
+    for (k, v) in super::form::pairs(body) {
         if out.insert(k.clone().into_owned(), v.into_owned()).is_some() {
             return Err(AppError::invalid_request(format!(
                 "parameter {k} must not be repeated"

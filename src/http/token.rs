@@ -53,7 +53,7 @@ pub fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<TokenExchangeForm,
     let mut audience = None;
     let mut resource = None;
     let mut scope = None;
-    for (k, v) in url::form_urlencoded::parse(body) {
+    for (k, v) in super::form::pairs(body) {
         let slot = match &*k {
             "grant_type" => &mut grant_type,
             "subject_token" => &mut subject_token,
