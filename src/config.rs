@@ -50,6 +50,9 @@ pub struct Config {
     /// Downstream credential providers by name (policies name one in their grant).
     #[serde(default)]
     pub providers: BTreeMap<String, ProviderConfig>,
+    /// The identity-aware proxy's routes.
+    #[serde(default)]
+    pub proxy: crate::proxy::config::ProxyConfig,
 }
 
 /// `[providers.<name>]`: where downstream credentials are minted.
@@ -962,6 +965,7 @@ impl Config {
             }
         }
         join(&mut self.policy.dir);
+        self.proxy.resolve_paths(base);
         if let Some(p) = &mut self.server.tls_cert {
             join(p);
         }
@@ -975,6 +979,7 @@ impl Config {
 
     /// Cross-field checks that serde cannot express.
     pub fn validate(&self, src: &Source) -> Result<(), SourceError> {
+        self.proxy.validate(src, &self.providers)?;
         let s = &self.server;
         if s.issuer.scheme() != "https"
             && !(s.issuer.scheme() == "http" && is_loopback_host(&s.issuer))

@@ -18,6 +18,7 @@ pub mod mint;
 pub mod oidc;
 pub mod policy;
 pub mod provider;
+pub mod proxy;
 pub mod revoke;
 pub mod source;
 pub mod store;

@@ -55,6 +55,7 @@ pub struct Metrics {
     credential_rotated: Family<ProviderLabels, Gauge>,
     credential_errors: Family<ProviderLabels, Counter>,
     needs_authorization: Family<ProviderLabels, Gauge>,
+    proxy: crate::proxy::metrics::ProxyMetrics,
 }
 
 /// Labels of per-provider metrics.
@@ -131,7 +132,9 @@ impl Metrics {
             "1 while a refresh-token provider has no usable refresh token, as of its last refresh or start (run `cistern provider authorize`)",
             needs_authorization.clone(),
         );
+        let proxy = crate::proxy::metrics::ProxyMetrics::register(&mut registry);
         Self {
+            proxy,
             registry,
             exchanges,
             latency,
@@ -144,6 +147,11 @@ impl Metrics {
             credential_errors,
             needs_authorization,
         }
+    }
+
+    /// The proxy's metrics.
+    pub fn proxy(&self) -> &crate::proxy::metrics::ProxyMetrics {
+        &self.proxy
     }
 
     /// Counts one exchange.

@@ -95,6 +95,8 @@ const KINDS: &[&str] = &[
     "reenabled",
     "admin_action",
     "introspected",
+    "proxy_request",
+    "proxy_denied",
 ];
 
 /// Runs `cistern audit verify`.
@@ -284,6 +286,8 @@ mod tests {
             AuditKind::Reenabled,
             AuditKind::AdminAction,
             AuditKind::Introspected,
+            AuditKind::ProxyRequest,
+            AuditKind::ProxyDenied,
         ];
         assert_eq!(all.len(), KINDS.len());
         for k in all {

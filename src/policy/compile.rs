@@ -18,6 +18,7 @@ use super::glob;
 use super::{CredentialKind, MatchedBinding};
 use crate::config::{CeilingConfig, IssuerConfig};
 use crate::oidc::claims::{ClaimName, ClaimType, ClaimValue, GitLabClaims, GitLabId};
+use crate::proxy::rules::ProxyRule;
 use crate::source::{Source, SourceError};
 
 /// A policy file as written (one role).
@@ -91,6 +92,10 @@ struct GrantSpec {
     /// Required, except for `oauth2_access_token` (the IdP's lifetime).
     #[serde(default, with = "humantime_serde::option")]
     ttl: Option<Duration>,
+    /// What the token may do through the proxy route its audience names:
+    /// `METHODS /path` rules (`crate::proxy::rules`). `access_token` only.
+    #[serde(default)]
+    proxy: Vec<String>,
 }
 
 /// One compiled binding: a claim and what it must be.
@@ -142,6 +147,7 @@ pub struct CompiledPolicy {
     provider: Option<Arc<str>>,
     access_level: u8,
     downstream_target: Option<Arc<str>>,
+    proxy_rules: Arc<[ProxyRule]>,
 }
 
 impl CompiledPolicy {
@@ -164,6 +170,10 @@ impl CompiledPolicy {
     /// The file the role came from (file name within the policy directory).
     pub fn policy_file(&self) -> &str {
         &self.policy_file
+    }
+    /// The proxy rules of the grant (empty: the token cannot use the proxy).
+    pub fn proxy_rules(&self) -> &Arc<[ProxyRule]> {
+        &self.proxy_rules
     }
     /// The CEL condition as written, if any.
     pub fn condition(&self) -> Option<&str> {
@@ -616,10 +626,25 @@ pub(crate) fn compile(
         );
     }
 
+    let mut proxy_rules = Vec::with_capacity(g.proxy.len());
+    if !g.proxy.is_empty() && g.kind != CredentialKind::AccessToken {
+        err(
+            "grant.proxy",
+            "proxy rules need kind = \"access_token\" (the proxy takes cistern tokens)".to_owned(),
+        );
+    }
+    for rule in &g.proxy {
+        match ProxyRule::parse(rule) {
+            Ok(r) => proxy_rules.push(r),
+            Err(m) => err("grant.proxy", m),
+        }
+    }
+
     if !errors.is_empty() {
         return Err(errors);
     }
     Ok(CompiledPolicy {
+        proxy_rules: proxy_rules.into(),
         role: spec.role.into(),
         owner: spec.owner.into(),
         description: spec.description,

@@ -112,6 +112,10 @@ pub enum AuditKind {
     AdminAction,
     /// An introspection request (RFC 7662), with its answer.
     Introspected,
+    /// A request was forwarded by the proxy.
+    ProxyRequest,
+    /// The proxy refused a request.
+    ProxyDenied,
 }
 
 impl AuditKind {
@@ -130,6 +134,8 @@ impl AuditKind {
             AuditKind::Reenabled => "reenabled",
             AuditKind::AdminAction => "admin_action",
             AuditKind::Introspected => "introspected",
+            AuditKind::ProxyRequest => "proxy_request",
+            AuditKind::ProxyDenied => "proxy_denied",
         }
     }
 }

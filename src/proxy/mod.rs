@@ -1,0 +1,488 @@
+//! The identity-aware proxy: a job holding only its cistern access token
+//! reaches an upstream (GitLab's API, an internal service) through cistern,
+//! which injects the upstream credential. One request flows through one
+//! stage each:
+//!
+//! authenticate ([`cache`], the bearer token verified once and cached by
+//! hash until `exp`; revocation checked on every request) → authorize
+//! ([`path`] normalizes once, [`rules`] matches the role's rules on that
+//! same path) → inject ([`upstream::CredentialSource`], [`headers`] strips
+//! what the job sent) → forward ([`upstream::UpstreamClient`], bodies
+//! streamed both ways) → audit ([`audit`], queued so the hot path never
+//! waits on disk; one record per request when its response body ends).
+
+pub mod audit;
+pub mod cache;
+pub mod config;
+pub mod headers;
+pub mod metrics;
+pub mod path;
+pub mod rules;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use http::{HeaderValue, Method, StatusCode, Uri, header};
+use serde::Serialize;
+
+use crate::clock::Clock;
+use crate::mint::{AccessTokenClaims, KeyRing, OwnTokenError, verify_access_token};
+use crate::policy::PolicyStore;
+use crate::provider::Providers;
+use crate::revoke::{RevocationSet, credential_of};
+use audit::{AuditQueue, ProxyRecord};
+use cache::TokenCache;
+use config::ProxyConfig;
+use path::{NormalPath, PathError};
+use rules::RuleMiss;
+use upstream::{CredentialSource, Presenter, RouteSetupError, UpstreamClient};
+
+/// One configured route, ready to serve.
+pub struct Route {
+    name: String,
+    prefix: String,
+    prefix_segments: Vec<String>,
+    /// Upstream base URL without a trailing `/`.
+    upstream: String,
+    /// Public base URL of the route without a trailing `/`.
+    public: String,
+    audience: String,
+    credential: CredentialSource,
+    presenter: Presenter,
+    client: UpstreamClient,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("name", &self.name)
+            .field("prefix", &self.prefix)
+            .field("upstream", &self.upstream)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything the proxy's handlers share.
+pub struct Proxy {
+    routes: Vec<Route>,
+    keys: Arc<KeyRing>,
+    issuer_url: String,
+    policies: Arc<PolicyStore>,
+    revocations: Arc<RevocationSet>,
+    clock: Arc<dyn Clock>,
+    cache: TokenCache,
+    audit: AuditQueue,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// What [`Proxy::new`] needs from the rest of cistern.
+pub struct ProxyDeps {
+    /// cistern's signing keys (tokens are verified against them).
+    pub keys: Arc<KeyRing>,
+    /// cistern's issuer URL (`iss` of its tokens).
+    pub issuer_url: String,
+    /// Trust policies: the role's proxy rules, always the current set.
+    pub policies: Arc<PolicyStore>,
+    /// Revoked credentials, checked on every request.
+    pub revocations: Arc<RevocationSet>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// Where audit records go.
+    pub store: Arc<dyn crate::store::Store>,
+    /// Credential providers a route may take its credential from.
+    pub providers: Providers,
+    /// Metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Proxy {
+    /// Builds every route (clients, credentials) and starts the audit queue.
+    pub fn new(cfg: &ProxyConfig, deps: ProxyDeps) -> Result<Proxy, (String, RouteSetupError)> {
+        let mut routes = Vec::with_capacity(cfg.routes.len());
+        for (name, r) in &cfg.routes {
+            let prefix = r.prefix_of(name);
+            let prefix_segments = NormalPath::parse(&prefix)
+                .map(|p| p.segments().to_vec())
+                .unwrap_or_default();
+            let public = match &r.public_url {
+                Some(u) => u.as_str().trim_end_matches('/').to_owned(),
+                None => format!("{}{prefix}", deps.issuer_url.trim_end_matches('/')),
+            };
+            routes.push(Route {
+                name: name.clone(),
+                prefix_segments,
+                prefix,
+                upstream: r.upstream.as_str().trim_end_matches('/').to_owned(),
+                public,
+                audience: r.audience.clone(),
+                credential: CredentialSource::of(name, r, &deps.providers)
+                    .map_err(|e| (name.clone(), e))?,
+                presenter: Presenter::of(r),
+                client: upstream::client(r).map_err(|e| (name.clone(), e))?,
+                timeout: r.timeout,
+            });
+        }
+        Ok(Proxy {
+            routes,
+            keys: deps.keys,
+            issuer_url: deps.issuer_url,
+            policies: deps.policies,
+            revocations: deps.revocations,
+            clock: deps.clock,
+            cache: TokenCache::new(cfg.token_cache),
+            audit: AuditQueue::start(deps.store, deps.metrics.clone()),
+            metrics: deps.metrics,
+        })
+    }
+
+    /// Whether any route is configured.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Waits until every queued audit record is written (shutdown).
+    pub async fn flush_audit(&self) {
+        self.audit.flush().await;
+    }
+}
+
+/// The proxy's routes: `PREFIX` and `PREFIX/…` of every route, any method.
+pub fn router(proxy: Arc<Proxy>) -> Router {
+    let mut router = Router::new();
+    for (i, route) in proxy.routes.iter().enumerate() {
+        let handler = any(move |State(p): State<Arc<Proxy>>, req: Request| handle(p, i, req));
+        router = router
+            .route(&route.prefix, handler.clone())
+            .route(&format!("{}/", route.prefix), handler.clone())
+            .route(&format!("{}/{{*rest}}", route.prefix), handler);
+    }
+    router.with_state(proxy)
+}
+
+/// Why a request was not forwarded. The client sees the status and the
+/// family; the audit record sees the detail.
+#[derive(Debug)]
+enum Refusal {
+    BadRequest(&'static str, String),
+    Unauthenticated(&'static str),
+    Forbidden(&'static str),
+    Upstream(StatusCode, &'static str, String),
+}
+
+impl Refusal {
+    fn status(&self) -> StatusCode {
+        match self {
+            Refusal::BadRequest(..) => StatusCode::BAD_REQUEST,
+            Refusal::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+            Refusal::Upstream(s, ..) => *s,
+        }
+    }
+
+    /// The family: what the client and metrics see.
+    fn family(&self) -> &'static str {
+        match self {
+            Refusal::BadRequest(f, _)
+            | Refusal::Unauthenticated(f)
+            | Refusal::Forbidden(f)
+            | Refusal::Upstream(_, f, _) => f,
+        }
+    }
+
+    fn response(&self) -> Response {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            error: &'a str,
+            error_description: String,
+        }
+        let (error, description) = match self {
+            Refusal::BadRequest(_, d) => ("invalid_request", d.clone()),
+            Refusal::Unauthenticated(f) => (
+                "invalid_token",
+                format!("the cistern access token was refused ({f})"),
+            ),
+            Refusal::Forbidden(f) => (
+                "insufficient_scope",
+                format!("not allowed by the role's proxy rules ({f})"),
+            ),
+            Refusal::Upstream(_, f, _) => ("upstream_error", format!("the upstream failed ({f})")),
+        };
+        let mut res = (
+            self.status(),
+            axum::Json(Body {
+                error,
+                error_description: description,
+            }),
+        )
+            .into_response();
+        let h = res.headers_mut();
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if let Refusal::Unauthenticated(_) | Refusal::Forbidden(_) = self {
+            // RFC 6750 §3.
+            let v = match self {
+                Refusal::Unauthenticated(_) => "Bearer realm=\"cistern\", error=\"invalid_token\"",
+                _ => "Bearer realm=\"cistern\", error=\"insufficient_scope\"",
+            };
+            h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(v));
+        }
+        res
+    }
+}
+
+/// What the request is, once authenticated and authorized.
+struct Allowed {
+    claims: Arc<AccessTokenClaims>,
+    rule: String,
+}
+
+async fn handle(proxy: Arc<Proxy>, index: usize, req: Request) -> Response {
+    let started = Instant::now();
+    let Some(route) = proxy.routes.get(index) else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_owned();
+    let mut record = ProxyRecord::new(&route.name, method.as_str(), proxy.clock.now_millis());
+    let normalized = NormalPath::parse(&raw_path);
+    if let Ok(p) = &normalized {
+        record.path = p.as_text();
+    }
+    match authorize(&proxy, route, &req, normalized) {
+        Err((refusal, claims)) => {
+            record.set_identity(claims.as_deref());
+            record.refused(refusal.family(), &refusal_detail(&refusal));
+            proxy
+                .metrics
+                .proxy()
+                .request(&route.name, refusal.family(), started.elapsed());
+            proxy.audit.send(record).await;
+            refusal.response()
+        }
+        Ok((allowed, rest)) => {
+            record.set_identity(Some(&allowed.claims));
+            record.path = rest.as_text();
+            record.rule = Some(allowed.rule);
+            forward(&proxy, route, req, &rest, record, started).await
+        }
+    }
+}
+
+fn refusal_detail(r: &Refusal) -> String {
+    match r {
+        Refusal::BadRequest(_, d) | Refusal::Upstream(_, _, d) => d.clone(),
+        Refusal::Unauthenticated(f) | Refusal::Forbidden(f) => (*f).to_owned(),
+    }
+}
+
+type Denied = (Refusal, Option<Arc<AccessTokenClaims>>);
+
+/// Authenticate, then authorize on the normalized path below the prefix.
+fn authorize(
+    proxy: &Proxy,
+    route: &Route,
+    req: &Request,
+    path: Result<NormalPath, PathError>,
+) -> Result<(Allowed, NormalPath), Denied> {
+    let h = req.headers();
+    // Ambiguous framing (RFC 9112 §6.1) and protocol switches are refused
+    // before anything else: nothing is forwarded that the upstream could
+    // read differently.
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Err((
+            Refusal::BadRequest(
+                "framing",
+                "Content-Length together with Transfer-Encoding".into(),
+            ),
+            None,
+        ));
+    }
+    if h.contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
+        return Err((
+            Refusal::BadRequest("upgrade", "upgrades and CONNECT are not proxied".into()),
+            None,
+        ));
+    }
+    let path = path.map_err(|e| (Refusal::BadRequest("path", e.to_string()), None))?;
+    if !path.starts_with(&route.prefix_segments) {
+        return Err((
+            Refusal::BadRequest("path", "the path leaves the route's prefix".into()),
+            None,
+        ));
+    }
+    let rest = path.strip_segments(route.prefix_segments.len());
+    let claims = authenticate(proxy, h).map_err(|f| (Refusal::Unauthenticated(f), None))?;
+    let denied = |f| Err((Refusal::Forbidden(f), Some(claims.clone())));
+    if claims.aud != route.audience {
+        return denied("audience");
+    }
+    if proxy.revocations.is_revoked(&credential_of(&claims)) {
+        return Err((Refusal::Unauthenticated("revoked"), Some(claims)));
+    }
+    let set = proxy.policies.current();
+    let Some(policy) = set.role(&claims.role) else {
+        return denied("role");
+    };
+    match rules::first_match(
+        policy.proxy_rules(),
+        req.method().as_str(),
+        &rest,
+        &claims.pipeline,
+    ) {
+        Ok(rule) => Ok((
+            Allowed {
+                rule: rule.text().to_owned(),
+                claims,
+            },
+            rest,
+        )),
+        Err(RuleMiss::NoRules) => denied("role"),
+        Err(RuleMiss::Method) => denied("method"),
+        Err(RuleMiss::Path) => denied("path"),
+    }
+}
+
+/// The bearer token's claims, from the cache or verified now.
+fn authenticate(
+    proxy: &Proxy,
+    h: &http::HeaderMap,
+) -> Result<Arc<AccessTokenClaims>, &'static str> {
+    let mut values = h.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err("missing");
+    };
+    let value = value.to_str().map_err(|_| "malformed")?;
+    let (scheme, token) = value.split_once(' ').ok_or("malformed")?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err("malformed");
+    }
+    let token = token.trim();
+    let now = proxy.clock.now_secs();
+    if let Some(claims) = proxy.cache.get(token, now) {
+        return Ok(claims);
+    }
+    let claims = verify_access_token(&proxy.keys, token, &proxy.issuer_url, None, now).map_err(
+        |e| match e {
+            OwnTokenError::Expired => "expired",
+            OwnTokenError::NotYetValid => "not_yet_valid",
+            _ => "invalid",
+        },
+    )?;
+    Ok(proxy.cache.insert(token, claims))
+}
+
+async fn forward(
+    proxy: &Proxy,
+    route: &Route,
+    req: Request,
+    rest: &NormalPath,
+    mut record: ProxyRecord,
+    started: Instant,
+) -> Response {
+    let refuse = |refusal: Refusal, mut record: ProxyRecord| async move {
+        record.refused(refusal.family(), &refusal_detail(&refusal));
+        proxy
+            .metrics
+            .proxy()
+            .request(&route.name, refusal.family(), started.elapsed());
+        proxy.audit.send(record).await;
+        refusal.response()
+    };
+    let secret = match route.credential.current(proxy.clock.now_millis()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(route = %route.name, error = %e, "proxy: upstream credential unavailable");
+            return refuse(
+                Refusal::Upstream(StatusCode::BAD_GATEWAY, "credential", e),
+                record,
+            )
+            .await;
+        }
+    };
+    let Some(injected) = route.presenter.value(&secret) else {
+        return refuse(
+            Refusal::Upstream(
+                StatusCode::BAD_GATEWAY,
+                "credential",
+                "the credential is not a valid header value".into(),
+            ),
+            record,
+        )
+        .await;
+    };
+    drop(secret);
+    let (parts, body) = req.into_parts();
+    let mut target = format!("{}{}", route.upstream, rest.as_text());
+    if let Some(q) = parts.uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let uri: Uri = match target.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            return refuse(
+                Refusal::BadRequest("path", "the forwarded URL is not valid".into()),
+                record,
+            )
+            .await;
+        }
+    };
+    let mut headers = headers::request_headers(&parts.headers, &route.presenter.name);
+    headers.insert(route.presenter.name.clone(), injected);
+    let counter = audit::ByteCounter::default();
+    let mut upstream_req =
+        http::Request::new(Body::new(audit::Counted::new(body, counter.clone(), None)));
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = uri;
+    *upstream_req.headers_mut() = headers;
+    let sent = tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await;
+    let response = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::warn!(route = %route.name, error = %e, "proxy: upstream request failed");
+            return refuse(
+                Refusal::Upstream(StatusCode::BAD_GATEWAY, "unreachable", e.to_string()),
+                record,
+            )
+            .await;
+        }
+        Err(_) => {
+            return refuse(
+                Refusal::Upstream(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "timeout",
+                    format!("no response within {:?}", route.timeout),
+                ),
+                record,
+            )
+            .await;
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    parts.headers = headers::response_headers(&parts.headers, &route.upstream, &route.public);
+    record.status = Some(parts.status.as_u16());
+    proxy
+        .metrics
+        .proxy()
+        .request(&route.name, "forwarded", started.elapsed());
+    // The record is sent when the response body ends (or the client goes
+    // away), with both byte counts and the whole duration.
+    let finish = audit::Finish {
+        record,
+        request_bytes: counter,
+        started,
+        queue: proxy.audit.clone(),
+    };
+    let body = Body::new(audit::Counted::new(
+        Body::new(body),
+        audit::ByteCounter::default(),
+        Some(finish),
+    ));
+    Response::from_parts(parts, body)
+}
