@@ -62,6 +62,8 @@ pub struct Built {
     pub issuers: Arc<Issuers>,
     /// Keepers of cistern's own provider credentials, with their check interval.
     pub keepers: Vec<(Arc<crate::provider::rotation::Keeper>, Duration)>,
+    /// The identity-aware proxy, when `[proxy.routes]` names any route.
+    pub proxy: Option<Arc<crate::proxy::Proxy>>,
 }
 
 /// Opens the store, keys, policies and issuers for `config`.
@@ -201,7 +203,25 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
             .unwrap_or_else(|| exchanger.issuer_url.clone()),
     });
     let metadata: Arc<str> = http::metadata_json(&exchanger.issuer_url).into();
+    let proxy = if config.proxy.routes.is_empty() {
+        None
+    } else {
+        let deps = crate::proxy::ProxyDeps {
+            keys: exchanger.keys.clone(),
+            issuer_url: exchanger.issuer_url.clone(),
+            policies: policies.clone(),
+            revocations: exchanger.revocations.clone(),
+            clock: exchanger.clock.clone(),
+            store: exchanger.store.clone(),
+            providers: exchanger.providers.clone(),
+            metrics: exchanger.metrics.clone(),
+        };
+        let proxy = crate::proxy::Proxy::new(&config.proxy, deps)
+            .map_err(|(route, e)| anyhow::anyhow!("proxy.routes.{route}: {e}"))?;
+        Some(Arc::new(proxy))
+    };
     Ok(Built {
+        proxy,
         state: AppState {
             exchanger,
             metadata,
@@ -215,11 +235,16 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
 }
 
 async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> anyhow::Result<()> {
-    let app = http::app(
+    let mut app = http::app(
         built.state.clone(),
         config.server.max_body_bytes,
         config.server.request_timeout,
     );
+    if let Some(proxy) = &built.proxy {
+        // Merged after the API's layers: proxied bodies are streamed, not
+        // bounded by max_body_bytes, and each route has its own timeout.
+        app = app.merge(crate::proxy::router(proxy.clone()));
+    }
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -276,6 +301,9 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         }
     }
     // A last signed checkpoint covers everything written before the stop.
+    if let Some(proxy) = &built.proxy {
+        proxy.flush_audit().await;
+    }
     let ex = &built.state.exchanger;
     if let Err(e) =
         checkpoint::checkpoint_now(&*ex.store, &ex.keys, &*ex.clock, &ex.issuer_url).await

@@ -13,7 +13,7 @@ use crate::config::{ProviderConfig, is_loopback_host};
 use crate::source::{Source, SourceError};
 
 /// `[proxy]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyConfig {
     /// Listener of `cistern proxy` (the proxy run alone). Under
@@ -26,6 +26,16 @@ pub struct ProxyConfig {
     /// Routes by name.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: None,
+            token_cache: default_token_cache(),
+            routes: BTreeMap::new(),
+        }
+    }
 }
 
 fn default_token_cache() -> usize {

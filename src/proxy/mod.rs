@@ -291,9 +291,11 @@ fn authorize(
     path: Result<NormalPath, PathError>,
 ) -> Result<(Allowed, NormalPath), Denied> {
     let h = req.headers();
-    // Ambiguous framing (RFC 9112 §6.1) and protocol switches are refused
-    // before anything else: nothing is forwarded that the upstream could
-    // read differently.
+    // Protocol switches are refused before anything else. Ambiguous
+    // framing never gets this far over HTTP/1.1 (hyper frames a request
+    // with both headers by Transfer-Encoding, drops Content-Length and
+    // closes the connection, RFC 9112 §6.3); the check stays as a guard,
+    // and the upstream always gets cistern's own framing, never the job's.
     if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
         return Err((
             Refusal::BadRequest(

@@ -1,10 +1,13 @@
 """List a project's access tokens with python-gitlab (GitLab's own Python client).
 
-    python gitlab_client.py --url URL --token TOKEN --project ID
+    python gitlab_client.py --url URL (--token TOKEN | --oauth-token TOKEN) --project ID
 
 URL is the GitLab base (python-gitlab appends /api/v4). Calls
 `gl.projects.get(ID, lazy=True).access_tokens.list(get_all=False)` with
-`private_token=TOKEN` (sent as the PRIVATE-TOKEN header). Prints one JSON
+`private_token=TOKEN` (sent as the PRIVATE-TOKEN header), or with
+`oauth_token=TOKEN` (sent as `Authorization: Bearer`: how a job hands
+python-gitlab its cistern token when cistern's proxy is the URL).
+Prints one JSON
 line: {"ok": true, "count": N} (exit 0) or {"ok": false, "error": "...",
 "error_type": "...", "status": HTTP status or null} (exit 1).
 
@@ -30,11 +33,16 @@ class _Parser(argparse.ArgumentParser):
 def main() -> int:
     parser = _Parser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--url", required=True, help="GitLab base URL, e.g. http://127.0.0.1:4010")
-    parser.add_argument("--token", required=True, help="private token (PRIVATE-TOKEN header)")
+    auth = parser.add_mutually_exclusive_group(required=True)
+    auth.add_argument("--token", help="private token (PRIVATE-TOKEN header)")
+    auth.add_argument("--oauth-token", help="bearer token (Authorization header)")
     parser.add_argument("--project", required=True, help="project id or URL-encoded path")
     args = parser.parse_args()
     try:
-        gl = gitlab.Gitlab(args.url, private_token=args.token, timeout=10)
+        if args.token is not None:
+            gl = gitlab.Gitlab(args.url, private_token=args.token, timeout=10)
+        else:
+            gl = gitlab.Gitlab(args.url, oauth_token=args.oauth_token, timeout=10)
         tokens = gl.projects.get(args.project, lazy=True).access_tokens.list(get_all=False)
         print(json.dumps({"ok": True, "count": len(tokens)}))
         return 0
