@@ -1414,10 +1414,13 @@ scopes = ["deploy:*"]
         let idp = text.find("# [providers.idp]").unwrap();
         let idp_end = text.find("# An OAuth 2.0 refresh-token provider").unwrap();
         let company = text.find("# [providers.company-idp]").unwrap();
+        let company_end = text.find("# The identity-aware proxy").unwrap();
+        let proxy = text.find("# [proxy]").unwrap();
         let uncommented: String = text[start..end]
             .lines()
             .chain(text[idp..idp_end].lines())
-            .chain(text[company..].lines())
+            .chain(text[company..company_end].lines())
+            .chain(text[proxy..].lines())
             .map(|l| l.strip_prefix("# ").unwrap_or(l))
             .filter(|l| {
                 !l.starts_with("# ") && !l.starts_with("token_file") && !l.starts_with("kek_file")
@@ -1436,13 +1439,70 @@ scopes = ["deploy:*"]
             "oauth2_refresh_token"
         );
         assert_eq!(c.ceiling.providers["company-idp"].scopes, ["read_api"]);
+        let route = &c.proxy.routes["gitlab"];
+        assert_eq!(route.prefix_of("gitlab"), "/proxy/gitlab");
+        assert_eq!(route.provider.as_deref(), Some("gitlab"));
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("p.toml"),
             include_str!("../examples/downstream/gitlab-read-api.toml"),
         )
         .unwrap();
+        std::fs::write(
+            dir.path().join("proxy.toml"),
+            include_str!("../examples/proxy/gitlab-api.toml"),
+        )
+        .unwrap();
         crate::policy::PolicyStore::load(dir.path(), &c.ceiling, &c.issuers).unwrap();
+    }
+
+    #[test]
+    fn proxy_routes_are_checked_with_their_field() {
+        let route = |extra: &str| {
+            format!(
+                "{MINIMAL}\n[proxy.routes.r]\nupstream = \"https://up.example\"\n\
+                 audience = \"https://r.test\"\nsecret_env = \"S\"\npresent = \"bearer\"\n{extra}"
+            )
+        };
+        let c = load(&route("")).unwrap();
+        assert_eq!(c.proxy.routes["r"].prefix_of("r"), "/proxy/r");
+        let field = |text: &str| load(text).unwrap_err().field.unwrap_or_default();
+        assert_eq!(
+            field(&route("prefix = \"/oauth\"")),
+            "proxy.routes.r.prefix"
+        );
+        assert_eq!(
+            field(&route("prefix = \"/a/../b\"")),
+            "proxy.routes.r.prefix"
+        );
+        assert_eq!(field(&route("prefix = \"/\"")), "proxy.routes.r.prefix");
+        assert_eq!(
+            field(&route("secret_file = \"f\"")),
+            "proxy.routes.r.secret_env"
+        );
+        assert_eq!(
+            field(&route("provider = \"nope\"")),
+            "proxy.routes.r.secret_env"
+        );
+        let http = route("").replace("https://up.example", "http://up.example");
+        assert_eq!(field(&http), "proxy.routes.r.upstream");
+        let loopback =
+            route("allow_insecure_http = true").replace("https://up.example", "http://127.0.0.1:9");
+        assert!(load(&loopback).is_ok());
+        let header = route("").replace("\"bearer\"", "\"header\"");
+        assert_eq!(field(&header), "proxy.routes.r.header_name");
+        let host = route("header_name = \"Host\"").replace("\"bearer\"", "\"header\"");
+        assert_eq!(field(&host), "proxy.routes.r.header_name");
+        let basic = route("").replace("\"bearer\"", "\"basic\"");
+        assert_eq!(field(&basic), "proxy.routes.r.basic_username");
+        let twice = format!(
+            "{}\n[proxy.routes.s]\nupstream = \"https://up.example\"\n\
+             audience = \"https://r.test\"\nsecret_env = \"S\"\npresent = \"bearer\"\n",
+            route("")
+        );
+        assert_eq!(field(&twice), "proxy.routes.s.audience");
+        let creds = route("").replace("https://up.example", "https://u:p@up.example");
+        assert_eq!(field(&creds), "proxy.routes.r.upstream");
     }
 
     #[test]

@@ -1127,6 +1127,29 @@ scopes = ["deploy:*", "artifacts:read", "artifacts:write"]
     }
 
     #[test]
+    fn proxy_rules_compile_at_load_and_bad_ones_name_the_field() {
+        let ok = BASE.replace(
+            "ttl = \"10m\"",
+            "ttl = \"10m\"\nproxy = [\"GET /projects/{job_project_id}/**\"]",
+        );
+        let p = compile_with(&ok, &ceiling()).unwrap();
+        assert_eq!(p.proxy_rules().len(), 1);
+        assert!(p.proxy_rules()[0].uses_claim("job_project_id"));
+        let e = one_error(
+            "ttl = \"10m\"",
+            "ttl = \"10m\"\nproxy = [\"GET /projects/{user_email}\"]",
+        );
+        assert_eq!(e.field.as_deref(), Some("grant.proxy"), "{e}");
+        assert!(e.message.contains("user_email"), "{e}");
+        assert!(
+            compile_with(BASE, &ceiling())
+                .unwrap()
+                .proxy_rules()
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn a_condition_that_does_not_compile_is_refused_at_load() {
         let e = one_error(
             "issuer = \"gitlab\"\n",
