@@ -24,7 +24,7 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse as _, Response};
 use bytes::Bytes;
 use common::{
-    Cistern, CisternBuilder, DevIssuer, GitLabFront, Prism, require_peers, require_prism,
+    Cistern, CisternBuilder, DevIssuer, GitLabFront, Prism, Spawned, require_peers, require_prism,
     run_python_async,
 };
 use http_body::Frame;
@@ -791,4 +791,87 @@ proxy = ["GET /api/v4/projects/{job_project_id}/**"]
         "Prism refused: {:?}",
         r.violations
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cistern_proxy_runs_alone_and_follows_the_servers_revocations() {
+    let (echo, url) = Echo::start().await;
+    let dev = DevIssuer::start();
+    let (_secret_dir, secret_path) = secret_file();
+    let proxy_port = common::free_port();
+    let c = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[AUD])
+        .policy("echo.toml", ECHO_POLICY)
+        .set("proxy.listen", format!("127.0.0.1:{proxy_port}"))
+        .set("proxy.routes.echo.upstream", url)
+        .set("proxy.routes.echo.audience", "https://echo.test")
+        .set("proxy.routes.echo.secret_file", secret_path)
+        .set("proxy.routes.echo.present", "bearer")
+        .set("proxy.routes.echo.allow_insecure_http", true)
+        .set("revocation.poll_interval", "50ms")
+        .start();
+    let (proxy, addr) = Spawned::start(
+        "cistern proxy",
+        std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(["proxy", "--config"])
+            .arg(c.config_path()),
+        "cistern: proxy listening on ",
+    );
+    assert_eq!(addr, format!("127.0.0.1:{proxy_port}"));
+    let id = dev.id_token("42", "7").await;
+    let (status, body) = c.exchange(&id, "echo", None).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let base = format!("http://{addr}/proxy/echo");
+    let get = |path: &str| {
+        c.http()
+            .get(format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send()
+    };
+    let res = get("/projects/42").await.unwrap();
+    assert_eq!(res.status(), 200, "{}", proxy.stderr());
+    let seen = echo.seen();
+    assert_eq!(
+        header(&seen[0], "authorization"),
+        [format!("Bearer {ROUTE_SECRET}").as_str()]
+    );
+    assert_eq!(get("/projects/43").await.unwrap().status(), 403);
+    let ops = c
+        .http()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(ops.contains("cistern_proxy_requests_total"), "{ops}");
+
+    // Revoked at the server: the proxy process learns it from the store.
+    let res = c
+        .http()
+        .post(format!("{}/oauth/revoke", c.base_url()))
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut refused = false;
+    for _ in 0..200 {
+        if get("/projects/42").await.unwrap().status() == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        refused,
+        "the proxy never saw the revocation\n{}",
+        proxy.stderr()
+    );
+    // Once refused, always refused.
+    for _ in 0..5 {
+        assert_eq!(get("/projects/42").await.unwrap().status(), 401);
+    }
 }

@@ -32,6 +32,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the token service.
     Serve(ServeArgs),
+    /// Run the identity-aware proxy alone on `[proxy] listen` (a separate
+    /// network zone), beside the `cistern serve` that issues the tokens.
+    Proxy {
+        /// Config file (the same one `cistern serve` uses).
+        #[arg(long, short, env = "CISTERN_CONFIG", default_value = "cistern.toml")]
+        config: PathBuf,
+    },
     /// Check policies or dry-run them against claims.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -354,6 +361,9 @@ pub(crate) async fn send_json(
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
+        Command::Proxy { config } => serve::run_proxy(&config)
+            .await
+            .map_err(|e| CliError::new(exit::USAGE, format!("{e:#}"))),
         Command::Serve(args) => serve::run(args)
             .await
             .map_err(|e| CliError::new(exit::USAGE, format!("{e:#}"))),

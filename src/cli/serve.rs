@@ -48,8 +48,109 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )),
         None => None,
     };
-    let built = build(&config, dev).await?;
+    let built = build(&config, dev, Mode::Serve).await?;
     serve(&config, built, dev_setup).await
+}
+
+/// What a process built by [`build`] is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `cistern serve`: everything; this process owns keys, rotation,
+    /// reaping and checkpoints.
+    Serve,
+    /// `cistern proxy`: the proxy alone beside a `cistern serve` that owns
+    /// the keys (read here, never written) and the background work.
+    ProxyOnly,
+}
+
+/// `cistern proxy`: the proxy's routes alone on `[proxy] listen`, for a
+/// separate network zone. Shares the config, key directory and store with
+/// the `cistern serve` that issues the tokens; follows its key rotations,
+/// policy changes, revocations and credential rotations.
+pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    init_tracing(&config);
+    let listen = config
+        .proxy
+        .listen
+        .context("`cistern proxy` needs [proxy] listen")?;
+    if config.proxy.routes.is_empty() {
+        bail!("`cistern proxy` needs at least one [proxy.routes.<name>]");
+    }
+    let built = build(&config, None, Mode::ProxyOnly).await?;
+    let proxy = built.proxy.clone().context("the proxy was not built")?;
+    spawn_proxy_background(&config, &built);
+    let app = http::ops_router(built.state.clone()).merge(crate::proxy::router(proxy.clone()));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr().context("local address")?;
+    tracing::info!(%addr, routes = config.proxy.routes.len(), "cistern proxy listening");
+    println!("cistern: proxy listening on {addr}");
+    let _ = std::io::stdout().flush();
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("proxy server")?;
+    proxy.flush_audit().await;
+    tracing::info!("cistern proxy stopped");
+    Ok(())
+}
+
+/// The proxy process's background work: follow what `cistern serve` changes.
+fn spawn_proxy_background(config: &Config, built: &Built) {
+    built
+        .state
+        .lifecycle
+        .lifecycle
+        .clone()
+        .spawn_poller(config.revocation.poll_interval);
+    let policies = built.policies.clone();
+    spawn_reloader(
+        policies.clone(),
+        config.policy.reload_interval,
+        Arc::new(
+            move |result: Result<ReloadOutcome, PolicyErrors>| match result {
+                Ok(o) if o.changed => {
+                    tracing::info!(roles = o.roles, "policy set reloaded");
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(errors = %e, "new policy set rejected; the previous set stays in force")
+                }
+            },
+        ),
+    );
+    // Keys rotated by `cistern serve`: picked up within a second.
+    let keys = built.state.exchanger.keys.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            match keys.reload_if_changed() {
+                Ok(true) => tracing::info!("signing keys reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "reloading signing keys failed"),
+            }
+        }
+    });
+    // cistern's own provider credentials, rotated by `cistern serve`.
+    for (keeper, _) in &built.keepers {
+        let keeper = keeper.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                if let Err(e) = keeper.load_or_seal().await {
+                    tracing::warn!(error = %e, "re-reading a sealed provider credential failed");
+                }
+            }
+        });
+    }
 }
 
 /// Everything `serve` starts, built from a config.
@@ -67,7 +168,11 @@ pub struct Built {
 }
 
 /// Opens the store, keys, policies and issuers for `config`.
-pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Result<Built> {
+pub async fn build(
+    config: &Config,
+    dev: Option<Arc<DevIssuer>>,
+    mode: Mode,
+) -> anyhow::Result<Built> {
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let metrics = Arc::new(Metrics::new());
     let sinks = crate::audit::sink::open_sinks(&config.audit.sinks)
@@ -78,16 +183,18 @@ pub async fn build(config: &Config, dev: Option<Arc<DevIssuer>>) -> anyhow::Resu
                 .with_context(|| format!("opening store {}", path.display()))?,
         ),
     };
-    let keys = Arc::new(
-        KeyRing::open(&config.signing, clock.clone(), config.ceiling.max_ttl).with_context(
-            || {
-                format!(
-                    "opening signing keys in {}",
-                    config.signing.key_dir.display()
-                )
-            },
-        )?,
-    );
+    let keys = match mode {
+        Mode::Serve => KeyRing::open(&config.signing, clock.clone(), config.ceiling.max_ttl),
+        Mode::ProxyOnly => {
+            KeyRing::open_existing(&config.signing, clock.clone(), config.ceiling.max_ttl)
+        }
+    };
+    let keys = Arc::new(keys.with_context(|| {
+        format!(
+            "opening signing keys in {} (`cistern proxy` reads the keys `cistern serve` created)",
+            config.signing.key_dir.display()
+        )
+    })?);
     let policies = match PolicyStore::load(&config.policy.dir, &config.ceiling, &config.issuers) {
         Ok(p) => Arc::new(p),
         Err(errors) => {

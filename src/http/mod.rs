@@ -69,10 +69,7 @@ pub fn app(state: AppState, max_body: usize, timeout: Duration) -> Router {
         .route("/v1/admin/reenable", post(admin::reenable))
         .route("/v1/admin/offboarded", get(admin::offboarded))
         .route("/.well-known/oauth-authorization-server", get(metadata))
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/.well-known/jwks.json", get(jwks));
     if state.dev.is_some() {
         router = router
             .route(
@@ -83,6 +80,7 @@ pub fn app(state: AppState, max_body: usize, timeout: Duration) -> Router {
             .route(&format!("{DEV_ISSUER_PATH}/mint"), post(dev_mint));
     }
     router
+        .merge(ops_routes())
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TimeoutLayer::with_status_code(
@@ -90,6 +88,19 @@ pub fn app(state: AppState, max_body: usize, timeout: Duration) -> Router {
             timeout,
         ))
         .with_state(state)
+}
+
+fn ops_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// Liveness, readiness and metrics alone: what `cistern proxy` serves
+/// beside its routes.
+pub fn ops_router(state: AppState) -> Router {
+    ops_routes().fallback(not_found).with_state(state)
 }
 
 fn json_response(body: impl Into<axum::body::Body>, cache: &'static str) -> Response {

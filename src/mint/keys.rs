@@ -275,14 +275,14 @@ pub(crate) struct PublicKey {
     jwk: Jwk,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Manifest {
     version: u32,
     keys: Vec<KeyEntry>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct KeyEntry {
     kid: String,
@@ -395,6 +395,39 @@ impl KeyRing {
         }
         sweep_orphans(&ring.dir, &ring.state.load().manifest)?;
         Ok(ring)
+    }
+
+    /// Opens keys another process manages (`cistern serve`), never writing:
+    /// for `cistern proxy`, which only verifies. No manifest is an error.
+    pub fn open_existing(
+        cfg: &SigningConfig,
+        clock: Arc<dyn Clock>,
+        max_ttl: Duration,
+    ) -> Result<KeyRing, KeyError> {
+        let dir = cfg.key_dir.clone();
+        let manifest = read_manifest(&dir.join(MANIFEST))?;
+        let state = load_state(&dir, manifest)?;
+        Ok(KeyRing {
+            state: ArcSwap::from_pointee(state),
+            dir,
+            algorithm: cfg.algorithm,
+            rotation_period_secs: secs_i64(cfg.rotation_period)?,
+            retire_after_secs: secs_i64(max_ttl.saturating_add(RETIRE_GRACE))?,
+            clock,
+            rotate_lock: Mutex::new(()),
+        })
+    }
+
+    /// Re-reads the key set from disk when its manifest changed (another
+    /// process rotated); returns whether it did.
+    pub fn reload_if_changed(&self) -> Result<bool, KeyError> {
+        let manifest = read_manifest(&self.dir.join(MANIFEST))?;
+        if manifest == self.state.load().manifest {
+            return Ok(false);
+        }
+        let state = load_state(&self.dir, manifest)?;
+        self.state.store(Arc::new(state));
+        Ok(true)
     }
 
     /// Generates a new current key when the current one is older than

@@ -1464,6 +1464,23 @@ fn start_cistern(config: &Path) -> Result<(Proc, SocketAddr), String> {
     Ok((proc, addr))
 }
 
+/// Another process a test starts (e.g. `cistern proxy`); killed on drop.
+pub struct Spawned(Proc);
+
+impl Spawned {
+    /// Starts `cmd` and waits for the stdout line starting with `prefix`;
+    /// returns the process and the rest of that line.
+    pub fn start(name: &str, cmd: &mut Command, prefix: &'static str) -> (Spawned, String) {
+        let (proc, rest) = Proc::try_spawn(name, cmd, prefix).or_fail(&format!("starting {name}"));
+        (Spawned(proc), rest)
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.0.stderr()
+    }
+}
+
 /// A running cistern (`cistern serve`) with its temp dir; killed on drop.
 pub struct Cistern {
     dir: tempfile::TempDir,
