@@ -1,0 +1,440 @@
+//! Proxy benchmark for BENCHMARKS.md: cistern's identity-aware proxy against
+//! nginx doing a plain `proxy_pass`, in one run, to the same tiny upstream,
+//! driven by the same load generator (wrk) at the same concurrency.
+//!
+//! Layout on a 2-core machine: the proxy under test (cistern, or nginx with
+//! one worker) pinned to core 0; the upstream (nginx `return 200`) and wrk
+//! pinned to core 1. cistern runs with everything on: the token is checked
+//! on every request (cached verification, revocation lookup), the role's
+//! rule is matched, the credential injected, and every request is audited
+//! to its SQLite store. nginx writes its access log (its default).
+//!
+//! Needs `nginx`, `wrk` and `taskset` on PATH (scripts/proxybench.sh
+//! installs the Debian packages). Loopback only; every phase is bounded.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::routing::get;
+use cistern::dev::{DevIssuer, DevMode};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// The cistern binary to run.
+    #[arg(long, default_value = "target/release/cistern")]
+    cistern: PathBuf,
+    /// Seconds per throughput measurement.
+    #[arg(long, default_value_t = 8)]
+    secs: u32,
+    /// Connections for the throughput measurement.
+    #[arg(long, default_value_t = 64)]
+    connections: u32,
+    /// Connections for the memory measurement.
+    #[arg(long, default_value_t = 1000)]
+    memory_connections: u32,
+    /// Core of the upstream: 1 (default, beside wrk: throughput, the proxy
+    /// alone on core 0) or 0 (beside the proxy: the added latency, where
+    /// the direct call crosses cores exactly as the proxied one does).
+    #[arg(long, default_value = "1")]
+    upstream_core: String,
+}
+
+const AUD: &str = "https://cistern.bench";
+const ROUTE_AUD: &str = "https://upstream.bench";
+const PATH: &str = "/projects/42/repository/files";
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process stopped on drop (SIGTERM: nginx's master then stops its
+/// workers, which a SIGKILL would orphan).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
+fn pinned(core: &str, program: &str) -> Command {
+    let mut c = Command::new("taskset");
+    c.args(["-c", core, program]);
+    c
+}
+
+/// An nginx instance from `conf` (a full `nginx.conf`) in `dir`.
+fn nginx(dir: &Path, name: &str, core: &str, conf: &str) -> anyhow::Result<Guard> {
+    let prefix = dir.join(name);
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let path = prefix.join("nginx.conf");
+    std::fs::write(&path, conf)?;
+    let child = pinned(core, "nginx")
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&path)
+        .args(["-g", "daemon off;"])
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx (is it installed?)")?;
+    Ok(Guard(child))
+}
+
+fn nginx_conf(server: &str) -> String {
+    format!(
+        "worker_processes 1;\npid nginx.pid;\nerror_log logs/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log logs/access.log;\n  client_body_temp_path tmp;\n  proxy_temp_path tmp;\n\
+         {server}\n}}\n"
+    )
+}
+
+async fn wait_port(port: u16) -> anyhow::Result<()> {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    bail!("nothing listens on {port}")
+}
+
+/// wrk's figures for one run.
+#[derive(Debug, Default)]
+struct Wrk {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    non_2xx: u64,
+    errors: String,
+}
+
+fn micros(v: &str) -> f64 {
+    let v = v.trim();
+    let (num, mul) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        (v, 1.0)
+    };
+    num.parse::<f64>().unwrap_or(f64::NAN) * mul
+}
+
+fn wrk(url: &str, token: Option<&str>, connections: u32, secs: u32) -> anyhow::Result<Wrk> {
+    let mut cmd = pinned("1", "wrk");
+    cmd.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{secs}s"),
+        "--latency",
+        "--timeout",
+        "5s",
+    ]);
+    if let Some(t) = token {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let out = cmd.arg(url).output().context("running wrk (is it installed?)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut w = Wrk::default();
+    for line in text.lines() {
+        let l = line.trim();
+        if let Some(v) = l.strip_prefix("Requests/sec:") {
+            w.rps = v.trim().parse().unwrap_or(0.0);
+        } else if let Some(v) = l.strip_prefix("50%") {
+            w.p50_us = micros(v);
+        } else if let Some(v) = l.strip_prefix("99%") {
+            w.p99_us = micros(v);
+        } else if let Some(v) = l.strip_prefix("Non-2xx or 3xx responses:") {
+            w.non_2xx = v.trim().parse().unwrap_or(0);
+        } else if l.starts_with("Socket errors:") {
+            w.errors = l.to_owned();
+        }
+    }
+    if w.rps == 0.0 {
+        bail!("wrk printed no rate:\n{text}");
+    }
+    Ok(w)
+}
+
+fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("up/tmp"))?;
+    std::fs::create_dir_all(dir.path().join("nginx-proxy/tmp"))?;
+
+    // The upstream: nginx answering a small body, on core 1.
+    let up_port = free_port()?;
+    let _upstream = nginx(
+        dir.path(),
+        "up",
+        &args.upstream_core,
+        &nginx_conf(&format!(
+            "  server {{ listen 127.0.0.1:{up_port}; access_log off; keepalive_requests 1000000;\n\
+             location / {{ default_type application/json; return 200 '{{\"ok\":true}}'; }} }}"
+        )),
+    )?;
+    // nginx as the proxy: a plain proxy_pass, on core 0.
+    let ng_port = free_port()?;
+    let _nginx_proxy = nginx(
+        dir.path(),
+        "nginx-proxy",
+        "0",
+        &nginx_conf(&format!(
+            "  server {{ listen 127.0.0.1:{ng_port}; keepalive_requests 1000000;\n\
+             location / {{ proxy_pass http://127.0.0.1:{up_port}; }} }}"
+        )),
+    )?;
+    // nginx as the proxy, tuned: upstream keep-alive.
+    let ngk_port = free_port()?;
+    std::fs::create_dir_all(dir.path().join("nginx-keepalive/tmp"))?;
+    let _nginx_keepalive = nginx(
+        dir.path(),
+        "nginx-keepalive",
+        "0",
+        &nginx_conf(&format!(
+            "  upstream up {{ server 127.0.0.1:{up_port}; keepalive 256; }}\n\
+             server {{ listen 127.0.0.1:{ngk_port}; keepalive_requests 1000000;\n\
+             location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}"
+        )),
+    )?;
+
+    // An issuer for one ID token (the dev issuer's key, served on loopback).
+    let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
+    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
+    let (jwks, disc) = (
+        dev.jwks_json(),
+        dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")),
+    );
+    let issuer_app = Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(move || async move { ([("content-type", "application/json")], disc) }),
+        )
+        .route(
+            "/oauth/discovery/keys",
+            get(move || async move { ([("content-type", "application/json")], jwks) }),
+        );
+    tokio::spawn(async move { axum::serve(issuer_listener, issuer_app).await });
+
+    // cistern with one route to the upstream, on core 0.
+    let port = free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    std::fs::create_dir(dir.path().join("policies"))?;
+    std::fs::write(dir.path().join("secret"), "bench-upstream-credential\n")?;
+    std::fs::write(
+        dir.path().join("policies/bench.toml"),
+        format!(
+            "role = \"bench\"\nowner = \"team-bench\"\ndescription = \"benchmark role\"\nissuer = \"gitlab\"\n\
+             [bindings]\nproject_id = \"42\"\n\
+             [grant]\nkind = \"access_token\"\naudience = \"{ROUTE_AUD}\"\nscopes = [\"api\"]\nttl = \"1h\"\n\
+             proxy = [\"GET /projects/{{job_project_id}}/**\"]\n"
+        ),
+    )?;
+    std::fs::write(
+        dir.path().join("cistern.toml"),
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\nissuer = \"{base}\"\n[store]\nkind = \"sqlite\"\npath = \"data/cistern.db\"\n\
+             [signing]\nkey_dir = \"keys\"\n\
+             [issuers.gitlab]\nissuer = \"{issuer_url}\"\naudiences = [\"{AUD}\"]\nallow_insecure_http = true\n\
+             [policy]\ndir = \"policies\"\n[ceiling]\nissuers = [\"gitlab\"]\nmax_ttl = \"1h\"\nscopes = [\"api\"]\n\
+             [log]\nlevel = \"warn\"\n\
+             [proxy.routes.bench]\nupstream = \"http://127.0.0.1:{up_port}\"\naudience = \"{ROUTE_AUD}\"\n\
+             secret_file = \"secret\"\npresent = \"private_token\"\nallow_insecure_http = true\n"
+        ),
+    )?;
+    let mut child = tokio::process::Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(&args.cistern)
+        .args(["serve", "--config"])
+        .arg(dir.path().join("cistern.toml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting cistern")?;
+    let pid = child.id().context("cistern pid")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = lines.next_line().await? {
+            if l.starts_with("cistern: listening on") {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("cistern exited before listening")
+    })
+    .await??;
+    for p in [up_port, ng_port, ngk_port] {
+        wait_port(p).await?;
+    }
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    let id_token = dev.mint_id_token(&issuer_url, AUD, &serde_json::Map::new(), now, 3600)?;
+    let answer = reqwest::Client::new()
+        .post(format!("{base}/oauth/token"))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", id_token.as_str()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:id_token",
+            ),
+            ("role", "bench"),
+        ])
+        .send()
+        .await?
+        .json::<serde_json::Value>()
+        .await?;
+    let token = answer["access_token"]
+        .as_str()
+        .with_context(|| format!("exchange failed: {answer}"))?
+        .to_owned();
+
+    let direct = format!("http://127.0.0.1:{up_port}{PATH}");
+    let via_nginx = format!("http://127.0.0.1:{ng_port}{PATH}");
+    let via_nginx_ka = format!("http://127.0.0.1:{ngk_port}{PATH}");
+    let via_cistern = format!("{base}/proxy/bench{PATH}");
+    // Warm-up (the token's verification is cached after the first request).
+    for u in [&direct, &via_nginx, &via_nginx_ka, &via_cistern] {
+        wrk(u, Some(&token), 8, 1)?;
+    }
+
+    let (c, s) = (args.connections, args.secs);
+    let runs = tokio::task::spawn_blocking({
+        let token = token.clone();
+        move || -> anyhow::Result<Vec<(String, Wrk, Wrk)>> {
+            let mut out = Vec::new();
+            for (name, url) in [
+                ("upstream directly", direct),
+                ("nginx proxy_pass", via_nginx),
+                ("nginx proxy_pass + upstream keepalive", via_nginx_ka),
+                ("cistern proxy", via_cistern),
+            ] {
+                let load = wrk(&url, Some(&token), c, s)?;
+                let one = wrk(&url, Some(&token), 1, s.min(5))?;
+                out.push((name.to_owned(), load, one));
+            }
+            Ok(out)
+        }
+    })
+    .await??;
+
+    let rss_before = status_kib(pid, "VmRSS:");
+    // The same connection count on an endpoint that proxies nothing, to
+    // tell the server side's memory from the proxy's.
+    let healthz = {
+        let url = format!("{base}/healthz");
+        let m = args.memory_connections;
+        let sampler = tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..(s * 10) {
+                peak = peak.max(status_kib(pid, "VmRSS:"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        });
+        let w = tokio::task::spawn_blocking(move || wrk(&url, None, m, s)).await??;
+        (w.rps, sampler.await?)
+    };
+    let mem = {
+        let token = token.clone();
+        let url = format!("{base}/proxy/bench{PATH}");
+        let m = args.memory_connections;
+        let sampler = tokio::spawn(async move {
+            let mut peak = 0;
+            for _ in 0..(s * 10) {
+                peak = peak.max(status_kib(pid, "VmRSS:"));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            peak
+        });
+        let w = tokio::task::spawn_blocking(move || wrk(&url, Some(&token), m, s)).await??;
+        (w, sampler.await?)
+    };
+    let hwm = status_kib(pid, "VmHWM:");
+    let audited: i64 = rusqlite::Connection::open_with_flags(
+        dir.path().join("data/cistern.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )?
+    .query_row(
+        "SELECT COUNT(*) FROM audit WHERE kind = 'proxy_request'",
+        [],
+        |r| r.get(0),
+    )?;
+
+    let direct_p50 = runs[0].2.p50_us;
+    println!("| target | req/s at {c} conns | p50 / p99 at {c} conns | p50 at 1 conn | added p50 at 1 conn vs direct | non-2xx |");
+    println!("|---|---|---|---|---|---|");
+    for (name, load, one) in &runs {
+        println!(
+            "| {name} | {:.0} | {:.0} µs / {:.0} µs | {:.0} µs | {} | {} {}|",
+            load.rps,
+            load.p50_us,
+            load.p99_us,
+            one.p50_us,
+            if name.starts_with("upstream") {
+                "—".to_owned()
+            } else {
+                format!("{:+.0} µs", one.p50_us - direct_p50)
+            },
+            load.non_2xx + one.non_2xx,
+            if load.errors.is_empty() {
+                String::new()
+            } else {
+                format!("({}) ", load.errors)
+            }
+        );
+    }
+    let (mw, peak) = mem;
+    println!(
+        "\ncistern /healthz (no proxying) at {} connections: {:.0} req/s, RSS peak {} kB",
+        args.memory_connections, healthz.0, healthz.1
+    );
+    println!(
+        "cistern proxy at {} connections: {:.0} req/s, RSS before {} kB, peak {} kB, high-water {} kB; {} proxied requests audited",
+        args.memory_connections, mw.rps, rss_before, peak, hwm, audited
+    );
+    Ok(())
+}
