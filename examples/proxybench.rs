@@ -159,7 +159,10 @@ fn wrk(url: &str, token: Option<&str>, connections: u32, secs: u32) -> anyhow::R
     if let Some(t) = token {
         cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
     }
-    let out = cmd.arg(url).output().context("running wrk (is it installed?)")?;
+    let out = cmd
+        .arg(url)
+        .output()
+        .context("running wrk (is it installed?)")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let mut w = Wrk::default();
     for line in text.lines() {
@@ -405,7 +408,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )?;
 
     let direct_p50 = runs[0].2.p50_us;
-    println!("| target | req/s at {c} conns | p50 / p99 at {c} conns | p50 at 1 conn | added p50 at 1 conn vs direct | non-2xx |");
+    println!(
+        "| target | req/s at {c} conns | p50 / p99 at {c} conns | p50 at 1 conn | added p50 at 1 conn vs direct | non-2xx |"
+    );
     println!("|---|---|---|---|---|---|");
     for (name, load, one) in &runs {
         println!(

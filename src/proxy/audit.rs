@@ -122,6 +122,7 @@ impl ProxyRecord {
     }
 }
 
+/// What the queue carries.
 enum Message {
     Record(Box<ProxyRecord>),
     Flush(oneshot::Sender<()>),
@@ -157,25 +158,17 @@ impl AuditQueue {
         }
     }
 
-    /// Queues `record` from a context that cannot wait (a body's drop).
-    fn send_now(&self, record: ProxyRecord) {
-        match self.tx.try_send(Message::Record(Box::new(record))) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(m)) => {
-                let tx = self.tx.clone();
-                match tokio::runtime::Handle::try_current() {
-                    Ok(rt) => {
-                        rt.spawn(async move {
-                            let _ = tx.send(m).await;
-                        });
-                    }
-                    Err(_) => tracing::error!(
-                        "proxy audit queue full at shutdown; a record was not written"
-                    ),
-                }
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::error!("proxy audit queue closed; a record was not written");
+    /// A place in the queue for a request's record, taken before the
+    /// request is forwarded (waiting while the queue is full): the record,
+    /// completed when the response body is dropped, then goes in without
+    /// waiting and without growing anything unbounded. `None` only when the
+    /// queue is closed (shutdown).
+    pub async fn reserve(&self) -> Option<Slot> {
+        match self.tx.clone().reserve_owned().await {
+            Ok(permit) => Some(Slot(permit)),
+            Err(_) => {
+                tracing::error!("proxy audit queue closed; a record will not be written");
+                None
             }
         }
     }
@@ -189,30 +182,41 @@ impl AuditQueue {
     }
 }
 
+/// A reserved place in the audit queue (see [`AuditQueue::reserve`]).
+pub struct Slot(mpsc::OwnedPermit<Message>);
+
+impl Slot {
+    fn send(self, record: ProxyRecord) {
+        self.0.send(Message::Record(Box::new(record)));
+    }
+}
+
+/// Most records written in one store call.
+const BATCH: usize = 1024;
+
 async fn drain(
     mut rx: mpsc::Receiver<Message>,
     store: Arc<dyn Store>,
     metrics: Arc<crate::metrics::Metrics>,
 ) {
-    let mut batch = Vec::new();
-    while rx.recv_many(&mut batch, 1024).await > 0 {
-        let mut writes = tokio::task::JoinSet::new();
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut events = Vec::with_capacity(batch.len());
         let mut flushes = Vec::new();
         for message in batch.drain(..) {
             match message {
-                Message::Record(r) => {
-                    let store = store.clone();
-                    // All handed to the writer at once: one group commit.
-                    writes.spawn(async move { store.append_audit(r.into_event()).await });
-                }
+                Message::Record(r) => events.push(r.into_event()),
                 Message::Flush(done) => flushes.push(done),
             }
         }
-        while let Some(outcome) = writes.join_next().await {
-            if !matches!(outcome, Ok(Ok(()))) {
+        let n = events.len();
+        // One write op for the whole batch: one entry in the writer's
+        // queue, appended to the chain in order, in one transaction.
+        if let Err(e) = store.append_audits(events).await {
+            for _ in 0..n {
                 metrics.proxy().audit_failed();
-                tracing::error!("a proxy audit record could not be written");
             }
+            tracing::error!(error = %e, records = n, "proxy audit records could not be written");
         }
         for done in flushes {
             let _ = done.send(());
@@ -241,8 +245,8 @@ pub struct Finish {
     pub request_bytes: ByteCounter,
     /// When the request arrived.
     pub started: Instant,
-    /// Where the record goes.
-    pub queue: AuditQueue,
+    /// Its reserved place in the audit queue.
+    pub slot: Option<Slot>,
 }
 
 /// A body passed through unchanged (streamed, never buffered), counting
@@ -298,7 +302,9 @@ impl Drop for Counted {
             record.request_bytes = f.request_bytes.get();
             record.response_bytes = self.counter.get();
             record.duration_us = u64::try_from(f.started.elapsed().as_micros()).unwrap_or(u64::MAX);
-            f.queue.send_now(record);
+            if let Some(slot) = f.slot {
+                slot.send(record);
+            }
         }
     }
 }

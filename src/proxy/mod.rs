@@ -437,6 +437,10 @@ async fn forward(
     };
     let mut headers = headers::request_headers(&parts.headers, &route.presenter.name);
     headers.insert(route.presenter.name.clone(), injected);
+    // The record's place in the audit queue, before anything is forwarded:
+    // when the store falls behind, requests wait here instead of records
+    // piling up in memory.
+    let slot = proxy.audit.reserve().await;
     let counter = audit::ByteCounter::default();
     let mut upstream_req =
         http::Request::new(Body::new(audit::Counted::new(body, counter.clone(), None)));
@@ -479,7 +483,7 @@ async fn forward(
         record,
         request_bytes: counter,
         started,
-        queue: proxy.audit.clone(),
+        slot,
     };
     let body = Body::new(audit::Counted::new(
         Body::new(body),

@@ -305,6 +305,10 @@ pub trait Store: Send + Sync + 'static {
     /// Appends one audit event (denials, dry runs, policy loads, key rotation).
     async fn append_audit(&self, event: AuditEvent) -> Result<(), StoreError>;
 
+    /// Appends several audit records in one write (in order): for records
+    /// nobody waits on one by one (the proxy's).
+    async fn append_audits(&self, events: Vec<AuditEvent>) -> Result<(), StoreError>;
+
     /// Deletes replay entries that expired before `now_ms`; returns how many.
     async fn prune_replay(&self, now_ms: i64) -> Result<u64, StoreError>;
 

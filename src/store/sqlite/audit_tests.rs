@@ -155,6 +155,32 @@ async fn concurrent_exchanges_audits_and_revocations_never_fork_the_chain() {
 }
 
 #[tokio::test]
+async fn a_batch_of_records_is_appended_in_order_on_one_chain() {
+    let w = world();
+    let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    store.append_audit(event(0)).await.unwrap();
+    store
+        .append_audits((1..=300).map(event).collect())
+        .await
+        .unwrap();
+    store.append_audits(Vec::new()).await.unwrap();
+    store.append_audit(event(301)).await.unwrap();
+    store.close().await;
+    let v = verify(&w, &w.db);
+    ok(&v);
+    assert_eq!(v.report.records, 302);
+    let conn = Connection::open(&w.db).unwrap();
+    let at: Vec<i64> = conn
+        .prepare("SELECT at_ms FROM audit ORDER BY seq")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(at, (0..=301).map(|n| 5_000 + n).collect::<Vec<i64>>());
+}
+
+#[tokio::test]
 async fn a_checkpoint_is_written_only_for_new_records() {
     let w = world();
     let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();

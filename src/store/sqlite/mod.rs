@@ -226,6 +226,13 @@ impl Store for SqliteStore {
         self.write(WriteOp::Audit(event)).await.map(drop)
     }
 
+    async fn append_audits(&self, events: Vec<AuditEvent>) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        self.write(WriteOp::AuditBatch(events)).await.map(drop)
+    }
+
     async fn prune_replay(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.write(WriteOp::PruneReplay { now_ms }).await
     }

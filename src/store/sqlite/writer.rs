@@ -35,6 +35,8 @@ pub(super) struct WriteRequest {
 pub(super) enum WriteOp {
     Exchange(Box<ExchangeRecord>),
     Audit(AuditEvent),
+    /// Several records, appended in order.
+    AuditBatch(Vec<AuditEvent>),
     PruneReplay {
         now_ms: i64,
     },
@@ -385,6 +387,12 @@ fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, 
     match op {
         WriteOp::Exchange(record) => insert_exchange(conn, record, chain).map(|()| 0),
         WriteOp::Audit(event) => chain.append(conn, event).map(|()| 0),
+        WriteOp::AuditBatch(events) => {
+            for event in events {
+                chain.append(conn, event)?;
+            }
+            Ok(0)
+        }
         WriteOp::Checkpoint(line) => chain.checkpoint(conn, line),
         WriteOp::SweepExpired { now_ms, limit } => sweep_expired(conn, chain, *now_ms, *limit),
         WriteOp::SealedCredential(op) => {
