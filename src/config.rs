@@ -1503,6 +1503,18 @@ scopes = ["deploy:*"]
         assert_eq!(field(&twice), "proxy.routes.s.audience");
         let creds = route("").replace("https://up.example", "https://u:p@up.example");
         assert_eq!(field(&creds), "proxy.routes.r.upstream");
+        let sealed = route("").replace("secret_env = \"S\"", "sealed = true");
+        assert_eq!(field(&sealed), "proxy.routes.r.kek_env");
+        assert!(load(&format!("{sealed}kek_env = \"K\"\n")).is_ok());
+        assert_eq!(
+            field(&format!("{sealed}kek_env = \"K\"\nkek_file = \"f\"\n")),
+            "proxy.routes.r.kek_env"
+        );
+        assert_eq!(field(&route("kek_env = \"K\"")), "proxy.routes.r.kek_env");
+        assert_eq!(
+            field(&route("sealed = true\nkek_env = \"K\"")),
+            "proxy.routes.r.secret_env"
+        );
     }
 
     #[test]

@@ -875,3 +875,116 @@ async fn cistern_proxy_runs_alone_and_follows_the_servers_revocations() {
         assert_eq!(get("/projects/42").await.unwrap().status(), 401);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_route_secret_is_set_and_replaced_by_the_cli_without_a_restart() {
+    use base64::Engine as _;
+    let (echo, url) = Echo::start().await;
+    let dev = DevIssuer::start();
+    let kek_dir = tempfile::tempdir().unwrap();
+    let kek_path = kek_dir.path().join("kek");
+    std::fs::write(
+        &kek_path,
+        base64::engine::general_purpose::STANDARD.encode([7u8; 32]),
+    )
+    .unwrap();
+    let c = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[AUD])
+        .policy("echo.toml", ECHO_POLICY)
+        .set("proxy.secret_refresh", "50ms")
+        .set("proxy.routes.echo.upstream", url)
+        .set("proxy.routes.echo.audience", "https://echo.test")
+        .set("proxy.routes.echo.sealed", true)
+        .set(
+            "proxy.routes.echo.kek_file",
+            kek_path.to_string_lossy().into_owned(),
+        )
+        .set("proxy.routes.echo.present", "header")
+        .set("proxy.routes.echo.header_name", "X-Api-Key")
+        .set("proxy.routes.echo.allow_insecure_http", true)
+        .start();
+    let id = dev.id_token("42", "7").await;
+    let (status, body) = c.exchange(&id, "echo", None).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let url = format!("{}/proxy/echo/projects/42", c.base_url());
+
+    // No secret sealed yet: the route refuses to forward, the server runs.
+    let res = c.http().get(&url).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(res.status(), 502);
+    let body: Value = res.json().await.unwrap();
+    assert!(
+        body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("(credential)"),
+        "{body}"
+    );
+    assert!(echo.seen().is_empty());
+
+    let set = |secret: &'static str| {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cistern"))
+            .args(["route", "set-secret", "echo", "--config"])
+            .arg(c.config_path())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{secret}\n").as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let mut cli_output = String::new();
+    for secret in ["sealed-secret-one", "sealed-secret-two"] {
+        cli_output.push_str(&set(secret));
+        let mut injected = false;
+        for _ in 0..200 {
+            echo.clear();
+            let res = c.http().get(&url).bearer_auth(&token).send().await.unwrap();
+            if res.status() == 200
+                && echo
+                    .seen()
+                    .iter()
+                    .any(|s| header(s, "x-api-key") == [secret])
+            {
+                injected = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            injected,
+            "{secret} never reached the upstream\n{}",
+            c.logs()
+        );
+    }
+    // Sealed at rest: neither secret is in the database, the logs or the CLI's output.
+    let mut raw = Vec::new();
+    for entry in std::fs::read_dir(c.data_dir().join("data")).unwrap() {
+        raw.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    let raw = String::from_utf8_lossy(&raw);
+    for secret in ["sealed-secret-one", "sealed-secret-two"] {
+        assert!(
+            !raw.contains(secret),
+            "{secret} is in the store in the clear"
+        );
+        assert!(!c.logs().contains(secret) && !cli_output.contains(secret));
+    }
+}

@@ -66,6 +66,9 @@ pub enum Command {
     /// Downstream credential providers: cistern's own credentials.
     #[command(subcommand)]
     Provider(provider::ProviderCommand),
+    /// Proxy routes: the secrets they inject.
+    #[command(subcommand)]
+    Route(provider::RouteCommand),
 }
 
 /// How an admin command reaches cistern.
@@ -395,6 +398,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Provider(provider::ProviderCommand::CheckSecret(args)) => {
             provider::check_secret(&args).await
+        }
+        Command::Route(provider::RouteCommand::SetSecret(args)) => {
+            provider::set_route_secret(&args).await
         }
         Command::Admin(AdminCommand::Offboarded(conn)) => admin::list_offboarded(&conn).await,
     }

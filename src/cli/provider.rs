@@ -86,6 +86,64 @@ pub struct SetCredentialArgs {
     pub config: PathBuf,
 }
 
+/// `cistern route …`
+#[derive(Debug, Subcommand)]
+pub enum RouteCommand {
+    /// Seal the secret a proxy route injects (read from standard input)
+    /// into the store, encrypted under the route's key-encryption key; a
+    /// running server picks it up within `[proxy] secret_refresh`.
+    SetSecret(SetSecretArgs),
+}
+
+/// `cistern route set-secret`
+#[derive(Debug, Args)]
+pub struct SetSecretArgs {
+    /// The route's name (`[proxy.routes.<name>]`, with `sealed = true`).
+    pub name: String,
+    /// Config file (names the store and the key-encryption key).
+    #[arg(long, short, env = "CISTERN_CONFIG", default_value = "cistern.toml")]
+    pub config: PathBuf,
+}
+
+/// Runs `cistern route set-secret`.
+pub async fn set_route_secret(args: &SetSecretArgs) -> Result<(), CliError> {
+    let config = load_config(&args.config)?;
+    let usage = |m: String| CliError::new(exit::USAGE, m);
+    let route = config
+        .proxy
+        .routes
+        .get(&args.name)
+        .ok_or_else(|| usage(format!("no [proxy.routes.{}] in the config", args.name)))?;
+    let kek = route
+        .kek()
+        .map_err(|e| {
+            usage(format!(
+                "proxy.routes.{}: key-encryption key: {e}",
+                args.name
+            ))
+        })?
+        .ok_or_else(|| {
+            usage(format!(
+                "proxy.routes.{} is not `sealed = true`: nothing would be sealed",
+                args.name
+            ))
+        })?;
+    let store_name = crate::proxy::config::RouteConfig::sealed_name(&args.name);
+    seal_from_stdin(
+        &config,
+        &store_name,
+        &kek,
+        "proxy_secret_loaded",
+        json!({ "route": args.name, "source": "cli" }),
+    )
+    .await?;
+    eprintln!(
+        "sealed the secret of proxy route {} into the store; a running server uses it within [proxy] secret_refresh",
+        args.name
+    );
+    Ok(())
+}
+
 /// Runs `cistern provider set-credential`.
 pub async fn set_credential(args: &SetCredentialArgs) -> Result<(), CliError> {
     let config = load_config(&args.config)?;
@@ -101,44 +159,63 @@ pub async fn set_credential(args: &SetCredentialArgs) -> Result<(), CliError> {
                 args.name
             ))
         })?;
-    let mut input = Zeroizing::new(String::new());
-    std::io::stdin()
-        .take(64 * 1024)
-        .read_to_string(&mut input)
-        .map_err(|e| usage(format!("reading the credential from standard input: {e}")))?;
-    let token = Zeroizing::new(input.trim().to_owned());
-    if token.is_empty() || token.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(usage(
-            "the credential on standard input is empty or malformed".into(),
-        ));
-    }
-    let sealed = kek
-        .seal(&args.name, token.as_str())
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
-    let StoreConfig::Sqlite { path, synchronous } = &config.store;
-    let store = SqliteStore::open(path, *synchronous)
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("opening the store: {e}")))?;
-    let at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    let audit = AuditEvent {
-        at_ms,
-        kind: AuditKind::AdminAction,
-        issuer: None,
-        role: None,
-        project_id: None,
-        reason: Some("provider_credential_loaded".into()),
-        detail: json!({ "provider": args.name, "source": "cli" }).into(),
-    };
-    store
-        .save_sealed_credential(&args.name, sealed, None, audit)
-        .await
-        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
-    store.close().await;
+    seal_from_stdin(
+        &config,
+        &args.name,
+        &kek,
+        "provider_credential_loaded",
+        json!({ "provider": args.name, "source": "cli" }),
+    )
+    .await?;
     eprintln!(
         "sealed the credential for provider {} into the store; restart the server to use it",
         args.name
     );
+    Ok(())
+}
+
+/// Reads one secret from standard input, seals it under `kek` for
+/// `store_name` and saves it in the config's store with an audit record
+/// (`reason`, `detail`; never the secret).
+pub(super) async fn seal_from_stdin(
+    config: &crate::config::Config,
+    store_name: &str,
+    kek: &crate::provider::sealed::Kek,
+    reason: &str,
+    detail: serde_json::Value,
+) -> Result<(), CliError> {
+    let usage = |m: String| CliError::new(exit::USAGE, m);
+    let mut input = Zeroizing::new(String::new());
+    std::io::stdin()
+        .take(64 * 1024)
+        .read_to_string(&mut input)
+        .map_err(|e| usage(format!("reading the secret from standard input: {e}")))?;
+    let secret = Zeroizing::new(input.trim().to_owned());
+    if secret.is_empty() || secret.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(usage(
+            "the secret on standard input is empty or malformed".into(),
+        ));
+    }
+    let sealed = kek
+        .seal(store_name, secret.as_str())
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    let StoreConfig::Sqlite { path, synchronous } = &config.store;
+    let store = SqliteStore::open(path, *synchronous)
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, format!("opening the store: {e}")))?;
+    let audit = AuditEvent {
+        at_ms: now_ms(),
+        kind: AuditKind::AdminAction,
+        issuer: None,
+        role: None,
+        project_id: None,
+        reason: Some(reason.to_owned()),
+        detail: detail.into(),
+    };
+    store
+        .save_sealed_credential(store_name, sealed, None, audit)
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    store.close().await;
     Ok(())
 }
 

@@ -103,6 +103,9 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
 
 /// The proxy process's background work: follow what `cistern serve` changes.
 fn spawn_proxy_background(config: &Config, built: &Built) {
+    if let Some(proxy) = &built.proxy {
+        tokio::spawn(proxy.clone().run_refresh(config.proxy.secret_refresh));
+    }
     built
         .state
         .lifecycle
@@ -324,6 +327,7 @@ pub async fn build(
             metrics: exchanger.metrics.clone(),
         };
         let proxy = crate::proxy::Proxy::new(&config.proxy, deps)
+            .await
             .map_err(|(route, e)| anyhow::anyhow!("proxy.routes.{route}: {e}"))?;
         Some(Arc::new(proxy))
     };
@@ -428,6 +432,9 @@ fn hex32(h: &str) -> Option<[u8; 32]> {
 }
 
 fn spawn_background(config: &Config, built: &Built) {
+    if let Some(proxy) = &built.proxy {
+        tokio::spawn(proxy.clone().run_refresh(config.proxy.secret_refresh));
+    }
     // Rules and blocks written by other processes (CLI `--direct`).
     built
         .state

@@ -23,6 +23,9 @@ pub struct ProxyConfig {
     /// Verified tokens kept in memory (by token hash, until their `exp`).
     #[serde(default = "default_token_cache")]
     pub token_cache: usize,
+    /// How often sealed route secrets are re-read from the store.
+    #[serde(default = "default_secret_refresh", with = "humantime_serde")]
+    pub secret_refresh: Duration,
     /// Routes by name.
     #[serde(default)]
     pub routes: BTreeMap<String, RouteConfig>,
@@ -33,9 +36,14 @@ impl Default for ProxyConfig {
         ProxyConfig {
             listen: None,
             token_cache: default_token_cache(),
+            secret_refresh: default_secret_refresh(),
             routes: BTreeMap::new(),
         }
     }
+}
+
+fn default_secret_refresh() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_token_cache() -> usize {
@@ -79,9 +87,22 @@ pub struct RouteConfig {
     #[serde(default)]
     pub secret_file: Option<PathBuf>,
     /// …or taken from this provider: a GitLab provider's own (rotated)
-    /// credential, or an OAuth 2.0 provider's token for `scopes`.
+    /// credential, or an OAuth 2.0 provider's token for `scopes`…
     #[serde(default)]
     pub provider: Option<String>,
+    /// …or sealed in the store (`cistern route set-secret <name>`),
+    /// encrypted at rest under the key-encryption key below and re-read
+    /// every `secret_refresh`, so a replaced secret is picked up without a
+    /// restart.
+    #[serde(default)]
+    pub sealed: bool,
+    /// The key-encryption key of a sealed secret (32 bytes, base64), from
+    /// this environment variable…
+    #[serde(default)]
+    pub kek_env: Option<String>,
+    /// …or this file.
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
     /// Scopes asked of an OAuth 2.0 provider.
     #[serde(default)]
     pub scopes: Vec<String>,
@@ -116,6 +137,22 @@ fn default_timeout() -> Duration {
 }
 
 impl RouteConfig {
+    /// The name a sealed secret of route `name` has in the store.
+    pub fn sealed_name(name: &str) -> String {
+        format!("proxy:{name}")
+    }
+
+    /// The key-encryption key of a sealed secret (`None` when not sealed).
+    pub fn kek(&self) -> Result<Option<crate::provider::sealed::Kek>, String> {
+        if !self.sealed {
+            return Ok(None);
+        }
+        let text = crate::provider::read_secret(self.kek_env.as_deref(), self.kek_file.as_deref())?;
+        crate::provider::sealed::Kek::from_base64(&text)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
     /// The route's prefix, normalized (no trailing `/`).
     pub fn prefix_of(&self, name: &str) -> String {
         let p = self
@@ -148,6 +185,9 @@ impl ProxyConfig {
     ) -> Result<(), SourceError> {
         if self.token_cache == 0 {
             return Err(src.error("proxy.token_cache", "must be at least 1"));
+        }
+        if self.secret_refresh < Duration::from_millis(10) {
+            return Err(src.error("proxy.secret_refresh", "must be at least 10ms"));
         }
         let mut prefixes: BTreeMap<String, &str> = BTreeMap::new();
         let mut audiences: BTreeMap<&str, &str> = BTreeMap::new();
@@ -218,11 +258,20 @@ impl ProxyConfig {
             }
             let sources = usize::from(r.secret_env.is_some())
                 + usize::from(r.secret_file.is_some())
-                + usize::from(r.provider.is_some());
+                + usize::from(r.provider.is_some())
+                + usize::from(r.sealed);
             if sources != 1 {
                 return Err(src.error(
                     &field("secret_env"),
-                    "set exactly one of secret_env, secret_file and provider",
+                    "set exactly one of secret_env, secret_file, provider and sealed = true",
+                ));
+            }
+            if r.sealed != (r.kek_env.is_some() != r.kek_file.is_some())
+                || (!r.sealed && (r.kek_env.is_some() || r.kek_file.is_some()))
+            {
+                return Err(src.error(
+                    &field("kek_env"),
+                    "sealed = true needs exactly one of kek_env and kek_file (and only it uses them)",
                 ));
             }
             if let Some(p) = &r.provider {
@@ -275,7 +324,10 @@ impl ProxyConfig {
     /// Resolves relative paths against the config file's directory.
     pub fn resolve_paths(&mut self, base: &Path) {
         for r in self.routes.values_mut() {
-            for p in [&mut r.secret_file, &mut r.ca_file].into_iter().flatten() {
+            for p in [&mut r.secret_file, &mut r.ca_file, &mut r.kek_file]
+                .into_iter()
+                .flatten()
+            {
                 if p.is_relative() {
                     *p = base.join(&*p);
                 }

@@ -71,6 +71,7 @@ impl std::fmt::Debug for Route {
 
 /// Everything the proxy's handlers share.
 pub struct Proxy {
+    store: Arc<dyn crate::store::Store>,
     routes: Vec<Route>,
     keys: Arc<KeyRing>,
     issuer_url: String,
@@ -104,7 +105,10 @@ pub struct ProxyDeps {
 
 impl Proxy {
     /// Builds every route (clients, credentials) and starts the audit queue.
-    pub fn new(cfg: &ProxyConfig, deps: ProxyDeps) -> Result<Proxy, (String, RouteSetupError)> {
+    pub async fn new(
+        cfg: &ProxyConfig,
+        deps: ProxyDeps,
+    ) -> Result<Proxy, (String, RouteSetupError)> {
         let mut routes = Vec::with_capacity(cfg.routes.len());
         for (name, r) in &cfg.routes {
             let prefix = r.prefix_of(name);
@@ -122,7 +126,8 @@ impl Proxy {
                 upstream: r.upstream.as_str().trim_end_matches('/').to_owned(),
                 public,
                 audience: r.audience.clone(),
-                credential: CredentialSource::of(name, r, &deps.providers)
+                credential: CredentialSource::of(name, r, &deps.providers, &*deps.store)
+                    .await
                     .map_err(|e| (name.clone(), e))?,
                 presenter: Presenter::of(r),
                 client: upstream::client(r).map_err(|e| (name.clone(), e))?,
@@ -130,6 +135,7 @@ impl Proxy {
             });
         }
         Ok(Proxy {
+            store: deps.store.clone(),
             routes,
             keys: deps.keys,
             issuer_url: deps.issuer_url,
@@ -145,6 +151,21 @@ impl Proxy {
     /// Whether any route is configured.
     pub fn is_empty(&self) -> bool {
         self.routes.is_empty()
+    }
+
+    /// Re-reads sealed route secrets every `interval` (a secret replaced
+    /// with `cistern route set-secret` takes over without a restart).
+    pub async fn run_refresh(self: Arc<Self>, interval: Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            for route in &self.routes {
+                if let Err(e) = route.credential.refresh(&*self.store).await {
+                    tracing::warn!(route = %route.name, error = %e, "re-reading a sealed proxy secret failed");
+                }
+            }
+        }
     }
 
     /// Waits until every queued audit record is written (shutdown).

@@ -31,6 +31,9 @@ pub enum RouteSetupError {
     /// The named provider is not configured.
     #[error("provider {0} is not configured")]
     Provider(String),
+    /// The sealed secret is missing or cannot be opened.
+    #[error("sealed secret: {0}")]
+    Sealed(String),
 }
 
 /// Builds a route's client: connect timeout, TCP_NODELAY, TLS by rustls
@@ -92,6 +95,15 @@ pub fn client(cfg: &RouteConfig) -> Result<UpstreamClient, RouteSetupError> {
 pub enum CredentialSource {
     /// A secret held by cistern only (environment or file, read at start).
     Static(Zeroizing<String>),
+    /// A secret sealed in the store, re-read by [`CredentialSource::refresh`].
+    Sealed {
+        /// The secret in use.
+        current: arc_swap::ArcSwap<Zeroizing<String>>,
+        /// Its name in the store.
+        store_name: String,
+        /// The key it is sealed under.
+        kek: crate::provider::sealed::Kek,
+    },
     /// A GitLab provider's own credential, as rotated by cistern.
     GitLab(Arc<GitLab>),
     /// A token from an OAuth 2.0 provider (cached there until near expiry).
@@ -109,6 +121,7 @@ impl std::fmt::Debug for CredentialSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             CredentialSource::Static(_) => "Static(<redacted>)",
+            CredentialSource::Sealed { .. } => "Sealed(<redacted>)",
             CredentialSource::GitLab(_) => "GitLab",
             CredentialSource::OAuth { .. } => "OAuth",
         })
@@ -116,12 +129,34 @@ impl std::fmt::Debug for CredentialSource {
 }
 
 impl CredentialSource {
-    /// The route's source, from its config.
-    pub fn of(
+    /// The route's source, from its config (a sealed secret is read from
+    /// `store` now).
+    pub async fn of(
         name: &str,
         cfg: &RouteConfig,
         providers: &Providers,
+        store: &dyn crate::store::Store,
     ) -> Result<CredentialSource, RouteSetupError> {
+        if let Some(kek) = cfg.kek().map_err(RouteSetupError::Sealed)? {
+            let store_name = RouteConfig::sealed_name(name);
+            // None yet: the route answers 502 until `set-secret` runs (picked
+            // up by the refresh), instead of the server refusing to start.
+            let secret = match open_sealed(store, &store_name, &kek).await? {
+                Some(s) => s,
+                None => {
+                    tracing::warn!(
+                        route = name,
+                        "no sealed secret in the store yet: run `cistern route set-secret {name}`"
+                    );
+                    Zeroizing::new(String::new())
+                }
+            };
+            return Ok(CredentialSource::Sealed {
+                current: arc_swap::ArcSwap::from_pointee(secret),
+                store_name,
+                kek,
+            });
+        }
         if let Some(p) = &cfg.provider {
             if let Some(g) = providers.gitlab(p) {
                 return Ok(CredentialSource::GitLab(g.clone()));
@@ -140,10 +175,44 @@ impl CredentialSource {
             .map_err(|e| RouteSetupError::Secret(e.to_string()))
     }
 
+    /// Re-reads a sealed secret from the store (a replaced one takes over);
+    /// other sources have nothing to refresh.
+    pub async fn refresh(&self, store: &dyn crate::store::Store) -> Result<(), RouteSetupError> {
+        if let CredentialSource::Sealed {
+            current,
+            store_name,
+            kek,
+        } = self
+        {
+            let Some(secret) = open_sealed(store, store_name, kek).await? else {
+                return Ok(());
+            };
+            if secret.as_bytes() != current.load().as_bytes() {
+                current.store(Arc::new(secret));
+                tracing::info!(route = %store_name, "a replaced sealed proxy secret is in use");
+            }
+        }
+        Ok(())
+    }
+
     /// The credential to inject now. The error never contains a secret.
     pub async fn current(&self, now_ms: i64) -> Result<Zeroizing<String>, String> {
         match self {
             CredentialSource::Static(s) => Ok(s.clone()),
+            CredentialSource::Sealed {
+                current,
+                store_name,
+                ..
+            } => {
+                let secret = current.load();
+                if secret.is_empty() {
+                    let route = store_name.strip_prefix("proxy:").unwrap_or(store_name);
+                    return Err(format!(
+                        "no sealed secret yet: run `cistern route set-secret {route}`"
+                    ));
+                }
+                Ok(Zeroizing::new(secret.as_str().to_owned()))
+            }
             CredentialSource::GitLab(g) => Ok(Zeroizing::new(g.credential().as_str().to_owned())),
             CredentialSource::OAuth {
                 provider,
@@ -167,6 +236,24 @@ impl CredentialSource {
             }
         }
     }
+}
+
+/// The sealed secret named `store_name`, opened; `None` when there is none yet.
+async fn open_sealed(
+    store: &dyn crate::store::Store,
+    store_name: &str,
+    kek: &crate::provider::sealed::Kek,
+) -> Result<Option<Zeroizing<String>>, RouteSetupError> {
+    let Some((sealed, _)) = store
+        .sealed_credential(store_name)
+        .await
+        .map_err(|e| RouteSetupError::Sealed(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    kek.open(store_name, &sealed)
+        .map(Some)
+        .map_err(|e| RouteSetupError::Sealed(e.to_string()))
 }
 
 /// How a route presents its credential: the header and how to build its value.
