@@ -74,6 +74,7 @@ proxy = ["GET /**"]
 /// What the echo upstream received.
 #[derive(Debug, Clone)]
 struct Seen {
+    version: String,
     method: String,
     path_and_query: String,
     headers: Vec<(String, String)>,
@@ -117,6 +118,7 @@ async fn echo_handler(State(echo): State<Echo>, req: Request) -> Response {
     }
     let path = parts.uri.path().to_owned();
     let seen = Seen {
+        version: format!("{:?}", parts.version),
         method: parts.method.to_string(),
         path_and_query: parts
             .uri
@@ -162,6 +164,29 @@ async fn echo_handler(State(echo): State<Echo>, req: Request) -> Response {
 }
 
 impl Echo {
+    /// The echo over TLS (rustls, ALPN h2 and http/1.1) with the test CA's
+    /// certificate from `dir`.
+    async fn start_tls(dir: &std::path::Path) -> (Echo, String) {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let echo = Echo::default();
+        let app = axum::Router::new()
+            .fallback(echo_handler)
+            .with_state(echo.clone());
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+            dir.join("tls.pem"),
+            dir.join("tls.key"),
+        )
+        .await
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("https://{}/base", listener.local_addr().unwrap());
+        *echo.base.lock().unwrap() = url.clone();
+        let server = axum_server::from_tcp_rustls(listener, tls).unwrap();
+        tokio::spawn(async move { server.serve(app.into_make_service()).await });
+        (echo, url)
+    }
+
     async fn start() -> (Echo, String) {
         let echo = Echo::default();
         let app = axum::Router::new()
@@ -987,4 +1012,83 @@ async fn a_sealed_route_secret_is_set_and_replaced_by_the_cli_without_a_restart(
         );
         assert!(!c.logs().contains(secret) && !cli_output.contains(secret));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_upstream_is_reached_over_http2_with_the_routes_ca_and_refused_without_it() {
+    let certs = tempfile::tempdir().unwrap();
+    common::test_ca(certs.path());
+    let (echo, url) = Echo::start_tls(certs.path()).await;
+    let dev = DevIssuer::start();
+    let (_secret_dir, secret_path) = secret_file();
+    let untrusted = ECHO_POLICY
+        .replace("role = \"echo\"", "role = \"untrusted\"")
+        .replace("https://echo.test", "https://untrusted.test");
+    let mut b = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[AUD])
+        .policy("echo.toml", ECHO_POLICY)
+        .policy("untrusted.toml", &untrusted);
+    for (route, aud, ca) in [
+        (
+            "echo",
+            "https://echo.test",
+            Some(certs.path().join("ca.pem")),
+        ),
+        ("untrusted", "https://untrusted.test", None),
+    ] {
+        b = b
+            .set(&format!("proxy.routes.{route}.upstream"), url.clone())
+            .set(&format!("proxy.routes.{route}.audience"), aud)
+            .set(
+                &format!("proxy.routes.{route}.secret_file"),
+                secret_path.clone(),
+            )
+            .set(&format!("proxy.routes.{route}.present"), "bearer");
+        if let Some(ca) = ca {
+            b = b.set(
+                &format!("proxy.routes.{route}.ca_file"),
+                ca.to_string_lossy().into_owned(),
+            );
+        }
+    }
+    let c = b.start();
+    let token = |role: &'static str| {
+        let (dev, c) = (&dev, &c);
+        async move {
+            let id = dev.id_token("42", "7").await;
+            let (status, body) = c.exchange(&id, role, None).await;
+            assert_eq!(status, 200, "{body}");
+            body["access_token"].as_str().unwrap().to_owned()
+        }
+    };
+    let t = token("echo").await;
+    let res = c
+        .http()
+        .get(format!("{}/proxy/echo/projects/42/x", c.base_url()))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200, "{}", c.logs());
+    let seen = echo.seen();
+    assert_eq!(seen[0].version, "HTTP/2.0", "{seen:?}");
+    assert_eq!(seen[0].path_and_query, "/base/projects/42/x");
+    assert_eq!(
+        header(&seen[0], "authorization"),
+        [format!("Bearer {ROUTE_SECRET}").as_str()]
+    );
+
+    // The same upstream without the route's CA: the system roots do not
+    // trust it, so nothing is forwarded.
+    echo.clear();
+    let t = token("untrusted").await;
+    let res = c
+        .http()
+        .get(format!("{}/proxy/untrusted/projects/42/x", c.base_url()))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    assert!(echo.seen().is_empty());
 }
