@@ -1511,6 +1511,18 @@ scopes = ["deploy:*"]
             "proxy.routes.r.kek_env"
         );
         assert_eq!(field(&route("kek_env = \"K\"")), "proxy.routes.r.kek_env");
+        assert!(load(&route("host = \"gitlab-proxy.example.com\"")).is_ok());
+        for bad in ["Upper.example", "h.example:443", "", "-a.example"] {
+            assert_eq!(
+                field(&route(&format!("host = \"{bad}\""))),
+                "proxy.routes.r.host",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            field(&route("host = \"h.example\"\nprefix = \"/p\"")),
+            "proxy.routes.r.host"
+        );
         assert_eq!(
             field(&route("sealed = true\nkek_env = \"K\"")),
             "proxy.routes.r.secret_env"

@@ -1092,3 +1092,51 @@ async fn a_tls_upstream_is_reached_over_http2_with_the_routes_ca_and_refused_wit
     assert_eq!(res.status(), 502);
     assert!(echo.seen().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_route_takes_every_path_on_its_host_and_nothing_else() {
+    let (echo, url) = Echo::start().await;
+    let dev = DevIssuer::start();
+    let (_secret_dir, secret_path) = secret_file();
+    let c = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[AUD])
+        .policy("echo.toml", ECHO_POLICY)
+        .set("proxy.routes.echo.host", "gitlab-proxy.test")
+        .set("proxy.routes.echo.upstream", url)
+        .set("proxy.routes.echo.audience", "https://echo.test")
+        .set("proxy.routes.echo.secret_file", secret_path)
+        .set("proxy.routes.echo.present", "private_token")
+        .set("proxy.routes.echo.allow_insecure_http", true)
+        .start();
+    let id = dev.id_token("42", "7").await;
+    let (status, body) = c.exchange(&id, "echo", None).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    let w = World {
+        dev,
+        c,
+        echo,
+        _secret_dir: tempfile::tempdir().unwrap(),
+    };
+    let get = |host: &str, path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}")
+    };
+    let (s, text) = w
+        .raw(&get("GitLab-Proxy.test:443", "/projects/42/issues"), "")
+        .await;
+    assert_eq!(s, 200, "{text}");
+    assert_eq!(w.echo.seen()[0].path_and_query, "/base/projects/42/issues");
+    // On the route's host, cistern's own paths are the upstream's too (and
+    // this role may not call them there).
+    w.echo.clear();
+    let (s, _) = w.raw(&get("gitlab-proxy.test", "/oauth/token"), "").await;
+    assert_eq!(s, 403);
+    assert!(w.echo.seen().is_empty());
+    // Another host reaches cistern's API, not the route.
+    let (s, _) = w.raw(&get("127.0.0.1", "/projects/42/issues"), "").await;
+    assert_eq!(s, 404);
+    let (s, _) = w.raw(&get("127.0.0.1", "/healthz"), "").await;
+    assert_eq!(s, 200);
+    assert!(w.echo.seen().is_empty());
+    drop(w.dev);
+}

@@ -80,7 +80,10 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
     let built = build(&config, None, Mode::ProxyOnly).await?;
     let proxy = built.proxy.clone().context("the proxy was not built")?;
     spawn_proxy_background(&config, &built);
-    let app = http::ops_router(built.state.clone()).merge(crate::proxy::router(proxy.clone()));
+    let app = crate::proxy::with_host_routes(
+        http::ops_router(built.state.clone()).merge(crate::proxy::router(proxy.clone())),
+        proxy.clone(),
+    );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -355,6 +358,7 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         // Merged after the API's layers: proxied bodies are streamed, not
         // bounded by max_body_bytes, and each route has its own timeout.
         app = app.merge(crate::proxy::router(proxy.clone()));
+        app = crate::proxy::with_host_routes(app, proxy.clone());
     }
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await

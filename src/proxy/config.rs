@@ -68,9 +68,14 @@ pub enum Presentation {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
-    /// Path prefix on cistern's listener (default `/proxy/<name>`).
+    /// Path prefix on cistern's listener (default `/proxy/<name>`)…
     #[serde(default)]
     pub prefix: Option<String>,
+    /// …or a host name: every request whose `Host` (HTTP/2 `:authority`)
+    /// is this name, whatever its path, goes to this route (a DNS name
+    /// pointed at cistern, e.g. `gitlab-proxy.example.com`).
+    #[serde(default)]
+    pub host: Option<String>,
     /// Upstream base URL; the request path below the prefix is appended.
     pub upstream: Url,
     /// The audience a cistern token must carry to use this route; policies
@@ -153,8 +158,11 @@ impl RouteConfig {
             .map_err(|e| e.to_string())
     }
 
-    /// The route's prefix, normalized (no trailing `/`).
+    /// The route's prefix, normalized (no trailing `/`); empty for a host route.
     pub fn prefix_of(&self, name: &str) -> String {
+        if self.host.is_some() {
+            return String::new();
+        }
         let p = self
             .prefix
             .clone()
@@ -193,39 +201,61 @@ impl ProxyConfig {
         let mut audiences: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, r) in &self.routes {
             let field = |f: &str| format!("proxy.routes.{name}.{f}");
-            let prefix = r.prefix_of(name);
-            let ok_prefix = prefix.starts_with('/')
-                && prefix.len() > 1
-                && crate::proxy::path::NormalPath::parse(&prefix)
-                    .is_ok_and(|p| p.as_text() == prefix);
-            if !ok_prefix {
-                return Err(src.error(
-                    &field("prefix"),
-                    "must be a normalized absolute path below / (e.g. /proxy/gitlab)",
-                ));
+            if let Some(host) = &r.host {
+                let ok = !host.is_empty()
+                    && host.len() <= 253
+                    && host.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                    })
+                    && !host.starts_with(['.', '-'])
+                    && !host.ends_with('.');
+                if !ok || r.prefix.is_some() {
+                    return Err(src.error(
+                        &field("host"),
+                        "a lower-case DNS name without port, and no prefix beside it",
+                    ));
+                }
+                if let Some(other) = prefixes.insert(format!("host:{host}"), name) {
+                    return Err(src.error(&field("host"), format!("same host as route {other}")));
+                }
             }
-            const API: &[&str] = &[
-                "oauth",
-                "v1",
-                ".well-known",
-                "healthz",
-                "readyz",
-                "metrics",
-                "dev",
-            ];
-            let first = prefix
-                .trim_start_matches('/')
-                .split('/')
-                .next()
-                .unwrap_or("");
-            if API.contains(&first) {
-                return Err(src.error(
-                    &field("prefix"),
-                    format!("/{first} is cistern's own API; choose another prefix"),
-                ));
-            }
-            if let Some(other) = prefixes.insert(prefix.clone(), name) {
-                return Err(src.error(&field("prefix"), format!("same prefix as route {other}")));
+            if r.host.is_none() {
+                let prefix = r.prefix_of(name);
+                let ok_prefix = prefix.starts_with('/')
+                    && prefix.len() > 1
+                    && crate::proxy::path::NormalPath::parse(&prefix)
+                        .is_ok_and(|p| p.as_text() == prefix);
+                if !ok_prefix {
+                    return Err(src.error(
+                        &field("prefix"),
+                        "must be a normalized absolute path below / (e.g. /proxy/gitlab)",
+                    ));
+                }
+                const API: &[&str] = &[
+                    "oauth",
+                    "v1",
+                    ".well-known",
+                    "healthz",
+                    "readyz",
+                    "metrics",
+                    "dev",
+                ];
+                let first = prefix
+                    .trim_start_matches('/')
+                    .split('/')
+                    .next()
+                    .unwrap_or("");
+                if API.contains(&first) {
+                    return Err(src.error(
+                        &field("prefix"),
+                        format!("/{first} is cistern's own API; choose another prefix"),
+                    ));
+                }
+                if let Some(other) = prefixes.insert(prefix.clone(), name) {
+                    return Err(
+                        src.error(&field("prefix"), format!("same prefix as route {other}"))
+                    );
+                }
             }
             let u = &r.upstream;
             if u.scheme() != "https"

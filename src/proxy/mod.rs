@@ -46,6 +46,8 @@ use upstream::{CredentialSource, Presenter, RouteSetupError, UpstreamClient};
 /// One configured route, ready to serve.
 pub struct Route {
     name: String,
+    /// A host route's name (lower case); `None` for a prefix route.
+    host: Option<String>,
     prefix: String,
     prefix_segments: Vec<String>,
     /// Upstream base URL without a trailing `/`.
@@ -115,12 +117,17 @@ impl Proxy {
             let prefix_segments = NormalPath::parse(&prefix)
                 .map(|p| p.segments().to_vec())
                 .unwrap_or_default();
-            let public = match &r.public_url {
-                Some(u) => u.as_str().trim_end_matches('/').to_owned(),
-                None => format!("{}{prefix}", deps.issuer_url.trim_end_matches('/')),
+            let public = match (&r.public_url, &r.host) {
+                (Some(u), _) => u.as_str().trim_end_matches('/').to_owned(),
+                (None, Some(host)) => {
+                    let scheme = deps.issuer_url.split("://").next().unwrap_or("https");
+                    format!("{scheme}://{host}")
+                }
+                (None, None) => format!("{}{prefix}", deps.issuer_url.trim_end_matches('/')),
             };
             routes.push(Route {
                 name: name.clone(),
+                host: r.host.clone(),
                 prefix_segments,
                 prefix,
                 upstream: r.upstream.as_str().trim_end_matches('/').to_owned(),
@@ -174,10 +181,14 @@ impl Proxy {
     }
 }
 
-/// The proxy's routes: `PREFIX` and `PREFIX/…` of every route, any method.
+/// The proxy's prefix routes: `PREFIX` and `PREFIX/…` of every route, any
+/// method. Host routes are served by [`with_host_routes`].
 pub fn router(proxy: Arc<Proxy>) -> Router {
     let mut router = Router::new();
     for (i, route) in proxy.routes.iter().enumerate() {
+        if route.host.is_some() {
+            continue;
+        }
         let handler = any(move |State(p): State<Arc<Proxy>>, req: Request| handle(p, i, req));
         router = router
             .route(&route.prefix, handler.clone())
@@ -185,6 +196,46 @@ pub fn router(proxy: Arc<Proxy>) -> Router {
             .route(&format!("{}/{{*rest}}", route.prefix), handler);
     }
     router.with_state(proxy)
+}
+
+/// Wraps `app` so that a request for a host route's name goes to that
+/// route whatever its path; everything else reaches `app` unchanged.
+pub fn with_host_routes(app: Router, proxy: Arc<Proxy>) -> Router {
+    if proxy.routes.iter().all(|r| r.host.is_none()) {
+        return app;
+    }
+    app.layer(axum::middleware::from_fn_with_state(proxy, host_dispatch))
+}
+
+/// The request's host name: the URI's authority (HTTP/2) or `Host`,
+/// without port, lower case.
+fn request_host(req: &Request) -> Option<String> {
+    let raw = match req.uri().host() {
+        Some(h) => h.to_owned(),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?;
+            h.parse::<http::uri::Authority>().ok()?.host().to_owned()
+        }
+    };
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+async fn host_dispatch(
+    State(proxy): State<Arc<Proxy>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request_host(&req);
+    let index = host.and_then(|h| {
+        proxy
+            .routes
+            .iter()
+            .position(|r| r.host.as_deref() == Some(h.as_str()))
+    });
+    match index {
+        Some(i) => handle(proxy, i, req).await,
+        None => next.run(req).await,
+    }
 }
 
 /// Why a request was not forwarded. The client sees the status and the
