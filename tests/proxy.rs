@@ -14,6 +14,7 @@
 mod common;
 
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -51,6 +52,7 @@ proxy = [
     "GET,POST /projects/{job_project_id}/**",
     "GET /projects/{project_path}/meta",
     "GET /download/*",
+    "GET /slow/*",
     "GET /redirect",
     "PUT /upload",
 ]
@@ -85,6 +87,34 @@ struct Seen {
 struct Echo {
     seen: Arc<Mutex<Vec<Seen>>>,
     base: Arc<Mutex<String>>,
+}
+
+/// `n` frames of 64 KiB, one every 20 ms.
+struct Slow {
+    left: u32,
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl http_body::Body for Slow {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(Duration::from_millis(20))));
+        if sleep.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        self.sleep = None;
+        self.left -= 1;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![1u8; 64 * 1024])))))
+    }
 }
 
 /// `n` zero bytes in 64 KiB frames, produced as they are read.
@@ -135,6 +165,12 @@ async fn echo_handler(State(echo): State<Echo>, req: Request) -> Response {
     if let Some(n) = path.strip_prefix("/base/download/") {
         return Response::new(Body::new(Zeros {
             left: n.parse().unwrap(),
+        }));
+    }
+    if let Some(n) = path.strip_prefix("/base/slow/") {
+        return Response::new(Body::new(Slow {
+            left: n.parse().unwrap(),
+            sleep: None,
         }));
     }
     if path == "/base/redirect" {
@@ -1139,4 +1175,52 @@ async fn a_host_route_takes_every_path_on_its_host_and_nothing_else() {
     assert_eq!(s, 200);
     assert!(w.echo.seen().is_empty());
     drop(w.dev);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_an_in_flight_proxied_download_and_writes_its_record() {
+    let mut w = start().await;
+    let token = w.token("42", "echo").await;
+    const CHUNKS: u32 = 40;
+    let mut res =
+        w.c.http()
+            .get(w.url(&format!("/slow/{CHUNKS}")))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(res.status(), 200);
+    let mut got = res.chunk().await.unwrap().map_or(0, |c| c.len());
+    assert!(got > 0);
+    // SIGTERM while the body is still streaming.
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &w.c.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        got += chunk.len();
+    }
+    assert_eq!(
+        got,
+        CHUNKS as usize * 64 * 1024,
+        "the download was cut short"
+    );
+    let exit = tokio::task::block_in_place(|| w.c.wait_exit(Duration::from_secs(20)));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "{exit:?}\n{}",
+        w.c.logs()
+    );
+    // The drained request's record was written before the process ended.
+    let db = w.db();
+    let bytes: i64 = db
+        .query_row(
+            "SELECT json_extract(detail, '$.response_bytes') FROM audit
+             WHERE kind = 'proxy_request' AND json_extract(detail, '$.path') = ?1",
+            [format!("/slow/{CHUNKS}")],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(bytes, i64::from(CHUNKS) * 64 * 1024);
 }

@@ -1551,6 +1551,22 @@ impl Cistern {
             .or_fail("cistern is not running")
     }
 
+    /// Waits (at most `timeout`) for cistern to exit on its own, e.g. after
+    /// SIGTERM; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let proc = self.proc.as_mut()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = proc.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// What cistern wrote to stderr (its logs) so far.
     pub fn logs(&self) -> String {
         self.proc.as_ref().map(Proc::stderr).unwrap_or_default()
