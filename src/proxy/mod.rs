@@ -448,7 +448,7 @@ fn authenticate(
             _ => "invalid",
         },
     )?;
-    Ok(proxy.cache.insert(token, claims))
+    Ok(proxy.cache.insert(token, claims, now))
 }
 
 async fn forward(
