@@ -14,21 +14,21 @@
 //! are cistern's. cistern runs pinned to core 0, this process to core 1.
 //! Loopback only; every phase is bounded in count and time.
 
+mod common;
+
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get};
-use cistern::dev::{DevIssuer, DevMode};
 use clap::Parser;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -99,12 +99,6 @@ fn main() -> anyhow::Result<()> {
         .block_on(run(args))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 fn quantiles(h: &Histogram<u64>) -> String {
     format!(
         "p50 {:.0} µs, p99 {:.0} µs",
@@ -135,26 +129,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let gitlab_url = format!("http://{}", gitlab_listener.local_addr()?);
     tokio::spawn(async move { axum::serve(gitlab_listener, gitlab_app).await });
 
-    let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
-    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
-    let (jwks, disc) = (
-        dev.jwks_json(),
-        dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")),
-    );
-    let issuer_app = Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            get(move || async move { ([("content-type", "application/json")], disc) }),
-        )
-        .route(
-            "/oauth/discovery/keys",
-            get(move || async move { ([("content-type", "application/json")], jwks) }),
-        );
-    tokio::spawn(async move { axum::serve(issuer_listener, issuer_app).await });
+    let (dev, issuer_url) = common::serve_issuer().await?;
 
     let dir = tempfile::tempdir()?;
-    let port = free_port()?;
+    let port = common::free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     std::fs::create_dir(dir.path().join("policies"))?;
     let role = |name: &str, kind: &str, ttl: &str| {
@@ -194,28 +172,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
              token_env = \"BENCH_GITLAB_TOKEN\"\nreconcile_interval = \"1h\"\n"
         ),
     )?;
-    let mut child = tokio::process::Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(&args.cistern)
-        .args(["serve", "--config"])
-        .arg(dir.path().join("cistern.toml"))
-        .env("BENCH_GITLAB_TOKEN", "glpat-bench-own-credential")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting cistern")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = lines.next_line().await? {
-            if l.starts_with("cistern: listening on") {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-        bail!("cistern exited before listening")
-    })
-    .await??;
+    let (_child, _pid) = common::start_cistern(
+        &args.cistern,
+        &dir.path().join("cistern.toml"),
+        "0",
+        &[("BENCH_GITLAB_TOKEN", "glpat-bench-own-credential")],
+    )
+    .await?;
 
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.connections)

@@ -11,8 +11,9 @@
 //!
 //! All traffic is loopback; every phase is bounded in count and time.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -20,16 +21,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, ParsedPublicKey};
-use axum::Router;
-use axum::routing::get;
 use bytes::Bytes;
-use cistern::dev::{DevIssuer, DevMode};
+use cistern::dev::DevIssuer;
 use clap::Parser;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -84,23 +82,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     eprintln!("crypto ceiling (RS256 verify + ES256 sign, one core): {ceiling:.0} exchanges/s");
 
     // The issuer: a dev-issuer key, served on loopback with GitLab's paths.
-    let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
-    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
-    let (jwks, disc) = (
-        dev.jwks_json(),
-        dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")),
-    );
-    let issuer_app = Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            get(move || async move { ([("content-type", "application/json")], disc) }),
-        )
-        .route(
-            "/oauth/discovery/keys",
-            get(move || async move { ([("content-type", "application/json")], jwks) }),
-        );
-    tokio::spawn(async move { axum::serve(issuer_listener, issuer_app).await });
+    let (dev, issuer_url) = common::serve_issuer().await?;
 
     let started = Instant::now();
     let tokens = Arc::new(premint(&dev, &issuer_url, args.tokens)?);
@@ -117,7 +99,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => tempfile::tempdir_in(dir.path())?,
     };
     let db_path = store_dir.path().join("cistern.db");
-    let port = free_port()?;
+    let port = common::free_port()?;
     let base = format!("http://127.0.0.1:{port}");
     std::fs::create_dir(dir.path().join("policies"))?;
     std::fs::write(
@@ -143,33 +125,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     )?;
     let spawned = Instant::now();
-    let mut cmd = if args.server_core.is_empty() {
-        tokio::process::Command::new(&args.cistern)
-    } else {
-        let mut c = tokio::process::Command::new("taskset");
-        c.args(["-c", &args.server_core]).arg(&args.cistern);
-        c
-    };
-    let mut child = cmd
-        .args(["serve", "--config"])
-        .arg(dir.path().join("cistern.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting cistern")?;
-    let pid = child.id().context("cistern pid")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = lines.next_line().await? {
-            if l.starts_with("cistern: listening on") {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-        bail!("cistern exited before listening")
-    })
-    .await??;
+    let (mut child, pid) = common::start_cistern(
+        &args.cistern,
+        &dir.path().join("cistern.toml"),
+        &args.server_core,
+        &[],
+    )
+    .await?;
     let listening = spawned.elapsed();
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.set_nodelay(true);
@@ -703,23 +665,6 @@ fn server_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> String {
     format!("{:.2} ms / {:.2} ms", q(0.5), q(0.99))
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// `USER_HZ`, the unit of `/proc/<pid>/task/*/stat` times (100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
 
@@ -765,9 +710,9 @@ fn cpu_summary(p: &Phase) -> String {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
+    common::status_kib(pid, "VmRSS:")
 }
 
 fn hwm_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmHWM:")
+    common::status_kib(pid, "VmHWM:")
 }

@@ -12,17 +12,15 @@
 //! Needs `nginx`, `wrk` and `taskset` on PATH (scripts/proxybench.sh
 //! installs the Debian packages). Loopback only; every phase is bounded.
 
+mod common;
+
+use common::{free_port, status_kib};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use axum::Router;
-use axum::routing::get;
-use cistern::dev::{DevIssuer, DevMode};
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -55,12 +53,6 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(run(args))
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// A child process stopped on drop (SIGTERM: nginx's master then stops its
@@ -185,15 +177,26 @@ fn wrk(url: &str, token: Option<&str>, connections: u32, secs: u32) -> anyhow::R
     Ok(w)
 }
 
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// One wrk run while sampling `pid`'s RSS every 100 ms; returns wrk's
+/// figures and the peak RSS (KiB).
+async fn wrk_with_rss(
+    pid: u32,
+    url: String,
+    token: Option<String>,
+    connections: u32,
+    secs: u32,
+) -> anyhow::Result<(Wrk, u64)> {
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        for _ in 0..(secs * 10) {
+            peak = peak.max(status_kib(pid, "VmRSS:"));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        peak
+    });
+    let w = tokio::task::spawn_blocking(move || wrk(&url, token.as_deref(), connections, secs))
+        .await??;
+    Ok((w, sampler.await?))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -238,23 +241,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     )?;
 
     // An issuer for one ID token (the dev issuer's key, served on loopback).
-    let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
-    let issuer_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let issuer_url = format!("http://{}", issuer_listener.local_addr()?);
-    let (jwks, disc) = (
-        dev.jwks_json(),
-        dev.discovery_json(&issuer_url, &format!("{issuer_url}/oauth/discovery/keys")),
-    );
-    let issuer_app = Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            get(move || async move { ([("content-type", "application/json")], disc) }),
-        )
-        .route(
-            "/oauth/discovery/keys",
-            get(move || async move { ([("content-type", "application/json")], jwks) }),
-        );
-    tokio::spawn(async move { axum::serve(issuer_listener, issuer_app).await });
+    let (dev, issuer_url) = common::serve_issuer().await?;
 
     // cistern with one route to the upstream, on core 0.
     let port = free_port()?;
@@ -282,28 +269,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
              secret_file = \"secret\"\npresent = \"private_token\"\nallow_insecure_http = true\n"
         ),
     )?;
-    let mut child = tokio::process::Command::new("taskset")
-        .args(["-c", "0"])
-        .arg(&args.cistern)
-        .args(["serve", "--config"])
-        .arg(dir.path().join("cistern.toml"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting cistern")?;
-    let pid = child.id().context("cistern pid")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(l) = lines.next_line().await? {
-            if l.starts_with("cistern: listening on") {
-                return Ok::<_, anyhow::Error>(());
-            }
-        }
-        bail!("cistern exited before listening")
-    })
-    .await??;
+    let (_child, pid) =
+        common::start_cistern(&args.cistern, &dir.path().join("cistern.toml"), "0", &[]).await?;
     for p in [up_port, ng_port, ngk_port] {
         wait_port(p).await?;
     }
@@ -367,35 +334,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let rss_before = status_kib(pid, "VmRSS:");
     // The same connection count on an endpoint that proxies nothing, to
     // tell the server side's memory from the proxy's.
-    let healthz = {
-        let url = format!("{base}/healthz");
-        let m = args.memory_connections;
-        let sampler = tokio::spawn(async move {
-            let mut peak = 0;
-            for _ in 0..(s * 10) {
-                peak = peak.max(status_kib(pid, "VmRSS:"));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            peak
-        });
-        let w = tokio::task::spawn_blocking(move || wrk(&url, None, m, s)).await??;
-        (w.rps, sampler.await?)
-    };
-    let mem = {
-        let token = token.clone();
-        let url = format!("{base}/proxy/bench{PATH}");
-        let m = args.memory_connections;
-        let sampler = tokio::spawn(async move {
-            let mut peak = 0;
-            for _ in 0..(s * 10) {
-                peak = peak.max(status_kib(pid, "VmRSS:"));
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            peak
-        });
-        let w = tokio::task::spawn_blocking(move || wrk(&url, Some(&token), m, s)).await??;
-        (w, sampler.await?)
-    };
+    let healthz = wrk_with_rss(
+        pid,
+        format!("{base}/healthz"),
+        None,
+        args.memory_connections,
+        s,
+    )
+    .await?;
+    let healthz = (healthz.0.rps, healthz.1);
+    let mem = wrk_with_rss(
+        pid,
+        format!("{base}/proxy/bench{PATH}"),
+        Some(token.clone()),
+        args.memory_connections,
+        s,
+    )
+    .await?;
     let hwm = status_kib(pid, "VmHWM:");
     let audited: i64 = rusqlite::Connection::open_with_flags(
         dir.path().join("data/cistern.db"),

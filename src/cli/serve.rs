@@ -106,15 +106,7 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
 
 /// The proxy process's background work: follow what `cistern serve` changes.
 fn spawn_proxy_background(config: &Config, built: &Built) {
-    if let Some(proxy) = &built.proxy {
-        tokio::spawn(proxy.clone().run_refresh(config.proxy.secret_refresh));
-    }
-    built
-        .state
-        .lifecycle
-        .lifecycle
-        .clone()
-        .spawn_poller(config.revocation.poll_interval);
+    spawn_followers(config, built);
     let policies = built.policies.clone();
     spawn_reloader(
         policies.clone(),
@@ -435,17 +427,23 @@ fn hex32(h: &str) -> Option<[u8; 32]> {
     hex::decode(h).ok()?.try_into().ok()
 }
 
-fn spawn_background(config: &Config, built: &Built) {
+/// What both `serve` and `proxy` follow: revocation rules and blocks
+/// written by other processes (CLI `--direct`, another server), and sealed
+/// proxy secrets replaced with `cistern route set-secret`.
+fn spawn_followers(config: &Config, built: &Built) {
     if let Some(proxy) = &built.proxy {
         tokio::spawn(proxy.clone().run_refresh(config.proxy.secret_refresh));
     }
-    // Rules and blocks written by other processes (CLI `--direct`).
     built
         .state
         .lifecycle
         .lifecycle
         .clone()
         .spawn_poller(config.revocation.poll_interval);
+}
+
+fn spawn_background(config: &Config, built: &Built) {
+    spawn_followers(config, built);
 
     let ex = built.state.exchanger.clone();
     for (keeper, interval) in &built.keepers {

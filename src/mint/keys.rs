@@ -376,15 +376,7 @@ impl KeyRing {
             tracing::info!(kid = %key.kid, alg = cfg.algorithm.as_str(), "generated the first signing key");
             RingState::new(manifest, Arc::new(key), vec![public])?
         };
-        let ring = KeyRing {
-            state: ArcSwap::from_pointee(state),
-            dir,
-            algorithm: cfg.algorithm,
-            rotation_period_secs: secs_i64(cfg.rotation_period)?,
-            retire_after_secs: secs_i64(max_ttl.saturating_add(RETIRE_GRACE))?,
-            clock,
-            rotate_lock: Mutex::new(()),
-        };
+        let ring = KeyRing::assemble(state, dir, cfg, clock, max_ttl)?;
         if ring.stored_current_algorithm() != ring.algorithm {
             let rotation = ring.rotate(true)?;
             tracing::info!(
@@ -407,6 +399,16 @@ impl KeyRing {
         let dir = cfg.key_dir.clone();
         let manifest = read_manifest(&dir.join(MANIFEST))?;
         let state = load_state(&dir, manifest)?;
+        KeyRing::assemble(state, dir, cfg, clock, max_ttl)
+    }
+
+    fn assemble(
+        state: RingState,
+        dir: PathBuf,
+        cfg: &SigningConfig,
+        clock: Arc<dyn Clock>,
+        max_ttl: Duration,
+    ) -> Result<KeyRing, KeyError> {
         Ok(KeyRing {
             state: ArcSwap::from_pointee(state),
             dir,
@@ -1039,6 +1041,31 @@ mod tests {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         assert_eq!(names.len(), 2, "only the key and the manifest: {names:?}");
+    }
+
+    #[test]
+    fn a_read_only_view_never_writes_and_follows_the_owners_rotations() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("keys");
+        let clock = Arc::new(ManualClock::at_secs(T0));
+        let cfg = SigningConfig {
+            key_dir: dir.clone(),
+            algorithm: SigningAlgorithm::ES256,
+            rotation_period: Duration::from_secs(86_400),
+        };
+        // Nothing to read yet: refused, and nothing created.
+        assert!(KeyRing::open_existing(&cfg, clock.clone(), Duration::from_secs(3600)).is_err());
+        assert!(!dir.exists());
+        let owner = open_at(&dir, SigningAlgorithm::ES256, &clock).unwrap();
+        let view = KeyRing::open_existing(&cfg, clock.clone(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(view.current_kid(), owner.current_kid());
+        assert!(!view.reload_if_changed().unwrap());
+        let rotation = owner.rotate(true).unwrap().unwrap();
+        assert_ne!(view.current_kid(), rotation.new_kid);
+        assert!(view.reload_if_changed().unwrap());
+        assert!(!view.reload_if_changed().unwrap());
+        assert_eq!(jwks_kids(&view), jwks_kids(&owner));
+        assert!(jwks_kids(&view).contains(&rotation.new_kid));
     }
 
     #[test]

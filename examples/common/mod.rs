@@ -1,0 +1,96 @@
+//! What the benchmark programs share: a GitLab-shaped issuer on loopback,
+//! starting `cistern serve` pinned to a core, and `/proc` readings.
+
+#![allow(dead_code)] // each benchmark uses a different part
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::routing::get;
+use cistern::dev::{DevIssuer, DevMode};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// A fresh development issuer key, served with GitLab's paths (discovery
+/// and `/oauth/discovery/keys`) on 127.0.0.1; returns it and its URL.
+pub async fn serve_issuer() -> anyhow::Result<(Arc<DevIssuer>, String)> {
+    let dev = Arc::new(DevIssuer::generate(DevMode::i_am_in_dev_mode())?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let (jwks, disc) = (
+        dev.jwks_json(),
+        dev.discovery_json(&url, &format!("{url}/oauth/discovery/keys")),
+    );
+    let app = Router::new()
+        .route(
+            "/.well-known/openid-configuration",
+            get(move || async move { ([("content-type", "application/json")], disc) }),
+        )
+        .route(
+            "/oauth/discovery/keys",
+            get(move || async move { ([("content-type", "application/json")], jwks) }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((dev, url))
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts `cistern serve --config CONFIG` (pinned to `core` with taskset
+/// unless empty, with `envs` added) and waits for its "listening" line.
+pub async fn start_cistern(
+    cistern: &Path,
+    config: &Path,
+    core: &str,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(tokio::process::Child, u32)> {
+    let mut cmd = if core.is_empty() {
+        tokio::process::Command::new(cistern)
+    } else {
+        let mut c = tokio::process::Command::new("taskset");
+        c.args(["-c", core]).arg(cistern);
+        c
+    };
+    let mut child = cmd
+        .args(["serve", "--config"])
+        .arg(config)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting cistern")?;
+    let pid = child.id().context("cistern pid")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = lines.next_line().await? {
+            if l.starts_with("cistern: listening on") {
+                return Ok::<_, anyhow::Error>(());
+            }
+        }
+        bail!("cistern exited before listening")
+    })
+    .await??;
+    Ok((child, pid))
+}
+
+/// A `/proc/<pid>/status` field in KiB (`VmRSS:`, `VmHWM:`), 0 if unreadable.
+pub fn status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
