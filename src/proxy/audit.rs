@@ -186,7 +186,8 @@ impl AuditQueue {
 pub struct Slot(mpsc::OwnedPermit<Message>);
 
 impl Slot {
-    fn send(self, record: ProxyRecord) {
+    /// Queues `record` in the reserved place (never waits).
+    pub fn send(self, record: ProxyRecord) {
         self.0.send(Message::Record(Box::new(record)));
     }
 }

@@ -557,10 +557,66 @@ async fn forward(
         started,
         slot,
     };
+    let body = match small_body_len(&parts.headers) {
+        // A small body is read before answering so head and body leave in
+        // one write; anything larger (or unsized) streams.
+        Some(len) => match tokio::time::timeout(
+            route.timeout,
+            axum::body::to_bytes(Body::new(body), usize::try_from(len).unwrap_or(0)),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => Body::from(bytes),
+            _ => {
+                let mut record = finish.record;
+                record.status = None;
+                let refusal = Refusal::Upstream(
+                    StatusCode::BAD_GATEWAY,
+                    "unreachable",
+                    "the upstream's body failed".into(),
+                );
+                record.refused(refusal.family(), &refusal_detail(&refusal));
+                if let Some(slot) = finish.slot {
+                    slot.send(record);
+                }
+                return refusal.response();
+            }
+        },
+        None => Body::new(body),
+    };
     let body = Body::new(audit::Counted::new(
-        Body::new(body),
+        body,
         audit::ByteCounter::default(),
         Some(finish),
     ));
     Response::from_parts(parts, body)
+}
+
+/// Bodies up to this size are read whole before the response is sent.
+const SMALL_BODY: u64 = 16 * 1024;
+
+fn small_body_len(h: &http::HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n <= SMALL_BODY)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_small_sized_bodies_are_read_whole() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(small_body_len(&h), None, "unsized: streamed");
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("16384"));
+        assert_eq!(small_body_len(&h), Some(16_384));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("16385"));
+        assert_eq!(small_body_len(&h), None);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("x"));
+        assert_eq!(small_body_len(&h), None);
+    }
 }
