@@ -198,24 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let id =
                     dev.mint_id_token(&issuer_url, AUD, &serde_json::Map::new(), now(), 3600)?;
                 let started = Instant::now();
-                let res = http
-                    .post(format!("{base}/oauth/token"))
-                    .form(&[
-                        (
-                            "grant_type",
-                            "urn:ietf:params:oauth:grant-type:token-exchange",
-                        ),
-                        ("subject_token", id.as_str()),
-                        (
-                            "subject_token_type",
-                            "urn:ietf:params:oauth:token-type:id_token",
-                        ),
-                        ("role", role),
-                    ])
-                    .send()
-                    .await?;
-                let status = res.status();
-                let body: Value = res.json().await?;
+                let (status, body) = common::exchange(&http, &base, &id, role).await?;
                 let took = started.elapsed();
                 if status != 200 {
                     bail!("exchange for {role}: {status} {body}");

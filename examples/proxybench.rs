@@ -279,24 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs() as i64;
     let id_token = dev.mint_id_token(&issuer_url, AUD, &serde_json::Map::new(), now, 3600)?;
-    let answer = reqwest::Client::new()
-        .post(format!("{base}/oauth/token"))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", id_token.as_str()),
-            (
-                "subject_token_type",
-                "urn:ietf:params:oauth:token-type:id_token",
-            ),
-            ("role", "bench"),
-        ])
-        .send()
-        .await?
-        .json::<serde_json::Value>()
-        .await?;
+    let (_, answer) = common::exchange(&reqwest::Client::new(), &base, &id_token, "bench").await?;
     let token = answer["access_token"]
         .as_str()
         .with_context(|| format!("exchange failed: {answer}"))?

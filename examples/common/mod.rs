@@ -94,3 +94,31 @@ pub fn status_kib(pid: u32, key: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// One RFC 8693 exchange of `id_token` for `role` at cistern's `base`;
+/// the status and the JSON answer.
+pub async fn exchange(
+    http: &reqwest::Client,
+    base: &str,
+    id_token: &str,
+    role: &str,
+) -> anyhow::Result<(u16, serde_json::Value)> {
+    let res = http
+        .post(format!("{base}/oauth/token"))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", id_token),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:id_token",
+            ),
+            ("role", role),
+        ])
+        .send()
+        .await?;
+    let status = res.status().as_u16();
+    Ok((status, res.json().await?))
+}

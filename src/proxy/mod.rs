@@ -329,21 +329,33 @@ async fn handle(proxy: Arc<Proxy>, index: usize, req: Request) -> Response {
     match authorize(&proxy, route, &req, normalized) {
         Err((refusal, claims)) => {
             record.set_identity(claims.as_deref());
-            record.refused(refusal.family(), &refusal_detail(&refusal));
-            proxy
-                .metrics
-                .proxy()
-                .request(&route.name, refusal.family(), started.elapsed());
-            proxy.audit.send(record).await;
-            refusal.response()
+            refuse(&proxy, route, refusal, record, started).await
         }
         Ok((allowed, rest)) => {
             record.set_identity(Some(&allowed.claims));
             record.path = rest.as_text();
             record.rule = Some(allowed.rule);
-            forward(&proxy, route, req, &rest, record, started).await
+            forward(&proxy, route, req, record, started).await
         }
     }
+}
+
+/// Answers a refusal: its audit record (waiting for room in the queue),
+/// its metric, and the response naming its family.
+async fn refuse(
+    proxy: &Proxy,
+    route: &Route,
+    refusal: Refusal,
+    mut record: ProxyRecord,
+    started: Instant,
+) -> Response {
+    record.refused(refusal.family(), &refusal_detail(&refusal));
+    proxy
+        .metrics
+        .proxy()
+        .request(&route.name, refusal.family(), started.elapsed());
+    proxy.audit.send(record).await;
+    refusal.response()
 }
 
 fn refusal_detail(r: &Refusal) -> String {
@@ -451,48 +463,46 @@ fn authenticate(
     Ok(proxy.cache.insert(token, claims, now))
 }
 
+/// Injects, forwards and answers. `record.path` is the normalized path
+/// below the route's prefix: the one authorized, and the one forwarded.
 async fn forward(
     proxy: &Proxy,
     route: &Route,
     req: Request,
-    rest: &NormalPath,
     mut record: ProxyRecord,
     started: Instant,
 ) -> Response {
-    let refuse = |refusal: Refusal, mut record: ProxyRecord| async move {
-        record.refused(refusal.family(), &refusal_detail(&refusal));
-        proxy
-            .metrics
-            .proxy()
-            .request(&route.name, refusal.family(), started.elapsed());
-        proxy.audit.send(record).await;
-        refusal.response()
-    };
     let secret = match route.credential.current(proxy.clock.now_millis()).await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(route = %route.name, error = %e, "proxy: upstream credential unavailable");
             return refuse(
+                proxy,
+                route,
                 Refusal::Upstream(StatusCode::BAD_GATEWAY, "credential", e),
                 record,
+                started,
             )
             .await;
         }
     };
     let Some(injected) = route.presenter.value(&secret) else {
         return refuse(
+            proxy,
+            route,
             Refusal::Upstream(
                 StatusCode::BAD_GATEWAY,
                 "credential",
                 "the credential is not a valid header value".into(),
             ),
             record,
+            started,
         )
         .await;
     };
     drop(secret);
     let (parts, body) = req.into_parts();
-    let mut target = format!("{}{}", route.upstream, rest.as_text());
+    let mut target = format!("{}{}", route.upstream, record.path);
     if let Some(q) = parts.uri.query() {
         target.push('?');
         target.push_str(q);
@@ -501,8 +511,11 @@ async fn forward(
         Ok(u) => u,
         Err(_) => {
             return refuse(
+                proxy,
+                route,
                 Refusal::BadRequest("path", "the forwarded URL is not valid".into()),
                 record,
+                started,
             )
             .await;
         }
@@ -525,25 +538,52 @@ async fn forward(
         Ok(Err(e)) => {
             tracing::warn!(route = %route.name, error = %e, "proxy: upstream request failed");
             return refuse(
+                proxy,
+                route,
                 Refusal::Upstream(StatusCode::BAD_GATEWAY, "unreachable", e.to_string()),
                 record,
+                started,
             )
             .await;
         }
         Err(_) => {
             return refuse(
+                proxy,
+                route,
                 Refusal::Upstream(
                     StatusCode::GATEWAY_TIMEOUT,
                     "timeout",
                     format!("no response within {:?}", route.timeout),
                 ),
                 record,
+                started,
             )
             .await;
         }
     };
     let (mut parts, body) = response.into_parts();
     parts.headers = headers::response_headers(&parts.headers, &route.upstream, &route.public);
+    // A small body is read before answering so head and body leave in one
+    // write; anything larger (or unsized) streams.
+    let body = match small_body_len(&parts.headers) {
+        Some(len) => match tokio::time::timeout(
+            route.timeout,
+            axum::body::to_bytes(Body::new(body), usize::try_from(len).unwrap_or(0)),
+        )
+        .await
+        {
+            Ok(Ok(bytes)) => Body::from(bytes),
+            _ => {
+                let refusal = Refusal::Upstream(
+                    StatusCode::BAD_GATEWAY,
+                    "unreachable",
+                    "the upstream's body failed".into(),
+                );
+                return refuse(proxy, route, refusal, record, started).await;
+            }
+        },
+        None => Body::new(body),
+    };
     record.status = Some(parts.status.as_u16());
     proxy
         .metrics
@@ -556,33 +596,6 @@ async fn forward(
         request_bytes: counter,
         started,
         slot,
-    };
-    let body = match small_body_len(&parts.headers) {
-        // A small body is read before answering so head and body leave in
-        // one write; anything larger (or unsized) streams.
-        Some(len) => match tokio::time::timeout(
-            route.timeout,
-            axum::body::to_bytes(Body::new(body), usize::try_from(len).unwrap_or(0)),
-        )
-        .await
-        {
-            Ok(Ok(bytes)) => Body::from(bytes),
-            _ => {
-                let mut record = finish.record;
-                record.status = None;
-                let refusal = Refusal::Upstream(
-                    StatusCode::BAD_GATEWAY,
-                    "unreachable",
-                    "the upstream's body failed".into(),
-                );
-                record.refused(refusal.family(), &refusal_detail(&refusal));
-                if let Some(slot) = finish.slot {
-                    slot.send(record);
-                }
-                return refusal.response();
-            }
-        },
-        None => Body::new(body),
     };
     let body = Body::new(audit::Counted::new(
         body,
