@@ -36,6 +36,9 @@ struct Args {
     /// Connections for the memory measurement.
     #[arg(long, default_value_t = 1000)]
     memory_connections: u32,
+    /// Only the memory measurement (skips the throughput and latency table).
+    #[arg(long)]
+    memory_only: bool,
     /// Core of the upstream: 1 (default, beside wrk: throughput, the proxy
     /// alone on core 0) or 0 (beside the proxy: the added latency, where
     /// the direct call crosses cores exactly as the proxied one does).
@@ -295,10 +298,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let (c, s) = (args.connections, args.secs);
+    let only_memory = args.memory_only;
     let runs = tokio::task::spawn_blocking({
         let token = token.clone();
         move || -> anyhow::Result<Vec<(String, Wrk, Wrk)>> {
             let mut out = Vec::new();
+            if only_memory {
+                return Ok(out);
+            }
             for (name, url) in [
                 ("upstream directly", direct),
                 ("nginx proxy_pass", via_nginx),
@@ -345,30 +352,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
         |r| r.get(0),
     )?;
 
-    let direct_p50 = runs[0].2.p50_us;
-    println!(
-        "| target | req/s at {c} conns | p50 / p99 at {c} conns | p50 at 1 conn | added p50 at 1 conn vs direct | non-2xx |"
-    );
-    println!("|---|---|---|---|---|---|");
-    for (name, load, one) in &runs {
+    let direct_p50 = runs.first().map_or(0.0, |r| r.2.p50_us);
+    if !runs.is_empty() {
         println!(
-            "| {name} | {:.0} | {:.0} µs / {:.0} µs | {:.0} µs | {} | {} {}|",
-            load.rps,
-            load.p50_us,
-            load.p99_us,
-            one.p50_us,
-            if name.starts_with("upstream") {
-                "—".to_owned()
-            } else {
-                format!("{:+.0} µs", one.p50_us - direct_p50)
-            },
-            load.non_2xx + one.non_2xx,
-            if load.errors.is_empty() {
-                String::new()
-            } else {
-                format!("({}) ", load.errors)
-            }
+            "| target | req/s at {c} conns | p50 / p99 at {c} conns | p50 at 1 conn | added p50 at 1 conn vs direct | non-2xx |"
         );
+        println!("|---|---|---|---|---|---|");
+        for (name, load, one) in &runs {
+            println!(
+                "| {name} | {:.0} | {:.0} µs / {:.0} µs | {:.0} µs | {} | {} {}|",
+                load.rps,
+                load.p50_us,
+                load.p99_us,
+                one.p50_us,
+                if name.starts_with("upstream") {
+                    "—".to_owned()
+                } else {
+                    format!("{:+.0} µs", one.p50_us - direct_p50)
+                },
+                load.non_2xx + one.non_2xx,
+                if load.errors.is_empty() {
+                    String::new()
+                } else {
+                    format!("({}) ", load.errors)
+                }
+            );
+        }
     }
     let (mw, peak) = mem;
     println!(
