@@ -16,6 +16,7 @@ mod common;
 use std::convert::Infallible;
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -87,12 +88,34 @@ struct Seen {
 struct Echo {
     seen: Arc<Mutex<Vec<Seen>>>,
     base: Arc<Mutex<String>>,
+    /// Requests being answered now (from the handler's start until the
+    /// response body is dropped), and the most at once.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts one request in flight until dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl InFlight {
+    fn enter(echo: &Echo) -> InFlight {
+        let now = echo.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        echo.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(echo.in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// `n` frames of 64 KiB, one every 20 ms.
 struct Slow {
     left: u32,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    _in_flight: Option<InFlight>,
 }
 
 impl http_body::Body for Slow {
@@ -139,6 +162,7 @@ impl http_body::Body for Zeros {
 }
 
 async fn echo_handler(State(echo): State<Echo>, req: Request) -> Response {
+    let in_flight = InFlight::enter(&echo);
     let (parts, mut body) = req.into_parts();
     let mut body_bytes = 0u64;
     while let Some(frame) = body.frame().await {
@@ -171,6 +195,7 @@ async fn echo_handler(State(echo): State<Echo>, req: Request) -> Response {
         return Response::new(Body::new(Slow {
             left: n.parse().unwrap(),
             sleep: None,
+            _in_flight: Some(in_flight),
         }));
     }
     if path == "/base/redirect" {
@@ -673,6 +698,46 @@ async fn a_revoked_token_is_refused_from_the_next_request_on() {
     }
     // Another job's token is untouched.
     assert_eq!(w.get("/projects/42", Some(&keep)).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_capped_and_requests_beyond_the_cap_wait() {
+    let (echo, url) = Echo::start().await;
+    let dev = DevIssuer::start();
+    let (_secret_dir, secret_path) = secret_file();
+    let c = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[AUD])
+        .policy("echo.toml", ECHO_POLICY)
+        .set("proxy.routes.echo.upstream", url)
+        .set("proxy.routes.echo.audience", "https://echo.test")
+        .set("proxy.routes.echo.secret_file", secret_path)
+        .set("proxy.routes.echo.present", "private_token")
+        .set("proxy.routes.echo.allow_insecure_http", true)
+        .set("proxy.routes.echo.max_connections", 2)
+        .start();
+    let id = dev.id_token("42", "7").await;
+    let (status, body) = c.exchange(&id, "echo", None).await;
+    assert_eq!(status, 200, "{body}");
+    let token = body["access_token"].as_str().unwrap().to_owned();
+    // Eight streamed downloads at once (three 64 KiB frames, 20 ms apart,
+    // each): a streamed response holds its connection until it ends.
+    let url = format!("{}/proxy/echo/slow/3", c.base_url());
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, url, token) = (c.http().clone(), url.clone(), token.clone());
+        tasks.push(tokio::spawn(async move {
+            let res = http.get(url).bearer_auth(token).send().await.unwrap();
+            (res.status().as_u16(), res.bytes().await.unwrap().len())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (200, 3 * 64 * 1024));
+    }
+    let most = echo.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&most),
+        "the upstream saw {most} requests at once through a route capped at 2"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

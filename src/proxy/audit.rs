@@ -248,6 +248,8 @@ pub struct Finish {
     pub started: Instant,
     /// Its reserved place in the audit queue.
     pub slot: Option<Slot>,
+    /// The route's upstream connection permit, released with the body.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// A body passed through unchanged (streamed, never buffered), counting

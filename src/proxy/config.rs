@@ -128,9 +128,19 @@ pub struct RouteConfig {
     /// Connecting to the upstream (TCP + TLS).
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// Until the upstream's response headers arrive (bodies stream on).
+    /// Until the upstream's response headers arrive (bodies stream on);
+    /// waiting for a free upstream connection counts.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Upstream connections open at most. A request beyond it waits for
+    /// one to come free (within `timeout`), so a burst of clients cannot
+    /// open a connection, and its buffers, each.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+}
+
+fn default_max_connections() -> u32 {
+    128
 }
 
 fn default_connect_timeout() -> Duration {
@@ -346,6 +356,9 @@ impl ProxyConfig {
             }
             if r.connect_timeout.is_zero() || r.timeout.is_zero() {
                 return Err(src.error(&field("timeout"), "timeouts must be positive"));
+            }
+            if r.max_connections == 0 {
+                return Err(src.error(&field("max_connections"), "must be at least 1"));
             }
         }
         Ok(())

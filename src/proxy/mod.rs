@@ -23,6 +23,8 @@ pub mod upstream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Semaphore;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -58,6 +60,8 @@ pub struct Route {
     credential: CredentialSource,
     presenter: Presenter,
     client: UpstreamClient,
+    /// One permit per upstream connection in use (`max_connections`).
+    connections: Arc<Semaphore>,
     timeout: Duration,
 }
 
@@ -138,6 +142,7 @@ impl Proxy {
                     .map_err(|e| (name.clone(), e))?,
                 presenter: Presenter::of(r),
                 client: upstream::client(r).map_err(|e| (name.clone(), e))?,
+                connections: Arc::new(Semaphore::new(r.max_connections as usize)),
                 timeout: r.timeout,
             });
         }
@@ -532,10 +537,25 @@ async fn forward(
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = uri;
     *upstream_req.headers_mut() = headers;
-    let sent = tokio::time::timeout(route.timeout, route.client.request(upstream_req)).await;
-    let response = match sent {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
+    // The permit is held until the response body ends, when hyper hands
+    // the connection back to the pool.
+    let sent = tokio::time::timeout(route.timeout, async {
+        let permit = route.connections.clone().acquire_owned().await;
+        (permit, route.client.request(upstream_req).await)
+    })
+    .await;
+    let (permit, response) = match sent {
+        Ok((Ok(permit), Ok(r))) => (permit, r),
+        Ok((Err(_), _)) => {
+            // The semaphore is never closed; answered like an unreachable upstream.
+            let refusal = Refusal::Upstream(
+                StatusCode::BAD_GATEWAY,
+                "unreachable",
+                "no upstream connection".into(),
+            );
+            return refuse(proxy, route, refusal, record, started).await;
+        }
+        Ok((Ok(_), Err(e))) => {
             tracing::warn!(route = %route.name, error = %e, "proxy: upstream request failed");
             return refuse(
                 proxy,
@@ -564,15 +584,19 @@ async fn forward(
     let (mut parts, body) = response.into_parts();
     parts.headers = headers::response_headers(&parts.headers, &route.upstream, &route.public);
     // A small body is read before answering so head and body leave in one
-    // write; anything larger (or unsized) streams.
-    let body = match small_body_len(&parts.headers) {
+    // write (its connection is back in the pool then); anything larger (or
+    // unsized) streams, holding the connection's permit until it ends.
+    let (body, permit) = match small_body_len(&parts.headers) {
         Some(len) => match tokio::time::timeout(
             route.timeout,
             axum::body::to_bytes(Body::new(body), usize::try_from(len).unwrap_or(0)),
         )
         .await
         {
-            Ok(Ok(bytes)) => Body::from(bytes),
+            Ok(Ok(bytes)) => {
+                drop(permit);
+                (Body::from(bytes), None)
+            }
             _ => {
                 let refusal = Refusal::Upstream(
                     StatusCode::BAD_GATEWAY,
@@ -582,7 +606,7 @@ async fn forward(
                 return refuse(proxy, route, refusal, record, started).await;
             }
         },
-        None => Body::new(body),
+        None => (Body::new(body), Some(permit)),
     };
     record.status = Some(parts.status.as_u16());
     proxy
@@ -596,6 +620,7 @@ async fn forward(
         request_bytes: counter,
         started,
         slot,
+        permit,
     };
     let body = Body::new(audit::Counted::new(
         body,

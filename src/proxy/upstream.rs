@@ -88,6 +88,9 @@ pub fn client(cfg: &RouteConfig) -> Result<UpstreamClient, RouteSetupError> {
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new())
         .pool_idle_timeout(std::time::Duration::from_secs(90))
+        // A connection opened in a checkout race beyond the cap is closed
+        // when it comes back rather than kept.
+        .pool_max_idle_per_host(cfg.max_connections as usize)
         .build(https))
 }
 
