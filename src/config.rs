@@ -1511,6 +1511,18 @@ scopes = ["deploy:*"]
             "proxy.routes.r.kek_env"
         );
         assert_eq!(field(&route("kek_env = \"K\"")), "proxy.routes.r.kek_env");
+        assert_eq!(
+            field(&route("max_connections = 0")),
+            "proxy.routes.r.max_connections"
+        );
+        assert_eq!(
+            load(&route("max_connections = 8")).unwrap().proxy.routes["r"].max_connections,
+            8
+        );
+        assert_eq!(
+            load(&route("")).unwrap().proxy.routes["r"].max_connections,
+            128
+        );
         assert!(load(&route("host = \"gitlab-proxy.example.com\"")).is_ok());
         for bad in ["Upper.example", "h.example:443", "", "-a.example"] {
             assert_eq!(

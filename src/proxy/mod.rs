@@ -540,14 +540,14 @@ async fn forward(
     // The permit is held until the response body ends, when hyper hands
     // the connection back to the pool.
     let sent = tokio::time::timeout(route.timeout, async {
-        let permit = route.connections.clone().acquire_owned().await;
-        (permit, route.client.request(upstream_req).await)
+        // `None` only if the semaphore were closed, which it never is.
+        let permit = route.connections.clone().acquire_owned().await.ok()?;
+        Some((permit, route.client.request(upstream_req).await))
     })
     .await;
     let (permit, response) = match sent {
-        Ok((Ok(permit), Ok(r))) => (permit, r),
-        Ok((Err(_), _)) => {
-            // The semaphore is never closed; answered like an unreachable upstream.
+        Ok(Some((permit, Ok(r)))) => (permit, r),
+        Ok(None) => {
             let refusal = Refusal::Upstream(
                 StatusCode::BAD_GATEWAY,
                 "unreachable",
@@ -555,7 +555,7 @@ async fn forward(
             );
             return refuse(proxy, route, refusal, record, started).await;
         }
-        Ok((Ok(_), Err(e))) => {
+        Ok(Some((_, Err(e)))) => {
             tracing::warn!(route = %route.name, error = %e, "proxy: upstream request failed");
             return refuse(
                 proxy,
