@@ -182,7 +182,7 @@ pub(super) fn run(
         // next transaction starts the WAL again from its beginning.
         since_checkpoint += 1;
         if since_checkpoint >= CHECKPOINT_EVERY_BATCHES {
-            super::checkpoint::checkpoint(&conn);
+            let _ = super::checkpoint::checkpoint(&conn);
             since_checkpoint = 0;
         }
     }
