@@ -91,16 +91,7 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(%addr, routes = config.proxy.routes.len(), "cistern proxy listening");
     println!("cistern: proxy listening on {addr}");
     let _ = std::io::stdout().flush();
-    use axum::serve::ListenerExt as _;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    // `into_make_service`: serving a bare `Router` rebuilds its route maps
-    // for every accepted connection (heaptrack: ~9 KB per connection).
-    axum::serve(listener, app.into_make_service())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("proxy server")?;
+    crate::http::serve::serve(listener, app, shutdown_signal()).await;
     proxy.flush_audit().await;
     tracing::info!("cistern proxy stopped");
     Ok(())
@@ -372,18 +363,7 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         _ => None,
     };
     match tls {
-        None => {
-            use axum::serve::ListenerExt as _;
-            // Small request/response pairs: Nagle + delayed ACK would add milliseconds.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            // A shared router per connection, not one rebuilt per connection.
-            axum::serve(listener, app.into_make_service())
-                .with_graceful_shutdown(shutdown_signal())
-                .await
-                .context("server")?
-        }
+        None => crate::http::serve::serve(listener, app, shutdown_signal()).await,
         Some((cert, key)) => {
             let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
             let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)

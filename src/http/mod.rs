@@ -5,6 +5,7 @@ pub mod admin;
 pub mod error;
 pub mod form;
 pub mod revoke;
+pub mod serve;
 pub mod token;
 
 use std::sync::Arc;
