@@ -1243,6 +1243,40 @@ async fn a_host_route_takes_every_path_on_its_host_and_nothing_else() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+    // HTTP/1 half-close (src/http/serve.rs): a client may shut down its
+    // sending side once the request is out. The answer (a slow, streamed
+    // one) must still come, not a connection dropped as "EOF mid-request".
+    let w = start().await;
+    let token = w.token("42", "echo").await;
+    let mut s = tokio::net::TcpStream::connect(w.c.base_url().trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let head = format!(
+        "GET /proxy/echo/slow/3 HTTP/1.1\r\nHost: cistern.test\r\n\
+         Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out))
+        .await
+        .expect("the answer came")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    // Three 64 KiB frames of 1s after the head (chunk framing aside).
+    assert!(
+        out.iter().filter(|b| **b == 1).count() >= 3 * 64 * 1024,
+        "the whole body came"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_an_in_flight_proxied_download_and_writes_its_record() {
     let mut w = start().await;
     let token = w.token("42", "echo").await;
