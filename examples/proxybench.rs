@@ -249,6 +249,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // cistern with one route to the upstream, on core 0.
     let port = free_port()?;
     let base = format!("http://127.0.0.1:{port}");
+    // `cistern proxy` (the routes alone), measured last.
+    let proxy_port = free_port()?;
     std::fs::create_dir(dir.path().join("policies"))?;
     std::fs::write(dir.path().join("secret"), "bench-upstream-credential\n")?;
     std::fs::write(
@@ -268,11 +270,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
              [issuers.gitlab]\nissuer = \"{issuer_url}\"\naudiences = [\"{AUD}\"]\nallow_insecure_http = true\n\
              [policy]\ndir = \"policies\"\n[ceiling]\nissuers = [\"gitlab\"]\nmax_ttl = \"1h\"\nscopes = [\"api\"]\n\
              [log]\nlevel = \"warn\"\n\
+             [proxy]\nlisten = \"127.0.0.1:{proxy_port}\"\n\
              [proxy.routes.bench]\nupstream = \"http://127.0.0.1:{up_port}\"\naudience = \"{ROUTE_AUD}\"\n\
              secret_file = \"secret\"\npresent = \"private_token\"\nallow_insecure_http = true\n"
         ),
     )?;
-    let (_child, pid) =
+    let (mut serve_child, pid) =
         common::start_cistern(&args.cistern, &dir.path().join("cistern.toml"), "0", &[]).await?;
     for p in [up_port, ng_port, ngk_port] {
         wait_port(p).await?;
@@ -388,6 +391,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "cistern proxy at {} connections: {:.0} req/s, RSS before {} kB, peak {} kB, high-water {} kB; {} proxied requests audited",
         args.memory_connections, mw.rps, rss_before, peak, hwm, audited
+    );
+
+    // The same memory run on `cistern proxy` alone (same config, keys and
+    // store; `cistern serve` stopped first, so the proxy has core 0).
+    serve_child.kill().await?;
+    let (_proxy_child, proxy_pid) =
+        common::start_cistern_proxy(&args.cistern, &dir.path().join("cistern.toml"), "0").await?;
+    let alone_before = status_kib(proxy_pid, "VmRSS:");
+    let (alone, alone_peak) = wrk_with_rss(
+        proxy_pid,
+        format!("http://127.0.0.1:{proxy_port}/proxy/bench{PATH}"),
+        Some(token),
+        args.memory_connections,
+        s,
+    )
+    .await?;
+    println!(
+        "cistern proxy alone (`cistern proxy`) at {} connections: {:.0} req/s, RSS before {} kB, peak {} kB, high-water {} kB{}",
+        args.memory_connections,
+        alone.rps,
+        alone_before,
+        alone_peak,
+        status_kib(proxy_pid, "VmHWM:"),
+        if alone.non_2xx > 0 {
+            format!(" ({} non-2xx)", alone.non_2xx)
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }

@@ -52,6 +52,43 @@ pub async fn start_cistern(
     core: &str,
     envs: &[(&str, &str)],
 ) -> anyhow::Result<(tokio::process::Child, u32)> {
+    start(
+        cistern,
+        "serve",
+        "cistern: listening on",
+        config,
+        core,
+        envs,
+    )
+    .await
+}
+
+/// `cistern proxy --config <config>` (the routes alone, on `[proxy]
+/// listen`), pinned like [`start_cistern`], once it says it is listening.
+pub async fn start_cistern_proxy(
+    cistern: &Path,
+    config: &Path,
+    core: &str,
+) -> anyhow::Result<(tokio::process::Child, u32)> {
+    start(
+        cistern,
+        "proxy",
+        "cistern: proxy listening on",
+        config,
+        core,
+        &[],
+    )
+    .await
+}
+
+async fn start(
+    cistern: &Path,
+    command: &str,
+    listening: &str,
+    config: &Path,
+    core: &str,
+    envs: &[(&str, &str)],
+) -> anyhow::Result<(tokio::process::Child, u32)> {
     let mut cmd = if core.is_empty() {
         tokio::process::Command::new(cistern)
     } else {
@@ -60,7 +97,7 @@ pub async fn start_cistern(
         c
     };
     let mut child = cmd
-        .args(["serve", "--config"])
+        .args([command, "--config"])
         .arg(config)
         .envs(envs.iter().copied())
         .stdout(Stdio::piped())
@@ -73,7 +110,7 @@ pub async fn start_cistern(
     let mut lines = BufReader::new(stdout).lines();
     tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(l) = lines.next_line().await? {
-            if l.starts_with("cistern: listening on") {
+            if l.starts_with(listening) {
                 return Ok::<_, anyhow::Error>(());
             }
         }
