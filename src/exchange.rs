@@ -212,22 +212,31 @@ impl Exchanger {
         let policies = self.policies.current();
         let decision = policies.decide(&verified, &role_request(req));
         let traces = policies.explain(&verified.issuer, &verified.claims, req.role.as_deref());
+        // What the exchange would refuse after a granting decision: an
+        // offboarded identity, or an ID token already exchanged.
+        let refused = match &decision {
+            Ok(g) => self.refused_after_decision(&verified, &g.role).await?,
+            Err(_) => None,
+        };
         let report = DryRunReport {
             dry_run: true,
             issuer: verified.issuer.to_string(),
-            would_grant: decision.is_ok(),
+            would_grant: decision.is_ok() && refused.is_none(),
             role: match &decision {
                 Ok(g) => Some(g.role.to_string()),
                 Err(d) => d.role().map(str::to_owned).or_else(|| req.role.clone()),
             },
-            scopes: decision
-                .as_ref()
-                .map(|g| g.scopes.clone())
-                .unwrap_or_default(),
-            denial: decision.as_ref().err().map(|d| DenialSummary {
-                code: d.code().to_owned(),
-                description: d.public_description(),
-            }),
+            scopes: match (&decision, &refused) {
+                (Ok(g), None) => g.scopes.clone(),
+                _ => Vec::new(),
+            },
+            denial: match (&decision, refused) {
+                (Err(d), _) => Some(DenialSummary {
+                    code: d.code().to_owned(),
+                    description: d.public_description(),
+                }),
+                (Ok(_), refused) => refused,
+            },
             traces,
         };
         let event = AuditEvent {
@@ -245,6 +254,35 @@ impl Exchanger {
             .await
             .map_err(ExchangeError::Store)?;
         Ok(report)
+    }
+
+    /// For a dry run: the refusal an exchange granted by policy would still
+    /// meet (offboarding, then replay), with the code and text the real
+    /// exchange answers.
+    async fn refused_after_decision(
+        &self,
+        v: &VerifiedIdToken,
+        role: &str,
+    ) -> Result<Option<DenialSummary>, ExchangeError> {
+        if let Some(grain) = self.offboarded(v, role) {
+            return Ok(Some(DenialSummary {
+                code: "offboarded".into(),
+                description: format!("{OFFBOARDED_DESCRIPTION} ({} block)", grain.as_str()),
+            }));
+        }
+        if let Some(entry) = self.replay_entry(v)
+            && self
+                .store
+                .replay_consumed(&entry)
+                .await
+                .map_err(ExchangeError::Store)?
+        {
+            return Ok(Some(DenialSummary {
+                code: "replay".into(),
+                description: REPLAY_DESCRIPTION.into(),
+            }));
+        }
+        Ok(None)
     }
 
     /// The block, if any, on this identity: O(1), in memory. Both namespace
@@ -501,6 +539,13 @@ fn role_request(req: &ExchangeRequest) -> RoleRequest {
         scopes: req.scopes.clone(),
     }
 }
+
+/// What a job is told when its ID token was already exchanged.
+pub const REPLAY_DESCRIPTION: &str =
+    "subject_token has already been exchanged; each ID token can be used once";
+
+/// What a job is told when its pipeline identity is offboarded.
+pub const OFFBOARDED_DESCRIPTION: &str = "this pipeline identity has been offboarded; new tokens are refused until an administrator re-enables it";
 
 /// SHA-256 of a token, hex: the only form a token takes in records and logs.
 pub fn token_hash(token: &str) -> String {

@@ -383,6 +383,30 @@ async fn a_dry_run_explains_the_decision_issues_nothing_and_does_not_consume_the
     // Not consumed: the same token can still be exchanged for a role it fits.
     let (s, b) = c.exchange(&id_token, "artifacts", None).await;
     assert_eq!(s, 200, "{b}");
+    // Once it has been, a dry run says the exchange would be refused as a
+    // replay, though the policy still matches.
+    let res = c
+        .http()
+        .post(format!("{}/v1/exchange/dry-run", c.base_url()))
+        .form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", id_token.as_str()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:id_token",
+            ),
+            ("role", "artifacts"),
+        ])
+        .send()
+        .await
+        .or_fail("dry run");
+    let report: Value = res.json().await.or_fail("json");
+    assert_eq!(report["would_grant"], false, "{report}");
+    assert_eq!(report["role"], "artifacts", "{report}");
+    assert_eq!(report["denial"]["code"], "replay", "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

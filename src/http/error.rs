@@ -149,16 +149,14 @@ impl From<&ExchangeError> for AppError {
                 };
                 AppError::new(code, d.public_description())
             }
-            ExchangeError::Replay => AppError::invalid_request(
-                "subject_token has already been exchanged; each ID token can be used once",
-            ),
+            ExchangeError::Replay => AppError::invalid_request(crate::exchange::REPLAY_DESCRIPTION),
             // RFC 6749 §5.2 `invalid_grant`: the grant (here the subject
             // token's identity) is revoked. `access_denied` belongs to the
             // authorization endpoint, and RFC 8693's `invalid_target` is
             // about the requested audience, which is not the cause.
             ExchangeError::Offboarded(_) => AppError::new(
                 OAuthCode::InvalidGrant,
-                "this pipeline identity has been offboarded; new tokens are refused until an administrator re-enables it",
+                crate::exchange::OFFBOARDED_DESCRIPTION,
             ),
             // The record could not be made durable (a failing audit sink in
             // fail-closed mode, a store shutting down): nothing was handed
