@@ -74,6 +74,7 @@ fn benches(c: &mut Criterion) {
                 issuer: "gitlab",
                 project_id: "42",
                 namespace_id: "7",
+                job_namespace_id: "7",
                 role: "deploy",
                 issued_at_ms: T0 + 5,
             })))
@@ -86,6 +87,7 @@ fn benches(c: &mut Criterion) {
                 issuer: "gitlab",
                 project_id: "42",
                 namespace_id: "7",
+                job_namespace_id: "7",
                 role: "deploy",
                 issued_at_ms: T0 + 5,
             })))
@@ -98,6 +100,7 @@ fn benches(c: &mut Criterion) {
                 issuer: "gitlab",
                 project_id: "105000",
                 namespace_id: "7",
+                job_namespace_id: "7",
                 role: "deploy",
                 issued_at_ms: T0 - 5,
             })))

@@ -106,6 +106,10 @@ struct Pipeline<'a> {
     /// The project the job runs in (`job_project_id`, else `project_id`).
     #[serde(serialize_with = "id_str")]
     job_project_id: GitLabId,
+    /// Its namespace (`job_namespace_id`, else `namespace_id`): differs from
+    /// `namespace_id` in fork merge-request pipelines.
+    #[serde(serialize_with = "id_str")]
+    job_namespace_id: GitLabId,
     #[serde(rename = "ref")]
     git_ref: &'a str,
     ref_type: &'static str,
@@ -162,6 +166,7 @@ pub fn mint(
             namespace_id: c.namespace_id,
             namespace_path: &c.namespace_path,
             job_project_id: c.effective_project_id(),
+            job_namespace_id: c.job_namespace_id.unwrap_or(c.namespace_id),
             git_ref: &c.git_ref,
             ref_type: c.ref_type.as_str(),
             ref_protected: c.ref_protected.0,
@@ -265,6 +270,8 @@ mod tests {
                 ("20", "72")
             );
             assert_eq!(p.job_project_id, "20");
+            assert_eq!(p.job_namespace_id.as_deref(), Some("72"));
+            assert_eq!(p.job_namespace(), "72");
             assert_eq!((p.pipeline_id.as_str(), p.job_id.as_str()), ("574", "302"));
             assert_eq!(
                 (p.git_ref.as_str(), p.ref_type.as_str(), p.ref_protected),

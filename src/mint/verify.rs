@@ -65,6 +65,10 @@ pub struct PipelineClaims {
     pub namespace_path: String,
     /// The project the job runs in.
     pub job_project_id: String,
+    /// The namespace the job runs in (absent from tokens minted before it
+    /// was added: then `namespace_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_namespace_id: Option<String>,
     /// `ref`.
     #[serde(rename = "ref")]
     pub git_ref: String,
@@ -83,6 +87,15 @@ pub struct PipelineClaims {
     pub sha: String,
     /// The exchanged ID token's `jti`.
     pub id_token_jti: String,
+}
+
+impl PipelineClaims {
+    /// The namespace the job runs in.
+    pub fn job_namespace(&self) -> &str {
+        self.job_namespace_id
+            .as_deref()
+            .unwrap_or(&self.namespace_id)
+    }
 }
 
 /// Why one of cistern's own tokens was refused. Never contains the token.

@@ -58,6 +58,8 @@ fn credential(o: &OutstandingDownstream) -> Credential<'_> {
         issuer: &o.identity.issuer,
         project_id: &o.identity.project_id,
         namespace_id: &o.identity.namespace_id,
+        // The identity's namespace is already the job's.
+        job_namespace_id: &o.identity.namespace_id,
         role: &o.identity.role,
         issued_at_ms: o.token.issued_at_ms,
     }

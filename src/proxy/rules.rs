@@ -229,6 +229,7 @@ mod tests {
             namespace_id: "7".into(),
             namespace_path: "group".into(),
             job_project_id: "42".into(),
+            job_namespace_id: None,
             git_ref: "main".into(),
             ref_type: "branch".into(),
             ref_protected: true,

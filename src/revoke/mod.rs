@@ -219,6 +219,7 @@ pub fn credential_of(c: &AccessTokenClaims) -> Credential<'_> {
         issuer: &c.pipeline.issuer,
         project_id: &c.pipeline.job_project_id,
         namespace_id: &c.pipeline.namespace_id,
+        job_namespace_id: c.pipeline.job_namespace(),
         role: &c.role,
         issued_at_ms: issued_at_ms(&c.jti, c.iat),
     }

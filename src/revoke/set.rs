@@ -29,8 +29,12 @@ pub struct Credential<'a> {
     pub issuer: &'a str,
     /// Project id (the project the job ran in).
     pub project_id: &'a str,
-    /// Namespace id.
+    /// Namespace id (of the ID token's project).
     pub namespace_id: &'a str,
+    /// The namespace the job runs in: the same as `namespace_id` except in
+    /// fork merge-request pipelines. A namespace rule on either covers the
+    /// credential, as offboarding blocks do.
+    pub job_namespace_id: &'a str,
     /// Role granted.
     pub role: &'a str,
     /// Issue time, milliseconds.
@@ -162,6 +166,11 @@ impl RevocationSet {
         let cut = read(&self.cutoffs);
         let newest = scoped_cutoff(&cut.project, c.project_id, c.issuer)
             .max(scoped_cutoff(&cut.namespace, c.namespace_id, c.issuer))
+            .max(if c.job_namespace_id == c.namespace_id {
+                i64::MIN
+            } else {
+                scoped_cutoff(&cut.namespace, c.job_namespace_id, c.issuer)
+            })
             .max(cut.role.get(c.role).copied().unwrap_or(i64::MIN))
             .max(cut.issuer.get(c.issuer).copied().unwrap_or(i64::MIN));
         c.issued_at_ms < newest

@@ -36,6 +36,7 @@ fn cred<'a>(jti: &'a str, at_ms: i64) -> Credential<'a> {
         issuer: "gitlab",
         project_id: "42",
         namespace_id: "7",
+        job_namespace_id: "7",
         role: "deploy",
         issued_at_ms: at_ms,
     }
@@ -111,6 +112,26 @@ fn other_identities_are_untouched() {
     set.apply(&rule(3, Grain::Role, "admin", "", T0));
     set.apply(&rule(4, Grain::Issuer, "other", "", T0));
     assert!(!set.is_revoked(&cred("x", T0 - 10)));
+}
+
+#[test]
+fn a_namespace_rule_covers_a_fork_pipelines_credential_by_either_namespace() {
+    // A fork merge-request pipeline: the ID token's namespace (the fork's, 7)
+    // and the namespace the job runs in (9) differ.
+    let fork = |at_ms| Credential {
+        job_namespace_id: "9",
+        ..cred("x", at_ms)
+    };
+    for value in ["7", "9"] {
+        let set = RevocationSet::new();
+        set.apply(&rule(1, Grain::Namespace, value, "", T0));
+        assert!(set.is_revoked(&fork(T0 - 1)), "rule on namespace {value}");
+        assert!(!set.is_revoked(&fork(T0 + 1)), "issued after the rule");
+    }
+    // An ordinary credential of namespace 7 is not covered by a rule on 9.
+    let set = RevocationSet::new();
+    set.apply(&rule(1, Grain::Namespace, "9", "", T0));
+    assert!(!set.is_revoked(&cred("x", T0 - 1)));
 }
 
 #[test]
@@ -332,6 +353,7 @@ async fn a_revocation_is_recorded_applied_marked_effective_and_counts_what_it_co
         issuer: "gitlab",
         project_id: "42",
         namespace_id: "7",
+        job_namespace_id: "7",
         role: "deploy",
         issued_at_ms: T0 - 2000
     }));
@@ -341,6 +363,7 @@ async fn a_revocation_is_recorded_applied_marked_effective_and_counts_what_it_co
         issuer: "gitlab",
         project_id: "42",
         namespace_id: "7",
+        job_namespace_id: "7",
         role: "deploy",
         issued_at_ms: T0 + 400
     }));
