@@ -344,26 +344,7 @@ async fn a_dry_run_explains_the_decision_issues_nothing_and_does_not_consume_the
     let gitlab = Peer::gitlab_issuer();
     let c = start(&gitlab, "ES256");
     let id_token = gitlab.mint("feature", AUD).await;
-    let res = c
-        .http()
-        .post(format!("{}/v1/exchange/dry-run", c.base_url()))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", id_token.as_str()),
-            (
-                "subject_token_type",
-                "urn:ietf:params:oauth:token-type:id_token",
-            ),
-            ("role", "deploy"),
-        ])
-        .send()
-        .await
-        .or_fail("dry run");
-    assert_eq!(res.status(), 200);
-    let report: Value = res.json().await.or_fail("json");
+    let report = c.dry_run(&id_token, "deploy").await;
     assert_eq!(report["would_grant"], false, "{report}");
     let checks = report["traces"][0]["checks"].as_array().or_fail("checks");
     assert!(
@@ -385,25 +366,7 @@ async fn a_dry_run_explains_the_decision_issues_nothing_and_does_not_consume_the
     assert_eq!(s, 200, "{b}");
     // Once it has been, a dry run says the exchange would be refused as a
     // replay, though the policy still matches.
-    let res = c
-        .http()
-        .post(format!("{}/v1/exchange/dry-run", c.base_url()))
-        .form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", id_token.as_str()),
-            (
-                "subject_token_type",
-                "urn:ietf:params:oauth:token-type:id_token",
-            ),
-            ("role", "artifacts"),
-        ])
-        .send()
-        .await
-        .or_fail("dry run");
-    let report: Value = res.json().await.or_fail("json");
+    let report = c.dry_run(&id_token, "artifacts").await;
     assert_eq!(report["would_grant"], false, "{report}");
     assert_eq!(report["role"], "artifacts", "{report}");
     assert_eq!(report["denial"]["code"], "replay", "{report}");

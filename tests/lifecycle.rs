@@ -482,26 +482,7 @@ async fn offboarding_refuses_new_exchanges_revokes_outstanding_and_reenable_lift
 
     let id = w.dev.id_token("42", "7").await;
     // The dry run says so before the real exchange does.
-    let res =
-        w.c.http()
-            .post(format!("{}/v1/exchange/dry-run", w.c.base_url()))
-            .form(&[
-                (
-                    "grant_type",
-                    "urn:ietf:params:oauth:grant-type:token-exchange",
-                ),
-                ("subject_token", id.as_str()),
-                (
-                    "subject_token_type",
-                    "urn:ietf:params:oauth:token-type:id_token",
-                ),
-                ("role", "deploy"),
-            ])
-            .send()
-            .await
-            .unwrap();
-    assert_eq!(res.status(), 200);
-    let report: Value = res.json().await.unwrap();
+    let report = w.c.dry_run(&id, "deploy").await;
     assert_eq!(report["would_grant"], false, "{report}");
     assert_eq!(report["denial"]["code"], "offboarded", "{report}");
     assert_eq!(report["scopes"], json!([]), "{report}");

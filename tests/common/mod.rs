@@ -1631,6 +1631,31 @@ impl Cistern {
         self.post_form(&form).await
     }
 
+    /// `POST /v1/exchange/dry-run` for `role` with an ID token; the report
+    /// (a 200 answer asserted).
+    pub async fn dry_run(&self, id_token: &str, role: &str) -> Value {
+        let res = self
+            .http
+            .post(format!("{}/v1/exchange/dry-run", self.base_url()))
+            .form(&[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", id_token),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:id_token",
+                ),
+                ("role", role),
+            ])
+            .send()
+            .await
+            .or_fail("POST /v1/exchange/dry-run");
+        assert_eq!(res.status(), 200);
+        res.json().await.or_fail("dry-run JSON")
+    }
+
     /// POSTs an arbitrary form to the token endpoint; returns status and JSON
     /// body (`Value::Null` when the body is not JSON).
     pub async fn post_form(&self, form: &[(&str, &str)]) -> (u16, Value) {
