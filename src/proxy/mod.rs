@@ -319,48 +319,141 @@ struct Allowed {
     rule: String,
 }
 
-async fn handle(proxy: Arc<Proxy>, index: usize, req: Request) -> Response {
-    let started = Instant::now();
-    let Some(route) = proxy.routes.get(index) else {
-        return StatusCode::NOT_FOUND.into_response();
-    };
-    let method = req.method().clone();
-    let raw_path = req.uri().path().to_owned();
-    let mut record = ProxyRecord::new(&route.name, method.as_str(), proxy.clock.now_millis());
-    let normalized = NormalPath::parse(&raw_path);
-    if let Ok(p) = &normalized {
-        record.path = p.as_text();
-    }
-    match authorize(&proxy, route, &req, normalized) {
-        Err((refusal, claims)) => {
-            record.set_identity(claims.as_deref());
-            refuse(&proxy, route, refusal, record, started).await
-        }
-        Ok((allowed, rest)) => {
-            record.set_identity(Some(&allowed.claims));
-            record.path = rest.as_text();
-            record.rule = Some(allowed.rule);
-            forward(&proxy, route, req, record, started).await
+/// The handler. Everything that needs no waiting (authenticate,
+/// authorize, build the upstream request) runs before the future is made,
+/// so what a request holds while it waits for an upstream connection is
+/// only what that wait needs: at 1,000 busy client connections each holds
+/// one (BENCHMARKS.md, proxy memory).
+fn handle(
+    proxy: Arc<Proxy>,
+    index: usize,
+    req: Request,
+) -> impl std::future::Future<Output = Response> + Send + 'static {
+    let step = admit(&proxy, index, req);
+    async move {
+        let route = match (&step, proxy.routes.get(index)) {
+            (Step::NoRoute, _) | (_, None) => return StatusCode::NOT_FOUND.into_response(),
+            (_, Some(route)) => route,
+        };
+        match step {
+            Step::NoRoute => StatusCode::NOT_FOUND.into_response(),
+            Step::Refuse(r) => refuse(&proxy, route, *r).await,
+            Step::Forward(f) => forward(&proxy, route, f).await,
         }
     }
 }
 
+/// What [`admit`] decided.
+enum Step {
+    NoRoute,
+    Refuse(Box<Refused>),
+    Forward(Box<Forwarding>),
+}
+
+/// A refusal and its audit record.
+struct Refused {
+    refusal: Refusal,
+    record: ProxyRecord,
+    started: Instant,
+}
+
+/// An authorized request, ready to forward once the credential is in.
+struct Forwarding {
+    record: ProxyRecord,
+    started: Instant,
+    /// The upstream request, without the injected credential yet.
+    upstream: http::Request<Body>,
+    /// Bytes of the job's request body sent upstream.
+    counter: audit::ByteCounter,
+}
+
+impl Forwarding {
+    /// The refusal of this request, with its record.
+    fn refused(self: Box<Self>, refusal: Refusal) -> Refused {
+        Refused {
+            refusal,
+            record: self.record,
+            started: self.started,
+        }
+    }
+}
+
+/// Authenticates and authorizes `req`, and builds the upstream request.
+fn admit(proxy: &Proxy, index: usize, req: Request) -> Step {
+    let started = Instant::now();
+    let Some(route) = proxy.routes.get(index) else {
+        return Step::NoRoute;
+    };
+    let mut record = ProxyRecord::new(&route.name, req.method().as_str(), proxy.clock.now_millis());
+    let normalized = NormalPath::parse(req.uri().path());
+    if let Ok(p) = &normalized {
+        record.path = p.as_text();
+    }
+    let refused = |refusal, record| {
+        Step::Refuse(Box::new(Refused {
+            refusal,
+            record,
+            started,
+        }))
+    };
+    let (allowed, rest) = match authorize(proxy, route, &req, normalized) {
+        Ok(a) => a,
+        Err((refusal, claims)) => {
+            record.set_identity(claims.as_deref());
+            return refused(refusal, record);
+        }
+    };
+    record.set_identity(Some(&allowed.claims));
+    record.path = rest.as_text();
+    record.rule = Some(allowed.rule);
+    let (parts, body) = req.into_parts();
+    let mut target = format!("{}{}", route.upstream, record.path);
+    if let Some(q) = parts.uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    let Ok(uri) = target.parse::<Uri>() else {
+        let refusal = Refusal::BadRequest("path", "the forwarded URL is not valid".into());
+        return refused(refusal, record);
+    };
+    let counter = audit::ByteCounter::default();
+    let mut upstream =
+        http::Request::new(Body::new(audit::Counted::new(body, counter.clone(), None)));
+    *upstream.method_mut() = parts.method;
+    *upstream.uri_mut() = uri;
+    *upstream.headers_mut() = headers::request_headers(&parts.headers, &route.presenter.name);
+    Step::Forward(Box::new(Forwarding {
+        record,
+        started,
+        upstream,
+        counter,
+    }))
+}
+
 /// Answers a refusal: its audit record (waiting for room in the queue),
 /// its metric, and the response naming its family.
-async fn refuse(
-    proxy: &Proxy,
-    route: &Route,
-    refusal: Refusal,
-    mut record: ProxyRecord,
-    started: Instant,
-) -> Response {
-    record.refused(refusal.family(), &refusal_detail(&refusal));
-    proxy
-        .metrics
-        .proxy()
-        .request(&route.name, refusal.family(), started.elapsed());
-    proxy.audit.send(record).await;
-    refusal.response()
+///
+/// Boxed: refusals are the cold path, and a future awaited in
+/// [`forward`] takes its whole size in the state of every request.
+fn refuse<'a>(
+    proxy: &'a Proxy,
+    route: &'a Route,
+    r: Refused,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response> + Send + 'a>> {
+    Box::pin(async move {
+        let Refused {
+            refusal,
+            mut record,
+            started,
+        } = r;
+        record.refused(refusal.family(), &refusal_detail(&refusal));
+        proxy
+            .metrics
+            .proxy()
+            .request(&route.name, refusal.family(), started.elapsed());
+        proxy.audit.send(record).await;
+        refusal.response()
+    })
 }
 
 fn refusal_detail(r: &Refusal) -> String {
@@ -470,79 +563,47 @@ fn authenticate(
 
 /// Injects, forwards and answers. `record.path` is the normalized path
 /// below the route's prefix: the one authorized, and the one forwarded.
-async fn forward(
-    proxy: &Proxy,
-    route: &Route,
-    req: Request,
-    mut record: ProxyRecord,
-    started: Instant,
-) -> Response {
-    let secret = match route.credential.current(proxy.clock.now_millis()).await {
+///
+/// The request stays in its box until it is sent, and a refusal takes it
+/// whole: only the box's pointer is in the state across every `.await`.
+async fn forward(proxy: &Proxy, route: &Route, mut f: Box<Forwarding>) -> Response {
+    let now_ms = proxy.clock.now_millis();
+    let secret = match route.credential.ready() {
+        Some(ready) => ready,
+        // Boxed: only a provider's token can need a round trip.
+        None => Box::pin(route.credential.current(now_ms)).await,
+    };
+    let secret = match secret {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(route = %route.name, error = %e, "proxy: upstream credential unavailable");
-            return refuse(
-                proxy,
-                route,
-                Refusal::Upstream(StatusCode::BAD_GATEWAY, "credential", e),
-                record,
-                started,
-            )
-            .await;
+            let refusal = Refusal::Upstream(StatusCode::BAD_GATEWAY, "credential", e);
+            return refuse(proxy, route, f.refused(refusal)).await;
         }
     };
     let Some(injected) = route.presenter.value(&secret) else {
-        return refuse(
-            proxy,
-            route,
-            Refusal::Upstream(
-                StatusCode::BAD_GATEWAY,
-                "credential",
-                "the credential is not a valid header value".into(),
-            ),
-            record,
-            started,
-        )
-        .await;
+        let refusal = Refusal::Upstream(
+            StatusCode::BAD_GATEWAY,
+            "credential",
+            "the credential is not a valid header value".into(),
+        );
+        return refuse(proxy, route, f.refused(refusal)).await;
     };
     drop(secret);
-    let (parts, body) = req.into_parts();
-    let mut target = format!("{}{}", route.upstream, record.path);
-    if let Some(q) = parts.uri.query() {
-        target.push('?');
-        target.push_str(q);
-    }
-    let uri: Uri = match target.parse() {
-        Ok(u) => u,
-        Err(_) => {
-            return refuse(
-                proxy,
-                route,
-                Refusal::BadRequest("path", "the forwarded URL is not valid".into()),
-                record,
-                started,
-            )
-            .await;
-        }
-    };
-    let mut headers = headers::request_headers(&parts.headers, &route.presenter.name);
-    headers.insert(route.presenter.name.clone(), injected);
+    f.upstream
+        .headers_mut()
+        .insert(route.presenter.name.clone(), injected);
     // The record's place in the audit queue, before anything is forwarded:
     // when the store falls behind, requests wait here instead of records
     // piling up in memory.
     let slot = proxy.audit.reserve().await;
-    let counter = audit::ByteCounter::default();
-    let mut upstream_req =
-        http::Request::new(Body::new(audit::Counted::new(body, counter.clone(), None)));
-    *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = uri;
-    *upstream_req.headers_mut() = headers;
     // The permit is held until the response body ends, when hyper hands
     // the connection back to the pool.
     let sent = tokio::time::timeout(route.timeout, async {
         // `None` only if the semaphore were closed, which it never is.
         let permit = route.connections.clone().acquire_owned().await.ok()?;
-        Some((permit, route.client.request(upstream_req).await))
+        let upstream = std::mem::take(&mut f.upstream);
+        Some((permit, route.client.request(upstream).await))
     })
     .await;
     let (permit, response) = match sent {
@@ -553,32 +614,20 @@ async fn forward(
                 "unreachable",
                 "no upstream connection".into(),
             );
-            return refuse(proxy, route, refusal, record, started).await;
+            return refuse(proxy, route, f.refused(refusal)).await;
         }
         Ok(Some((_, Err(e)))) => {
             tracing::warn!(route = %route.name, error = %e, "proxy: upstream request failed");
-            return refuse(
-                proxy,
-                route,
-                Refusal::Upstream(StatusCode::BAD_GATEWAY, "unreachable", e.to_string()),
-                record,
-                started,
-            )
-            .await;
+            let refusal = Refusal::Upstream(StatusCode::BAD_GATEWAY, "unreachable", e.to_string());
+            return refuse(proxy, route, f.refused(refusal)).await;
         }
         Err(_) => {
-            return refuse(
-                proxy,
-                route,
-                Refusal::Upstream(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "timeout",
-                    format!("no response within {:?}", route.timeout),
-                ),
-                record,
-                started,
-            )
-            .await;
+            let refusal = Refusal::Upstream(
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                format!("no response within {:?}", route.timeout),
+            );
+            return refuse(proxy, route, f.refused(refusal)).await;
         }
     };
     let (mut parts, body) = response.into_parts();
@@ -603,11 +652,17 @@ async fn forward(
                     "unreachable",
                     "the upstream's body failed".into(),
                 );
-                return refuse(proxy, route, refusal, record, started).await;
+                return refuse(proxy, route, f.refused(refusal)).await;
             }
         },
         None => (Body::new(body), Some(permit)),
     };
+    let Forwarding {
+        mut record,
+        started,
+        counter,
+        ..
+    } = *f;
     record.status = Some(parts.status.as_u16());
     proxy
         .metrics

@@ -198,9 +198,11 @@ impl CredentialSource {
         Ok(())
     }
 
-    /// The credential to inject now. The error never contains a secret.
-    pub async fn current(&self, now_ms: i64) -> Result<Zeroizing<String>, String> {
-        match self {
+    /// The credential to inject now, when that needs no I/O (every
+    /// source but a provider's token); `None` means call [`Self::current`].
+    /// The error never contains a secret.
+    pub fn ready(&self) -> Option<Result<Zeroizing<String>, String>> {
+        Some(match self {
             CredentialSource::Static(s) => Ok(s.clone()),
             CredentialSource::Sealed {
                 current,
@@ -210,13 +212,24 @@ impl CredentialSource {
                 let secret = current.load();
                 if secret.is_empty() {
                     let route = store_name.strip_prefix("proxy:").unwrap_or(store_name);
-                    return Err(format!(
+                    Err(format!(
                         "no sealed secret yet: run `cistern route set-secret {route}`"
-                    ));
+                    ))
+                } else {
+                    Ok(Zeroizing::new(secret.as_str().to_owned()))
                 }
-                Ok(Zeroizing::new(secret.as_str().to_owned()))
             }
             CredentialSource::GitLab(g) => Ok(Zeroizing::new(g.credential().as_str().to_owned())),
+            CredentialSource::OAuth { .. } => return None,
+        })
+    }
+
+    /// The credential to inject now. The error never contains a secret.
+    pub async fn current(&self, now_ms: i64) -> Result<Zeroizing<String>, String> {
+        if let Some(ready) = self.ready() {
+            return ready;
+        }
+        match self {
             CredentialSource::OAuth {
                 provider,
                 scopes,
@@ -237,6 +250,8 @@ impl CredentialSource {
                     .map(|m| m.secret)
                     .map_err(|e| e.to_string())
             }
+            // Answered by `ready` above.
+            _ => Err("no credential source".into()),
         }
     }
 }
