@@ -133,3 +133,128 @@ async fn jobs_get_the_idps_client_credentials_token_cached_and_revocation_stops_
     assert_ne!(third["access_token"], first["access_token"]);
     let _: Value = third;
 }
+
+const PROXY_ROLE: &str = r#"
+role = "internal-proxy"
+owner = "team-payments"
+description = "Call the internal API through cistern's proxy"
+issuer = "gitlab"
+[bindings]
+project_id = "42"
+[grant]
+kind = "access_token"
+audience = "https://proxy.internal.test"
+scopes = ["deploy:api"]
+ttl = "10m"
+proxy = ["GET /v1/**"]
+"#;
+
+/// A proxy route whose injected credential is the IdP's client-credentials
+/// token: the upstream sees that token (fetched once, then cached), never
+/// the job's cistern token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_route_injects_the_idps_token_and_never_the_jobs() {
+    if !common::require_peers() {
+        return;
+    }
+    use std::sync::{Arc, Mutex};
+    let idp = Peer::gitlab_issuer();
+    // The upstream: records the Authorization header of every request.
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let recorder = seen.clone();
+    let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+        let recorder = recorder.clone();
+        async move {
+            let auth = req
+                .headers()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned();
+            recorder.lock().unwrap().push(auth);
+            "ok"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("client-secret");
+    std::fs::write(&secret_file, CLIENT_SECRET).unwrap();
+    let dev = DevIssuer::start();
+    let c = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[DEV_AUDIENCE])
+        .policy("internal-proxy.toml", PROXY_ROLE)
+        .ceiling_scopes(&["deploy:*"])
+        .set("providers.idp.kind", "oauth2_client_credentials")
+        .set(
+            "providers.idp.token_url",
+            format!("{}/oauth/token", idp.url()),
+        )
+        .set("providers.idp.client_id", "main")
+        .set(
+            "providers.idp.client_secret_file",
+            secret_file.to_str().unwrap(),
+        )
+        .set("providers.idp.audiences", vec![RESOURCE])
+        .set("providers.idp.allow_insecure_http", true)
+        .set("proxy.routes.internal.upstream", upstream)
+        .set(
+            "proxy.routes.internal.audience",
+            "https://proxy.internal.test",
+        )
+        .set("proxy.routes.internal.provider", "idp")
+        .set("proxy.routes.internal.present", "bearer")
+        .set("proxy.routes.internal.allow_insecure_http", true)
+        .start();
+    let id = dev.id_token("42", "7").await;
+    let (status, body) = c.exchange(&id, "internal-proxy", None).await;
+    assert_eq!(status, 200, "{body}\n{}", c.logs());
+    let job_token = body["access_token"].as_str().unwrap().to_owned();
+
+    for _ in 0..2 {
+        let res = c
+            .http()
+            .get(format!("{}/proxy/internal/v1/things", c.base_url()))
+            .bearer_auth(&job_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200, "{}", c.logs());
+    }
+    let first = seen.lock().unwrap().clone();
+    assert_eq!(first.len(), 2, "{first:?}");
+    let injected = first[0].strip_prefix("Bearer ").expect("a bearer token");
+    assert_ne!(injected, job_token, "the job's token reached the upstream");
+    let (_, claims) = common::decode_jwt(injected);
+    assert_eq!(claims["iss"], idp.url(), "the IdP's own token: {claims}");
+    assert_eq!(
+        first[1], first[0],
+        "the IdP's token is cached between requests"
+    );
+
+    // Outside the role's rules: refused, and the upstream never asked.
+    let res = c
+        .http()
+        .get(format!("{}/proxy/internal/v2/things", c.base_url()))
+        .bearer_auth(&job_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 403);
+    assert_eq!(
+        c.http()
+            .get(format!("{}/healthz", c.base_url()))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        2,
+        "a refused request reached the upstream"
+    );
+}
