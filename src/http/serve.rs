@@ -1,39 +1,102 @@
 //! Serving a router on a plain TCP listener: what `axum::serve` does, with
-//! the HTTP/1 connection settings it does not expose.
+//! the HTTP/1 connection settings it does not expose, and without its
+//! per-connection read buffer doubling.
 //!
-//! One setting matters here: **half-close**. By default hyper, while a
-//! request is being answered, keeps reading the connection to notice a
-//! client that went away; the parsed request head still holds the first
-//! read buffer, so that read takes a second 8 KiB one for every request in
-//! flight. With half-close on, hyper does not read mid-request (a client
-//! that disconnects is noticed when the answer is written), and a busy
-//! connection holds one read buffer. Measured on the proxy at 1,000
-//! connections: RSS 67–69 → 61–65 MB, and 18–20k → 22–23k req/s
-//! (BENCHMARKS.md, session 5).
+//! Two choices here are about memory per connection (the proxy holds one
+//! per job connected to it; BENCHMARKS.md, proxy memory):
+//!
+//! - **The protocol is told by peeking**, not by reading. hyper-util's
+//!   automatic HTTP/1-or-2 connection reads the first 24 bytes to look for
+//!   the HTTP/2 preface and replays them; hyper's first read of an HTTP/1
+//!   request then holds only those 24 bytes, the head is incomplete, and
+//!   the second read doubles its 8 KiB read buffer to 16 KiB for the rest of
+//!   the connection. Peeking (`MSG_PEEK`) decides without consuming, and
+//!   each connection goes straight to hyper's HTTP/1 or HTTP/2 server. A
+//!   connection whose first bytes are too few to tell (a lone `P`, say) is
+//!   left to the automatic one.
+//! - **Half-close.** By default hyper, while a request is being answered,
+//!   keeps reading the connection to notice a client that went away; the
+//!   parsed request head still holds the first read buffer, so that read
+//!   takes a second one for every request in flight. With half-close on,
+//!   hyper does not read mid-request (a client that disconnects is noticed
+//!   when the answer is written), and a busy connection holds one buffer.
+//!
+//! HTTP/1 upgrades are not served (nothing in cistern upgrades a
+//! connection, and the proxy refuses them).
 
+use std::error::Error as StdError;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use futures_util::FutureExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tower::ServiceExt as _;
+
+/// The first bytes of every HTTP/2 connection with prior knowledge
+/// (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What a connection's first bytes say it speaks.
+#[derive(Debug, PartialEq, Eq)]
+enum Protocol {
+    Http1,
+    Http2,
+    /// A strict prefix of the HTTP/2 preface, too short to tell.
+    Unsure,
+}
+
+fn protocol_of(first: &[u8]) -> Protocol {
+    let n = first.len().min(H2_PREFACE.len());
+    if first[..n] != H2_PREFACE[..n] || first.is_empty() {
+        // Empty: the client closed at once; hyper's HTTP/1 side ends it.
+        Protocol::Http1
+    } else if n == H2_PREFACE.len() {
+        Protocol::Http2
+    } else {
+        Protocol::Unsure
+    }
+}
+
+/// The connection builders, shared by every connection.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+    auto: auto::Builder<TokioExecutor>,
+}
+
+impl Builders {
+    fn new() -> Builders {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1.half_close(true);
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        // As `axum::serve`: the CONNECT protocol for HTTP/2 (RFC 8441).
+        http2.enable_connect_protocol();
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1().half_close(true);
+        auto.http2().enable_connect_protocol();
+        Builders { http1, http2, auto }
+    }
+}
+
+type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops
 /// accepting and waits for every open connection to finish its in-flight
 /// requests (each is told to close once idle).
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
-    let mut builder = Builder::new(TokioExecutor::new());
-    builder.http1().half_close(true);
-    // As `axum::serve`: the CONNECT protocol for HTTP/2 (RFC 8441).
-    builder.http2().enable_connect_protocol();
+    let builders = Arc::new(Builders::new());
     let graceful = GracefulShutdown::new();
+    // Connections still waiting for their first bytes are not yet watched
+    // by `graceful`; this tells them to give up at shutdown.
+    let (stopping, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
@@ -55,19 +118,159 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
             app.clone()
                 .map_request(|req: http::Request<Incoming>| req.map(Body::new)),
         );
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        // Spawned through a combinator, not inside an `async move` block: the
-        // block would hold the connection twice (captured, then moved for
-        // `.await`), 3.6 KB per connection task instead of 1.9 KB.
-        let conn = graceful.watch(conn).map(|ended| {
+        let watcher = graceful.watcher();
+        let builders = Arc::clone(&builders);
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut first = [0u8; H2_PREFACE.len()];
+            let protocol = tokio::select! {
+                peeked = stream.peek(&mut first) => match peeked {
+                    Ok(n) => protocol_of(&first[..n]),
+                    Err(e) => {
+                        tracing::trace!(error = %e, "reading a new connection failed");
+                        return;
+                    }
+                },
+                _ = stopped.wait_for(|stop| *stop) => return,
+            };
+            let io = TokioIo::new(stream);
+            let ended: Result<(), BoxError> = match protocol {
+                Protocol::Http1 => watcher
+                    .watch(builders.http1.serve_connection(io, service))
+                    .await
+                    .map_err(Into::into),
+                Protocol::Http2 => watcher
+                    .watch(builders.http2.serve_connection(io, service))
+                    .await
+                    .map_err(Into::into),
+                Protocol::Unsure => {
+                    watcher
+                        .watch(builders.auto.serve_connection(io, service))
+                        .await
+                }
+            };
             if let Err(e) = ended {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });
-        tokio::spawn(conn);
     }
     drop(listener);
+    let _ = stopping.send(true);
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A server on a loopback port with one route, and its shutdown trigger.
+    async fn server() -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/x",
+            axum::routing::any(|req: http::Request<Body>| async move {
+                format!("{:?} {}", req.version(), req.method())
+            }),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(listener, app, async move {
+            let _ = stopped.await;
+        }));
+        (addr, stop, task)
+    }
+
+    /// Sends `parts` one write each, a pause between them, then reads the
+    /// whole answer (the request asks to close).
+    async fn raw(addr: std::net::SocketAddr, parts: &[&str]) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            s.write_all(part.as_bytes()).await.unwrap();
+        }
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn http1_is_served_whole_and_in_pieces_and_http2_with_prior_knowledge() {
+        let (addr, stop, task) = server().await;
+        let req = "GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+        let out = raw(addr, &[req]).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("HTTP/1.1 GET"), "{out}");
+        // A first byte alone cannot tell the protocols apart: still served.
+        let out = raw(
+            addr,
+            &[
+                "P",
+                "OST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            ],
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        assert!(out.ends_with("HTTP/1.1 POST"), "{out}");
+
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Body>();
+        let res = client
+            .get(format!("http://{addr}/x").parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.version(), http::Version::HTTP_2);
+        let body = http_body_util::BodyExt::collect(res.into_body())
+            .await
+            .unwrap();
+        assert_eq!(&body.to_bytes()[..], b"HTTP/2.0 GET");
+
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_does_not_wait_for_a_connection_that_never_spoke() {
+        let (addr, stop, task) = server().await;
+        let _silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Let the server accept it before stopping.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = stop.send(());
+        // The guard is for a hang, not a timing claim.
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("serve returned")
+            .unwrap();
+    }
+
+    #[test]
+    fn the_first_bytes_tell_http2_from_http1() {
+        assert_eq!(protocol_of(b"GET / HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(
+            protocol_of(b"POST /oauth/token HTTP/1.1\r\n"),
+            Protocol::Http1
+        );
+        assert_eq!(
+            protocol_of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+            Protocol::Http2
+        );
+        assert_eq!(
+            protocol_of(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0"),
+            Protocol::Http2
+        );
+        // Too few bytes to tell: the automatic connection reads the rest.
+        assert_eq!(protocol_of(b"P"), Protocol::Unsure);
+        assert_eq!(protocol_of(b"PRI * HTTP/2"), Protocol::Unsure);
+        // A near miss is HTTP/1 (hyper answers it with 400).
+        assert_eq!(protocol_of(b"PRI * HTTP/1.1\r\n"), Protocol::Http1);
+        assert_eq!(protocol_of(b""), Protocol::Http1);
+    }
 }
