@@ -33,11 +33,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// mimalloc asks for transparent huge pages on its arenas, so every 2 MiB
-/// region it touches becomes resident whole: 14 MB of an idle server's
-/// 32 MB RSS, and more per connection under load (BENCHMARKS.md, proxy
-/// memory). A small heap gains nothing from huge pages; this opts the
-/// process out before the runtime's threads allocate anything.
+/// Transparent huge pages make every 2 MiB region the allocator touches
+/// resident whole: 14 MB of an idle server's 32 MB RSS, and more per
+/// connection under load (BENCHMARKS.md, proxy memory). A small heap gains
+/// nothing from them. mimalloc is built without its `MADV_HUGEPAGE` advice
+/// (feature `no_thp`: its first arena is touched before `main`), and this
+/// opts the process out on hosts where huge pages are on for everything.
 fn disable_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
