@@ -168,6 +168,10 @@ pub struct StoredRevocation {
     pub reason: String,
     /// Where it came from.
     pub source: String,
+    /// For a jti rule on a credential cistern issued: when that credential
+    /// expires (ms). Past it (and a margin) the jti need not be held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_expires_at_ms: Option<i64>,
 }
 
 /// An offboarding block.
@@ -496,8 +500,20 @@ impl Lifecycle {
             let unmarked = page.iter().any(|r| r.effective_at_ms.is_none());
             let full = page.len() == SYNC_PAGE;
             applied += page.len();
-            let rules: Vec<RevocationRule> = page.into_iter().map(|r| r.rule).collect();
-            set.apply_all(&rules);
+            let now = self.clock.now_millis();
+            // A jti whose credential has long expired is not loaded at all:
+            // verification refuses that credential before the set is asked.
+            set.apply_all_expiring(
+                page.iter()
+                    .filter(|r| {
+                        !r.credential_expires_at_ms
+                            .is_some_and(|e| set::outlived(e, now))
+                    })
+                    .map(|r| (&r.rule, r.credential_expires_at_ms)),
+            );
+            if let Some(max) = page.iter().map(|r| r.rule.id).max() {
+                set.mark_seen(max);
+            }
             if unmarked {
                 // One statement for the whole page.
                 let at = self.clock.now_millis();
@@ -518,6 +534,11 @@ impl Lifecycle {
                 .map(|b| b.block)
                 .collect::<Vec<_>>(),
         );
+        if let Some(n) = set.prune_if_due(self.clock.now_millis())
+            && n > 0
+        {
+            tracing::debug!(released = n, "revoked jtis of expired credentials let go");
+        }
         Ok(applied)
     }
 

@@ -20,6 +20,20 @@ use super::{Block, BlockGrain, Grain, RevocationRule};
 /// jti shards: enough that writers rarely meet readers on the same lock.
 pub const SHARDS: usize = 64;
 
+/// How long after its credential's expiry a revoked jti is still held. A
+/// token past `exp` is refused by verification before the set is asked;
+/// the margin covers clocks that disagree between replicas.
+pub const PRUNE_GRACE_MS: i64 = 10 * 60 * 1000;
+
+/// How often [`RevocationSet::prune_if_due`] walks the jtis.
+pub const PRUNE_EVERY_MS: i64 = 10 * 60 * 1000;
+
+/// Whether a jti revoked for a credential expiring at `expires_at_ms` no
+/// longer needs holding at `now_ms`.
+pub fn outlived(expires_at_ms: i64, now_ms: i64) -> bool {
+    expires_at_ms.saturating_add(PRUNE_GRACE_MS) <= now_ms
+}
+
 /// The credential being checked, as its signed claims describe it.
 #[derive(Debug, Clone, Copy)]
 pub struct Credential<'a> {
@@ -63,8 +77,12 @@ struct Blocks {
 /// Revoked credentials and blocked identities, checked in O(1).
 pub struct RevocationSet {
     hasher: RandomState,
-    /// UUID jtis (all of cistern's own) as 128-bit integers: 16 bytes each.
-    uuids: Vec<RwLock<HashSet<u128, RandomState>>>,
+    /// UUID jtis (all of cistern's own) as 128-bit integers, each with its
+    /// credential's expiry (ms; `i64::MAX` when unknown), so a jti is let go
+    /// once its credential has expired ([`Self::prune_if_due`]): revoking
+    /// their own token at the end of every job would otherwise grow the set
+    /// by one entry per job for ever.
+    uuids: Vec<RwLock<HashMap<u128, i64, RandomState>>>,
     /// Any other jti an operator named.
     others: RwLock<HashSet<Box<str>, RandomState>>,
     cutoffs: RwLock<Cutoffs>,
@@ -73,6 +91,8 @@ pub struct RevocationSet {
     blocks: RwLock<Blocks>,
     /// Highest rule id applied from the store.
     last_seen: AtomicI64,
+    /// When the jtis were last pruned (ms).
+    last_pruned: AtomicI64,
 }
 
 impl std::fmt::Debug for RevocationSet {
@@ -123,6 +143,14 @@ fn scoped_cutoff(map: &Scoped, id: &str, issuer: &str) -> i64 {
     })
 }
 
+/// Holds `id` until `expires` (a known expiry replaces an unknown one).
+fn hold(shard: &mut HashMap<u128, i64, RandomState>, id: u128, expires: Option<i64>) {
+    let slot = shard.entry(id).or_insert(i64::MAX);
+    if let Some(e) = expires {
+        *slot = e;
+    }
+}
+
 fn uuid_of(jti: &str) -> Option<u128> {
     // Only the canonical hyphenated form, so one jti has one key.
     (jti.len() == 36)
@@ -142,6 +170,7 @@ impl RevocationSet {
             all: AtomicI64::new(i64::MIN),
             blocks: RwLock::default(),
             last_seen: AtomicI64::new(0),
+            last_pruned: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -157,7 +186,7 @@ impl RevocationSet {
             return true;
         }
         let jti_revoked = match uuid_of(c.jti) {
-            Some(id) => read(&self.uuids[self.shard(id)]).contains(&id),
+            Some(id) => read(&self.uuids[self.shard(id)]).contains_key(&id),
             None => read(&self.others).contains(c.jti),
         };
         if jti_revoked {
@@ -180,11 +209,16 @@ impl RevocationSet {
     /// a rule this server just made may have a higher id than rules another
     /// process wrote that the poll has not read yet.
     pub fn apply(&self, rule: &RevocationRule) {
+        self.apply_expiring(rule, None);
+    }
+
+    /// [`Self::apply`], knowing when a jti rule's credential expires.
+    pub fn apply_expiring(&self, rule: &RevocationRule, expires_at_ms: Option<i64>) {
         let cutoff = rule.issued_before_ms;
         match rule.grain {
             Grain::Jti => match uuid_of(&rule.value) {
                 Some(id) => {
-                    write(&self.uuids[self.shard(id)]).insert(id);
+                    hold(&mut write(&self.uuids[self.shard(id)]), id, expires_at_ms);
                 }
                 None => {
                     write(&self.others).insert(rule.value.as_str().into());
@@ -226,21 +260,68 @@ impl RevocationSet {
     /// moves [`Self::last_seen`] to the highest id. jtis are grouped by
     /// shard off-lock, so each shard lock is taken once.
     pub fn apply_all(&self, rules: &[RevocationRule]) {
-        let mut by_shard: Vec<Vec<u128>> = vec![Vec::new(); SHARDS];
-        for rule in rules {
+        self.apply_all_expiring(rules.iter().map(|r| (r, None)));
+        if let Some(max) = rules.iter().map(|r| r.id).max() {
+            self.mark_seen(max);
+        }
+    }
+
+    /// Applies rules with their credentials' expiries (as read from the
+    /// store) without moving [`Self::last_seen`]; see [`Self::mark_seen`].
+    pub fn apply_all_expiring<'a>(
+        &self,
+        rules: impl IntoIterator<Item = (&'a RevocationRule, Option<i64>)>,
+    ) {
+        let mut by_shard: Vec<Vec<(u128, Option<i64>)>> = vec![Vec::new(); SHARDS];
+        for (rule, expires) in rules {
             match (rule.grain, uuid_of(&rule.value)) {
-                (Grain::Jti, Some(id)) => by_shard[self.shard(id)].push(id),
-                _ => self.apply(rule),
+                (Grain::Jti, Some(id)) => by_shard[self.shard(id)].push((id, expires)),
+                _ => self.apply_expiring(rule, expires),
             }
         }
         for (shard, ids) in self.uuids.iter().zip(by_shard) {
             if !ids.is_empty() {
-                write(shard).extend(ids);
+                let mut shard = write(shard);
+                for (id, expires) in ids {
+                    hold(&mut shard, id, expires);
+                }
             }
         }
-        if let Some(max) = rules.iter().map(|r| r.id).max() {
-            self.last_seen.fetch_max(max, Ordering::AcqRel);
+    }
+
+    /// Moves [`Self::last_seen`] to `id` (if higher): every rule up to it
+    /// has been read from the store.
+    pub fn mark_seen(&self, id: i64) {
+        self.last_seen.fetch_max(id, Ordering::AcqRel);
+    }
+
+    /// Lets go of jtis whose credentials have [`outlived`] their expiry, at
+    /// most once per [`PRUNE_EVERY_MS`]. Returns how many went, or `None`
+    /// when it was not yet due.
+    pub fn prune_if_due(&self, now_ms: i64) -> Option<usize> {
+        let last = self.last_pruned.load(Ordering::Acquire);
+        if now_ms.saturating_sub(last) < PRUNE_EVERY_MS
+            || self
+                .last_pruned
+                .compare_exchange(last, now_ms, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+        {
+            return None;
         }
+        Some(self.prune(now_ms))
+    }
+
+    /// Lets go of every jti whose credential has [`outlived`] its expiry.
+    pub fn prune(&self, now_ms: i64) -> usize {
+        self.uuids
+            .iter()
+            .map(|shard| {
+                let mut shard = write(shard);
+                let before = shard.len();
+                shard.retain(|_, expires| !outlived(*expires, now_ms));
+                before - shard.len()
+            })
+            .sum()
     }
 
     /// Highest rule id read from the store and applied (0 if none).

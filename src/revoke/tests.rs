@@ -231,6 +231,35 @@ fn concurrent_readers_see_a_rule_once_it_is_applied() {
     assert!(set.is_revoked(&cred(&jti, T0)));
 }
 
+#[test]
+fn a_revoked_jti_is_let_go_once_its_credential_has_expired() {
+    let set = RevocationSet::new();
+    let (short, long, unknown) = (v7(T0), v7(T0 + 1), v7(T0 + 2));
+    set.apply_expiring(&rule(1, Grain::Jti, &short, "", 0), Some(T0 + 60_000));
+    set.apply_all_expiring([
+        (&rule(2, Grain::Jti, &long, "", 0), Some(T0 + 3_600_000)),
+        // Revoked in-process before the store said when it expires.
+        (&rule(3, Grain::Jti, &unknown, "", 0), None),
+    ]);
+    assert_eq!(set.jti_count(), 3);
+    // Expired, but within the margin: still held.
+    assert_eq!(set.prune(T0 + 60_000 + set::PRUNE_GRACE_MS - 1), 0);
+    assert!(set.is_revoked(&cred(&short, T0)));
+    assert_eq!(set.prune(T0 + 60_000 + set::PRUNE_GRACE_MS), 1);
+    assert!(!set.is_revoked(&cred(&short, T0)));
+    assert!(set.is_revoked(&cred(&long, T0 + 1)));
+    // An unknown expiry is held for ever, until the store supplies one.
+    assert_eq!(set.prune(i64::MAX - 1), 1);
+    assert!(set.is_revoked(&cred(&unknown, T0 + 2)));
+    set.apply_expiring(&rule(3, Grain::Jti, &unknown, "", 0), Some(T0));
+    assert_eq!(set.prune(T0 + set::PRUNE_GRACE_MS), 1);
+    assert_eq!(set.jti_count(), 0);
+    // Pruning on schedule: due at once, then not again until the interval.
+    assert_eq!(set.prune_if_due(T0), Some(0));
+    assert_eq!(set.prune_if_due(T0 + set::PRUNE_EVERY_MS - 1), None);
+    assert_eq!(set.prune_if_due(T0 + set::PRUNE_EVERY_MS), Some(0));
+}
+
 // --- store methods and the Lifecycle service ---
 
 fn exchange(
@@ -506,6 +535,72 @@ async fn sync_applies_rules_written_elsewhere_and_marks_them_effective() {
     assert!(rows.iter().all(|r| r.effective_at_ms == Some(T0 + 1000)));
     // Nothing new: nothing applied.
     assert_eq!(w.lc.sync().await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn revoked_jtis_of_expired_credentials_are_neither_loaded_nor_kept() {
+    let w = world();
+    let cli = Lifecycle {
+        set: None,
+        ..w.lc.clone()
+    };
+    // Two credentials a job revoked at its end: one already long expired
+    // when a server starts, one still valid.
+    let (gone, live) = (v7(T0 - 3_600_000), v7(T0 - 1000));
+    w.store
+        .commit_exchange(exchange(
+            &gone,
+            "42",
+            "deploy",
+            T0 - 3_600_000,
+            T0 - 1_800_000,
+        ))
+        .await
+        .unwrap();
+    w.store
+        .commit_exchange(exchange(&live, "42", "deploy", T0 - 1000, T0 + 600_000))
+        .await
+        .unwrap();
+    for jti in [&gone, &live] {
+        cli.revoke(
+            Grain::Jti,
+            jti,
+            "",
+            None,
+            &by("self", "job done", "rfc7009"),
+        )
+        .await
+        .unwrap();
+    }
+    // A jti cistern never issued: no expiry is known, so it is held.
+    let foreign = v7(T0 - 5000);
+    cli.revoke(
+        Grain::Jti,
+        &foreign,
+        "",
+        None,
+        &by("cli", "r", "cli_direct"),
+    )
+    .await
+    .unwrap();
+    let rows = w.store.revocations_since(0, 100).await.unwrap();
+    let expiry: Vec<Option<i64>> = rows.iter().map(|r| r.credential_expires_at_ms).collect();
+    assert_eq!(expiry, [Some(T0 - 1_800_000), Some(T0 + 600_000), None]);
+
+    assert_eq!(w.lc.sync().await.unwrap(), 3);
+    assert_eq!(w.set.jti_count(), 2, "the long-expired jti was not loaded");
+    assert!(w.set.is_revoked(&cred(&live, T0 - 1000)));
+    assert!(w.set.is_revoked(&cred(&foreign, T0 - 5000)));
+    assert_eq!(w.set.last_seen(), rows[2].rule.id);
+
+    // Past the live one's expiry (and the margin), the next due prune lets it go.
+    w.clock
+        .advance_secs((600_000 + super::set::PRUNE_GRACE_MS + super::set::PRUNE_EVERY_MS) / 1000);
+    assert_eq!(w.lc.sync().await.unwrap(), 0);
+    assert!(!w.set.is_revoked(&cred(&live, T0 - 1000)));
+    assert_eq!(w.set.jti_count(), 1);
+    // The rules stay in the store: they are the revocation history.
+    assert_eq!(w.store.revocations_since(0, 100).await.unwrap().len(), 3);
 }
 
 #[tokio::test]

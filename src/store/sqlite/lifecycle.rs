@@ -150,9 +150,11 @@ pub(super) fn revocations_since(
 ) -> Result<Vec<StoredRevocation>, StoreError> {
     let mut stmt = conn
         .prepare_cached(
-            "SELECT id, grain, value, issuer, issued_before_ms, requested_at_ms,
-                    effective_at_ms, actor, reason, source
-             FROM revocations WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT r.id, r.grain, r.value, r.issuer, r.issued_before_ms, r.requested_at_ms,
+                    r.effective_at_ms, r.actor, r.reason, r.source, t.expires_at_ms
+             FROM revocations r
+             LEFT JOIN issued_tokens t ON r.grain = 'jti' AND t.jti = r.value
+             WHERE r.id > ?1 ORDER BY r.id LIMIT ?2",
         )
         .map_err(|e| db_err("read revocations", e))?;
     let rows = stmt
@@ -174,6 +176,7 @@ pub(super) fn revocations_since(
                         actor: row.get(7)?,
                         reason: row.get(8)?,
                         source: row.get(9)?,
+                        credential_expires_at_ms: row.get(10)?,
                     },
                 ))
             },
