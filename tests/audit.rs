@@ -436,3 +436,55 @@ async fn revoking_a_project_shows_in_the_report_with_its_measured_time_to_revoke
     let (code, v) = verify_json(&["--config", &config]);
     assert_eq!(code, 0, "{v}");
 }
+
+/// A record another process writes to the store (`cistern revoke
+/// --direct`) reaches the running server's sinks too, in chain order: the
+/// sink's copy verifies on its own, with no gap where the CLI wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_the_cli_writes_directly_reach_the_servers_sinks_in_order() {
+    let dev = DevIssuer::start();
+    let sink = tempfile::tempdir().unwrap();
+    let sink_path = sink.path().join("audit.jsonl");
+    let mut c = start_with(&dev, &[]);
+    let mut text = std::fs::read_to_string(c.config_path()).unwrap();
+    text.push_str(&format!(
+        "\n[[audit.sinks]]\nkind = \"file\"\npath = \"{}\"\n",
+        sink_path.display()
+    ));
+    std::fs::write(c.config_path(), text).unwrap();
+    c.restart();
+    c.wait_ready(common::START_TIMEOUT).await;
+    let config = c.config_path().to_str().unwrap().to_owned();
+
+    let token = grant(&c, &dev).await.unwrap();
+    let (_, claims) = common::decode_jwt(&token);
+    let jti = claims["jti"].as_str().unwrap().to_owned();
+    let out = cli(&[
+        "revoke", "--jti", &jti, "--reason", "leaked", "--config", &config, "--direct",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The server's poll applies the rule and marks it effective (a write
+    // of its own): the CLI's record reaches the sink before the server's.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let sunk = std::fs::read_to_string(&sink_path).unwrap_or_default();
+        if sunk.contains("\"token_revoked\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CLI's record never reached the sink:\n{sunk}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    grant(&c, &dev).await.unwrap();
+    c.terminate();
+
+    let (code, v) = verify_json(&["--config", &config, "--file", sink_path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["report"]["records"].as_u64().unwrap() >= 3, "{v}");
+}

@@ -122,28 +122,11 @@ pub fn export_connection(
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut n = 0u64;
     while let Some(r) = rows.next()? {
-        let row = super::stored_row(r)?;
-        let fields = row.fields;
-        let (prev, hash) = (
-            row.prev_hash.unwrap_or_default(),
-            row.hash.unwrap_or_default(),
-        );
-        // Stored detail is JSON cistern wrote; a row edited into something
-        // else is exported as a string (and fails verification, as it should).
-        let owned;
-        let detail: &RawValue = match serde_json::from_str::<&RawValue>(fields.detail) {
-            Ok(raw) => raw,
-            Err(_) => {
-                owned = serde_json::value::to_raw_value(fields.detail)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                &owned
-            }
-        };
-        RecordLine::new(&fields, detail, prev, hash).write_to(&mut buf);
+        let seq = write_line(r, &mut buf)?;
         n += 1;
-        while checkpoints.last().is_some_and(|c| c.seq <= fields.seq) {
+        while checkpoints.last().is_some_and(|c| c.seq <= seq) {
             if let Some(c) = checkpoints.pop()
-                && c.seq == fields.seq
+                && c.seq == seq
             {
                 serde_json::to_writer(&mut buf, &CheckpointWrapper { checkpoint: c })
                     .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -160,5 +143,52 @@ pub fn export_connection(
     drop(rows);
     drop(stmt);
     conn.execute_batch("COMMIT")?;
+    Ok(n)
+}
+
+/// Writes the line of one `SELECT RECORD_COLUMNS` row to `buf`; returns its
+/// `seq`.
+fn write_line(r: &rusqlite::Row<'_>, buf: &mut Vec<u8>) -> Result<i64, ExportError> {
+    let row = super::stored_row(r)?;
+    let fields = row.fields;
+    let (prev, hash) = (
+        row.prev_hash.unwrap_or_default(),
+        row.hash.unwrap_or_default(),
+    );
+    // Stored detail is JSON cistern wrote; a row edited into something
+    // else is exported as a string (and fails verification, as it should).
+    let owned;
+    let detail: &RawValue = match serde_json::from_str::<&RawValue>(fields.detail) {
+        Ok(raw) => raw,
+        Err(_) => {
+            owned = serde_json::value::to_raw_value(fields.detail)
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            &owned
+        }
+    };
+    RecordLine::new(&fields, detail, prev, hash).write_to(buf);
+    Ok(fields.seq)
+}
+
+/// Appends the lines of the records with `after < seq <= through` to
+/// `buf`, in order, inside whatever transaction `conn` has open (the
+/// store's writer uses it to pass records another process wrote on to its
+/// sinks). Returns how many.
+pub(crate) fn lines_between(
+    conn: &Connection,
+    after: i64,
+    through: i64,
+    buf: &mut Vec<u8>,
+) -> Result<u64, ExportError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {} FROM audit WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+        super::RECORD_COLUMNS
+    ))?;
+    let mut rows = stmt.query([after, through])?;
+    let mut n = 0;
+    while let Some(r) = rows.next()? {
+        write_line(r, buf)?;
+        n += 1;
+    }
     Ok(n)
 }

@@ -122,6 +122,19 @@ pub(super) fn run(
 ) {
     let mut batch: Vec<WriteRequest> = Vec::with_capacity(MAX_BATCH);
     let mut closers: Vec<oneshot::Sender<()>> = Vec::new();
+    // Sinks get the records written from here on.
+    let mut lines = if audit.sinks.is_empty() {
+        None
+    } else {
+        match chain_head_seq(&conn) {
+            Ok(seq) => Some(SinkLines::after(seq)),
+            Err(e) => {
+                // Every batch would fail the same way; say so once here.
+                tracing::error!(error = %e, "reading the audit chain head for the sinks failed");
+                Some(SinkLines::after(0))
+            }
+        }
+    };
     let mut since_checkpoint = 0u32;
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
@@ -152,11 +165,16 @@ pub(super) fn run(
         if batch.is_empty() {
             continue;
         }
-        let mut lines = (!audit.sinks.is_empty()).then(Vec::new);
+        if let Some(l) = lines.as_mut() {
+            l.buf.clear();
+        }
         let mut outcomes = commit_batch(&mut conn, &batch, lines.as_mut());
-        if let (Ok(_), Some(lines)) = (&outcomes, &lines)
-            && !lines.is_empty()
-            && let Err(e) = write_sinks(&mut audit.sinks, lines)
+        if let (Ok(_), Some(l)) = (&outcomes, lines.as_mut()) {
+            l.through = l.end;
+        }
+        if let (Ok(_), Some(l)) = (&outcomes, &lines)
+            && !l.buf.is_empty()
+            && let Err(e) = write_sinks(&mut audit.sinks, &l.buf)
         {
             counters.sink_failures.fetch_add(1, Ordering::Relaxed);
             tracing::error!(error = %e, fail_closed = audit.fail_closed, "audit sink write failed");
@@ -237,7 +255,7 @@ pub(super) fn answer(
 pub(super) fn commit_batch(
     conn: &mut Connection,
     batch: &[WriteRequest],
-    lines: Option<&mut Vec<u8>>,
+    lines: Option<&mut SinkLines>,
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| db_err("begin batch", e))?;
@@ -246,6 +264,9 @@ pub(super) fn commit_batch(
     // chain: SQLite admits one writer at a time and this one sees its work.
     let result = Chain::head(conn, lines).and_then(|mut chain| {
         let outcomes = run_requests(conn, batch, &mut chain)?;
+        if let Some(l) = chain.lines.as_deref_mut() {
+            l.end = chain.seq;
+        }
         Ok((outcomes, chain))
     });
     match result.map(|(outcomes, _)| outcomes) {
@@ -531,17 +552,47 @@ fn insert_exchange(
     chain.append(conn, &record.audit)
 }
 
+/// The lines a batch hands to the audit sinks, and how far the sinks have
+/// the chain.
+pub(super) struct SinkLines {
+    /// This batch's lines.
+    buf: Vec<u8>,
+    /// The sinks have every record up to this `seq` (from this process).
+    through: i64,
+    /// The chain's last `seq` once this batch is in.
+    end: i64,
+}
+
+impl SinkLines {
+    fn after(seq: i64) -> SinkLines {
+        SinkLines {
+            buf: Vec::new(),
+            through: seq,
+            end: seq,
+        }
+    }
+}
+
+/// The newest record's `seq` (0 for an empty log).
+fn chain_head_seq(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM audit", [], |r| r.get(0))
+        .map_err(|e| db_err("read audit chain head", e))
+}
+
 /// The chain head during one batch transaction, and the sink lines the
 /// batch has produced so far.
 pub(crate) struct Chain<'a> {
     seq: i64,
     hash: [u8; 32],
-    lines: Option<&'a mut Vec<u8>>,
+    lines: Option<&'a mut SinkLines>,
 }
 
 impl<'a> Chain<'a> {
     /// Reads the head (the newest record) inside the open transaction.
-    fn head(conn: &Connection, lines: Option<&'a mut Vec<u8>>) -> Result<Self, StoreError> {
+    /// Records another process appended since the last batch (`cistern
+    /// revoke --direct`, …) go to the sinks first, so they see the chain
+    /// whole and in order.
+    fn head(conn: &Connection, mut lines: Option<&'a mut SinkLines>) -> Result<Self, StoreError> {
         let head = conn
             .prepare_cached("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
             .and_then(|mut s| {
@@ -564,6 +615,12 @@ impl<'a> Chain<'a> {
             Err(rusqlite::Error::QueryReturnedNoRows) => (0, GENESIS),
             Err(e) => return Err(db_err("read audit chain head", e)),
         };
+        if let Some(l) = lines.as_deref_mut()
+            && l.through < seq
+        {
+            crate::audit::export::lines_between(conn, l.through, seq, &mut l.buf)
+                .map_err(|e| StoreError::Database(e.to_string()))?;
+        }
         Ok(Chain { seq, hash, lines })
     }
 
@@ -606,7 +663,8 @@ impl<'a> Chain<'a> {
         })
         .map_err(|e| db_err("append audit", e))?;
         if let Some(lines) = self.lines.as_deref_mut() {
-            RecordLine::new(&fields, event.detail.raw(), &self.hash, &hash).write_to(lines);
+            RecordLine::new(&fields, event.detail.raw(), &self.hash, &hash)
+                .write_to(&mut lines.buf);
         }
         self.seq = fields.seq;
         self.hash = hash;
@@ -643,14 +701,14 @@ impl<'a> Chain<'a> {
         if n > 0
             && let Some(lines) = self.lines.as_deref_mut()
             && serde_json::to_writer(
-                &mut *lines,
+                &mut lines.buf,
                 &CheckpointWrapper {
                     checkpoint: line.clone(),
                 },
             )
             .is_ok()
         {
-            lines.push(b'\n');
+            lines.buf.push(b'\n');
         }
         Ok(n as u64)
     }
