@@ -182,6 +182,19 @@ impl Setup {
         serde_json::from_str(&text).unwrap()
     }
 
+    /// Waits until the needs-authorization metric is down, without any
+    /// job asking for a token (the server watches the store for it).
+    async fn wait_metric_cleared(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while self.needs_authorization().await.as_deref() != Some("0") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the needs-authorization metric stayed up after authorize"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// `cistern_provider_needs_authorization{provider="idp"}`.
     async fn needs_authorization(&self) -> Option<String> {
         self.metric("cistern_provider_needs_authorization{provider=\"idp\"}")
@@ -429,6 +442,7 @@ async fn authorize_once_then_every_refresh_rotates_a_single_use_refresh_token() 
     assert_eq!(s.needs_authorization().await.as_deref(), Some("1"));
 
     s.authorize().await;
+    s.wait_metric_cleared().await;
     let mut tokens = Vec::new();
     for _ in 0..3 {
         let (status, body) = s.exchange().await;
@@ -597,8 +611,13 @@ async fn a_crash_mid_rotation_without_a_grace_period_needs_reauthorization_which
     drop(conn);
     assert!(denials >= 1);
 
-    // The operator authorizes again; the running server picks it up.
+    // Still flagged while nothing changed in the store (the dead token
+    // is what is stored), then the operator authorizes again and the
+    // running server notices before any job asks.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(s.needs_authorization().await.as_deref(), Some("1"));
     s.authorize().await;
+    s.wait_metric_cleared().await;
     let (status, body) = s.exchange().await;
     assert_eq!(status, 200, "{body}\n{}", s.c.logs());
     assert_eq!(

@@ -235,6 +235,10 @@ pub async fn build(
             .await
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("a refresh-token provider's stored state")?;
+        tokio::spawn(
+            p.clone()
+                .watch_authorization(crate::provider::oauth2_refresh::AUTHORIZATION_WATCH),
+        );
     }
     let mut keepers = Vec::new();
     for (name, p) in &config.providers {

@@ -227,7 +227,27 @@ pub struct RefreshTokenProvider {
     refresh_before_ms: i64,
     /// One refresh at a time; held across the request.
     inner: Mutex<Inner>,
+    /// Why the needs-authorization flag is up, if it is.
+    flagged: std::sync::Mutex<Option<Dead>>,
 }
+
+/// What the needs-authorization flag was raised for. It comes down when
+/// the store holds a usable refresh token that is not this one: the
+/// operator authorized again (`cistern provider authorize`, another
+/// process), noticed by [`RefreshTokenProvider::watch_authorization`]
+/// without waiting for a job to need the token. A dead token whose new
+/// status could not be saved still looks usable in the store; its
+/// fingerprint keeps the flag up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Dead {
+    /// No refresh token stored at all.
+    NeverAuthorized,
+    /// The fingerprint of the refresh token found dead.
+    Token(String),
+}
+
+/// How often a raised needs-authorization flag checks the store.
+pub const AUTHORIZATION_WATCH: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for RefreshTokenProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -266,15 +286,79 @@ impl RefreshTokenProvider {
                 cache: HashMap::new(),
                 unsaved: None,
             }),
+            flagged: std::sync::Mutex::new(None),
         })
     }
 
-    fn needs_authorization(&self, reason: &str) -> ProviderError {
-        self.metrics.set_needs_authorization(&self.name, true);
+    fn needs_authorization(&self, dead: Dead, reason: &str) -> ProviderError {
+        self.flag(dead);
         ProviderError::NeedsAuthorization {
             provider: self.name.clone(),
             reason: reason.to_owned(),
         }
+    }
+
+    fn flagged(&self) -> std::sync::MutexGuard<'_, Option<Dead>> {
+        // Only whole values are ever stored: a poisoned lock is consistent.
+        self.flagged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Raises the needs-authorization flag for `dead`.
+    fn flag(&self, dead: Dead) {
+        *self.flagged() = Some(dead);
+        self.metrics.set_needs_authorization(&self.name, true);
+    }
+
+    /// Lowers the flag (a usable refresh token is in force).
+    fn unflag(&self) {
+        *self.flagged() = None;
+        self.metrics.set_needs_authorization(&self.name, false);
+    }
+
+    /// While the needs-authorization flag is up, checks the store every
+    /// `interval` ([`Self::check_reauthorized`]). Runs until dropped.
+    pub async fn watch_authorization(self: Arc<Self>, interval: std::time::Duration) {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.check_reauthorized().await;
+        }
+    }
+
+    /// Lowers the needs-authorization flag if the store now holds a usable
+    /// refresh token other than the dead one (see [`Dead`]); returns
+    /// whether it did.
+    async fn check_reauthorized(&self) -> bool {
+        let Some(dead) = self.flagged().clone() else {
+            return false;
+        };
+        let replaced = match self.load().await {
+            Ok(Some(s)) => {
+                s.status != Status::NeedsAuthorization
+                    && dead != Dead::Token(fingerprint(&s.refresh_token))
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::debug!(provider = %self.name, error = %e, "checking for a re-authorization failed");
+                false
+            }
+        };
+        if !replaced {
+            return false;
+        }
+        let mut flagged = self.flagged();
+        // A refresh may have raised it again meanwhile, for another reason.
+        if flagged.as_ref() != Some(&dead) {
+            return false;
+        }
+        *flagged = None;
+        drop(flagged);
+        self.metrics.set_needs_authorization(&self.name, false);
+        tracing::info!(provider = %self.name, "a new refresh token is stored: the provider no longer needs authorization");
+        true
     }
 
     fn unavailable(&self, message: String) -> ProviderError {
@@ -315,15 +399,15 @@ impl RefreshTokenProvider {
     pub async fn startup(self: Arc<Self>) -> Result<(), ProviderError> {
         match self.load().await? {
             None => {
-                self.metrics.set_needs_authorization(&self.name, true);
+                self.flag(Dead::NeverAuthorized);
                 tracing::warn!(provider = %self.name, "no refresh token yet: run `cistern provider authorize {}`", self.name);
             }
             Some(s) if s.status == Status::NeedsAuthorization => {
-                self.metrics.set_needs_authorization(&self.name, true);
+                self.flag(Dead::Token(fingerprint(&s.refresh_token)));
                 tracing::error!(provider = %self.name, "the refresh token was refused by the IdP: run `cistern provider authorize {}`", self.name);
             }
             Some(s) => {
-                self.metrics.set_needs_authorization(&self.name, false);
+                self.unflag();
                 if s.status == Status::Rotating {
                     tokio::spawn(async move {
                         let mut inner = self.inner.lock().await;
@@ -372,7 +456,7 @@ impl RefreshTokenProvider {
         };
         self.metrics
             .set_credential_rotated(&self.name, at.div_euclid(1000));
-        self.metrics.set_needs_authorization(&self.name, false);
+        self.unflag();
         tracing::info!(provider = %self.name, generation = u.state.generation, refresh_token = %fingerprint(&u.state.refresh_token), recovered = u.recovered, "refresh token rotated and saved");
         inner.cache.insert(u.key, u.access);
         Ok(())
@@ -394,11 +478,14 @@ impl RefreshTokenProvider {
             }
         }
         let Some(state) = self.load().await? else {
-            return Err(self.needs_authorization("never authorized"));
+            return Err(self.needs_authorization(Dead::NeverAuthorized, "never authorized"));
         };
         match state.status {
             Status::NeedsAuthorization => {
-                return Err(self.needs_authorization("the IdP refused the refresh token"));
+                return Err(self.needs_authorization(
+                    Dead::Token(fingerprint(&state.refresh_token)),
+                    "the IdP refused the refresh token",
+                ));
             }
             Status::Rotating => {
                 tracing::warn!(provider = %self.name, generation = state.generation, "the previous refresh was interrupted (crash or lost answer): retrying with the stored refresh token, which works if the IdP allows reuse for a grace period");
@@ -452,7 +539,8 @@ impl RefreshTokenProvider {
                     "the IdP refused the refresh token (invalid_grant): revoked, expired, or reused elsewhere"
                 };
                 self.mark_needs_authorization(&state, reason).await;
-                Err(self.needs_authorization(reason))
+                Err(self
+                    .needs_authorization(Dead::Token(fingerprint(&state.refresh_token)), reason))
             }
             Err(e) => {
                 // The outcome at the IdP is unknown (or it refused the
@@ -749,6 +837,33 @@ mod tests {
         let held = inner.unsaved.as_ref().unwrap();
         assert_eq!(held.state.refresh_token.as_str(), "rt-1");
         assert!(inner.cache.is_empty(), "the access token is not handed out");
+    }
+
+    #[tokio::test]
+    async fn the_flag_comes_down_for_a_new_token_and_never_for_the_dead_one() {
+        let w = world(Answer::InvalidGrant).await;
+        // Never authorized: up, and a stored token brings it down.
+        assert!(w.mint().await.is_err());
+        assert_eq!(*w.provider.flagged(), Some(Dead::NeverAuthorized));
+        assert!(!w.provider.check_reauthorized().await);
+        w.authorize("rt-0").await;
+        assert!(w.provider.check_reauthorized().await);
+        assert_eq!(*w.provider.flagged(), None);
+
+        // The IdP refuses rt-0: up for that token.
+        assert!(w.mint().await.is_err());
+        assert_eq!(w.stored().await.status, Status::NeedsAuthorization);
+        assert!(!w.provider.check_reauthorized().await);
+        // As if marking it dead had failed to save: rt-0 looks usable in
+        // the store, but it is the dead token, so the flag stays up.
+        w.authorize("rt-0").await;
+        assert!(!w.provider.check_reauthorized().await);
+        assert!(w.provider.flagged().is_some());
+        // The operator authorizes again.
+        w.authorize("rt-new").await;
+        assert!(w.provider.check_reauthorized().await);
+        assert_eq!(*w.provider.flagged(), None);
+        assert!(!w.provider.check_reauthorized().await, "nothing to lower");
     }
 
     #[test]
