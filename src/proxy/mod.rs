@@ -331,14 +331,10 @@ fn handle(
 ) -> impl std::future::Future<Output = Response> + Send + 'static {
     let step = admit(&proxy, index, req);
     async move {
-        let route = match (&step, proxy.routes.get(index)) {
-            (Step::NoRoute, _) | (_, None) => return StatusCode::NOT_FOUND.into_response(),
-            (_, Some(route)) => route,
-        };
-        match step {
-            Step::NoRoute => StatusCode::NOT_FOUND.into_response(),
-            Step::Refuse(r) => refuse(&proxy, route, *r).await,
-            Step::Forward(f) => forward(&proxy, route, f).await,
+        match (step, proxy.routes.get(index)) {
+            (Step::Refuse(r), Some(route)) => refuse(&proxy, route, *r).await,
+            (Step::Forward(f), Some(route)) => forward(&proxy, route, f).await,
+            _ => StatusCode::NOT_FOUND.into_response(),
         }
     }
 }
