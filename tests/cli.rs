@@ -262,6 +262,35 @@ async fn serve_speaks_tls_with_rustls_when_a_certificate_is_configured() {
         .await
         .unwrap();
     assert_eq!(meta["token_endpoint"], format!("{base}/oauth/token"));
+    // HTTP/2 when the client offers it in ALPN (reqwest above offered
+    // only HTTP/1.1).
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(d.join("ca.pem")).unwrap())
+        .unwrap();
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http2()
+        .build();
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build::<_, http_body_util::Empty<bytes::Bytes>>(https);
+    let res = h2
+        .get(format!("{base}/healthz").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.version(), http::Version::HTTP_2);
     // Plain http on the TLS port gets no answer.
     assert!(
         reqwest::get(format!("http://127.0.0.1:{port}/healthz"))

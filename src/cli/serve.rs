@@ -369,29 +369,14 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
     match tls {
         None => crate::http::serve::serve(listener, app, shutdown_signal()).await,
         Some((cert, key)) => {
-            let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-            let tls = axum_server::tls_rustls::RustlsConfig::from_pem_file(&cert, &key)
-                .await
-                .with_context(|| {
-                    format!(
-                        "loading TLS certificate {} / key {}",
-                        cert.display(),
-                        key.display()
-                    )
-                })?;
-            let handle = axum_server::Handle::new();
-            let h = handle.clone();
-            tokio::spawn(async move {
-                shutdown_signal().await;
-                h.graceful_shutdown(Some(Duration::from_secs(10)));
-            });
-            let std_listener = listener.into_std().context("listener")?;
-            axum_server::from_tcp_rustls(std_listener, tls)
-                .context("TLS listener")?
-                .handle(handle)
-                .serve(app.into_make_service())
-                .await
-                .context("server")?;
+            let tls = tls_config(&cert, &key).with_context(|| {
+                format!(
+                    "loading TLS certificate {} / key {}",
+                    cert.display(),
+                    key.display()
+                )
+            })?;
+            crate::http::serve::serve_tls(listener, app, tls, shutdown_signal()).await;
         }
     }
     // A last signed checkpoint covers everything written before the stop.
@@ -705,4 +690,31 @@ scopes = ["deploy:*", "artifacts:*"]
             p.join("policies").display()
         );
     }
+}
+
+/// The listener's rustls configuration: the certificate chain and key in
+/// PEM, aws-lc-rs, ALPN `h2` then `http/1.1`.
+fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<std::sync::Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .context("reading the certificate")?
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading the certificate")?;
+    if chain.is_empty() {
+        anyhow::bail!("no certificate in the PEM file");
+    }
+    let key = PrivateKeyDer::from_pem_file(key).context("reading the private key")?;
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .context("the certificate and key do not form a usable pair")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
 }

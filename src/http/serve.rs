@@ -23,20 +23,26 @@
 //!
 //! HTTP/1 upgrades are not served (nothing in cistern upgrades a
 //! connection, and the proxy refuses them).
+//!
+//! TLS listeners ([`serve_tls`], rustls) take the protocol from ALPN
+//! instead (`h2`, else HTTP/1.1), and share everything else.
 
 use std::error::Error as StdError;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
+use futures_util::TryFutureExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tower::ServiceExt as _;
 
@@ -88,14 +94,92 @@ impl Builders {
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 
+/// One connection being served, boxed: the spawned task then holds a
+/// pointer, and the connection is stored once (an `async` block around
+/// it would hold it twice: captured, then moved for `.await`).
+type Served = Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
+
+/// The service every connection gets: the router, bodies as axum's.
+type Service = TowerToHyperService<
+    tower::util::MapRequest<Router, fn(http::Request<Incoming>) -> http::Request<Body>>,
+>;
+
+/// Serves `io` as `protocol` until the connection ends.
+fn connection<I>(
+    io: I,
+    protocol: Protocol,
+    service: Service,
+    builders: &Builders,
+    watcher: Watcher,
+) -> Served
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
+    match protocol {
+        Protocol::Http1 => Box::pin(
+            watcher
+                .watch(builders.http1.serve_connection(io, service))
+                .map_err(BoxError::from),
+        ),
+        Protocol::Http2 => Box::pin(
+            watcher
+                .watch(builders.http2.serve_connection(io, service))
+                .map_err(BoxError::from),
+        ),
+        Protocol::Unsure => Box::pin(
+            watcher.watch(
+                builders
+                    .auto
+                    .serve_connection_with_upgrades(io, service)
+                    .into_owned(),
+            ),
+        ),
+    }
+}
+
+/// How accepted connections become HTTP.
+enum Transport {
+    /// Plain TCP: the protocol is told by peeking.
+    Plain,
+    /// rustls: the handshake first (bounded by [`TLS_HANDSHAKE_TIMEOUT`]),
+    /// then the protocol ALPN chose.
+    Tls(tokio_rustls::TlsAcceptor),
+}
+
+/// How long a client has to finish its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves `app` on `listener` until `shutdown` completes, then stops
 /// accepting and waits for every open connection to finish its in-flight
 /// requests (each is told to close once idle).
 pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
+    serve_on(listener, app, Transport::Plain, shutdown).await;
+}
+
+/// [`serve`] over TLS. `tls` should offer ALPN `h2` and `http/1.1`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    app: Router,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_on(listener, app, Transport::Tls(acceptor), shutdown).await;
+}
+
+async fn serve_on(
+    listener: TcpListener,
+    app: Router,
+    transport: Transport,
+    shutdown: impl Future<Output = ()>,
+) {
     let builders = Arc::new(Builders::new());
+    let transport = Arc::new(transport);
     let graceful = GracefulShutdown::new();
-    // Connections still waiting for their first bytes are not yet watched
-    // by `graceful`; this tells them to give up at shutdown.
+    // Connections still waiting for their first bytes (or their TLS
+    // handshake) are not yet watched by `graceful`; this tells them to give
+    // up at shutdown.
     let (stopping, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -114,42 +198,24 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
         };
         // Small request/response pairs: Nagle + delayed ACK would add milliseconds.
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(
-            app.clone()
-                .map_request(|req: http::Request<Incoming>| req.map(Body::new)),
-        );
+        let map: fn(http::Request<Incoming>) -> http::Request<Body> = |req| req.map(Body::new);
+        let service = TowerToHyperService::new(app.clone().map_request(map));
         let watcher = graceful.watcher();
         let builders = Arc::clone(&builders);
+        let transport = Arc::clone(&transport);
         let mut stopped = stopped.clone();
         tokio::spawn(async move {
-            let mut first = [0u8; H2_PREFACE.len()];
-            let protocol = tokio::select! {
-                peeked = stream.peek(&mut first) => match peeked {
-                    Ok(n) => protocol_of(&first[..n]),
+            let served = tokio::select! {
+                opened = open(stream, &transport, service, &builders, watcher) => match opened {
+                    Ok(served) => served,
                     Err(e) => {
-                        tracing::trace!(error = %e, "reading a new connection failed");
+                        tracing::trace!(error = %e, "opening a connection failed");
                         return;
                     }
                 },
                 _ = stopped.wait_for(|stop| *stop) => return,
             };
-            let io = TokioIo::new(stream);
-            let ended: Result<(), BoxError> = match protocol {
-                Protocol::Http1 => watcher
-                    .watch(builders.http1.serve_connection(io, service))
-                    .await
-                    .map_err(Into::into),
-                Protocol::Http2 => watcher
-                    .watch(builders.http2.serve_connection(io, service))
-                    .await
-                    .map_err(Into::into),
-                Protocol::Unsure => {
-                    watcher
-                        .watch(builders.auto.serve_connection(io, service))
-                        .await
-                }
-            };
-            if let Err(e) = ended {
+            if let Err(e) = served.await {
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });
@@ -157,6 +223,35 @@ pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Out
     drop(listener);
     let _ = stopping.send(true);
     graceful.shutdown().await;
+}
+
+/// Waits for what decides the protocol (the first bytes, or the TLS
+/// handshake), then hands the connection to its server.
+async fn open(
+    stream: TcpStream,
+    transport: &Transport,
+    service: Service,
+    builders: &Builders,
+    watcher: Watcher,
+) -> Result<Served, BoxError> {
+    match transport {
+        Transport::Plain => {
+            let mut first = [0u8; H2_PREFACE.len()];
+            let n = stream.peek(&mut first).await?;
+            let protocol = protocol_of(&first[..n]);
+            Ok(connection(stream, protocol, service, builders, watcher))
+        }
+        Transport::Tls(acceptor) => {
+            let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+                .await
+                .map_err(|_| "the TLS handshake timed out")??;
+            let protocol = match tls.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Protocol::Http2,
+                _ => Protocol::Http1,
+            };
+            Ok(connection(tls, protocol, service, builders, watcher))
+        }
+    }
 }
 
 #[cfg(test)]
