@@ -242,9 +242,14 @@ async fn open(
             Ok(connection(stream, protocol, service, builders, watcher))
         }
         Transport::Tls(acceptor) => {
-            let tls = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                .await
-                .map_err(|_| "the TLS handshake timed out")??;
+            // Boxed: the handshake's state is large and short-lived, and
+            // inline it would be reserved in every connection's task.
+            let tls = Box::pin(tokio::time::timeout(
+                TLS_HANDSHAKE_TIMEOUT,
+                acceptor.accept(stream),
+            ))
+            .await
+            .map_err(|_| "the TLS handshake timed out")??;
             let protocol = match tls.get_ref().1.alpn_protocol() {
                 Some(b"h2") => Protocol::Http2,
                 _ => Protocol::Http1,
