@@ -129,9 +129,10 @@ pub(super) fn run(
         match chain_head_seq(&conn) {
             Ok(seq) => Some(SinkLines::after(seq)),
             Err(e) => {
-                // Every batch would fail the same way; say so once here.
+                // Never "from 0": that would copy the whole log to the
+                // sinks. Catching up starts from the first committed batch.
                 tracing::error!(error = %e, "reading the audit chain head for the sinks failed");
-                Some(SinkLines::after(0))
+                Some(SinkLines::after(i64::MAX))
             }
         }
     };
