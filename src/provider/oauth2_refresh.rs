@@ -305,15 +305,18 @@ impl RefreshTokenProvider {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Raises the needs-authorization flag for `dead`.
+    /// Raises the needs-authorization flag for `dead`. The metric is set
+    /// under the flag's lock, so the two never disagree.
     fn flag(&self, dead: Dead) {
-        *self.flagged() = Some(dead);
+        let mut flagged = self.flagged();
+        *flagged = Some(dead);
         self.metrics.set_needs_authorization(&self.name, true);
     }
 
     /// Lowers the flag (a usable refresh token is in force).
     fn unflag(&self) {
-        *self.flagged() = None;
+        let mut flagged = self.flagged();
+        *flagged = None;
         self.metrics.set_needs_authorization(&self.name, false);
     }
 
@@ -355,8 +358,8 @@ impl RefreshTokenProvider {
             return false;
         }
         *flagged = None;
-        drop(flagged);
         self.metrics.set_needs_authorization(&self.name, false);
+        drop(flagged);
         tracing::info!(provider = %self.name, "a new refresh token is stored: the provider no longer needs authorization");
         true
     }
