@@ -33,6 +33,22 @@ fn start_with(dev: &DevIssuer, extra: &[(&str, toml::Value)]) -> Cistern {
     b.start()
 }
 
+/// [`start_with`], then restarted with a file sink at `path` (`extra`:
+/// more of its fields, one per line). The sink is appended to the config
+/// as text: an array of tables is easier to write by hand.
+async fn start_with_file_sink(dev: &DevIssuer, path: &Path, extra: &str) -> Cistern {
+    let mut c = start_with(dev, &[]);
+    let mut text = std::fs::read_to_string(c.config_path()).unwrap();
+    text.push_str(&format!(
+        "\n[[audit.sinks]]\nkind = \"file\"\npath = \"{}\"\n{extra}",
+        path.display()
+    ));
+    std::fs::write(c.config_path(), text).unwrap();
+    c.restart();
+    c.wait_ready(common::START_TIMEOUT).await;
+    c
+}
+
 fn cli(args: &[&str]) -> Output {
     Command::new(BIN).args(args).output().unwrap()
 }
@@ -278,17 +294,7 @@ async fn export_filters_and_an_unfiltered_export_verifies_on_its_own() {
     let dev = DevIssuer::start();
     let sink = tempfile::tempdir().unwrap();
     let sink_path = sink.path().join("audit.jsonl");
-    let mut c = start_with(&dev, &[]);
-    // The file sink is set through a second config written by hand: an
-    // array of tables is easier to append as text.
-    let mut text = std::fs::read_to_string(c.config_path()).unwrap();
-    text.push_str(&format!(
-        "\n[[audit.sinks]]\nkind = \"file\"\npath = \"{}\"\nmax_bytes = 1048576\nkeep = 2\n",
-        sink_path.display()
-    ));
-    std::fs::write(c.config_path(), text).unwrap();
-    c.restart();
-    c.wait_ready(common::START_TIMEOUT).await;
+    let mut c = start_with_file_sink(&dev, &sink_path, "max_bytes = 1048576\nkeep = 2\n").await;
     for _ in 0..4 {
         grant(&c, &dev).await.unwrap();
     }
@@ -445,15 +451,7 @@ async fn records_the_cli_writes_directly_reach_the_servers_sinks_in_order() {
     let dev = DevIssuer::start();
     let sink = tempfile::tempdir().unwrap();
     let sink_path = sink.path().join("audit.jsonl");
-    let mut c = start_with(&dev, &[]);
-    let mut text = std::fs::read_to_string(c.config_path()).unwrap();
-    text.push_str(&format!(
-        "\n[[audit.sinks]]\nkind = \"file\"\npath = \"{}\"\n",
-        sink_path.display()
-    ));
-    std::fs::write(c.config_path(), text).unwrap();
-    c.restart();
-    c.wait_ready(common::START_TIMEOUT).await;
+    let mut c = start_with_file_sink(&dev, &sink_path, "").await;
     let config = c.config_path().to_str().unwrap().to_owned();
 
     let token = grant(&c, &dev).await.unwrap();

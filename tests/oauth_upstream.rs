@@ -31,26 +31,12 @@ audience = "https://api.internal.test"
 scopes = []
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_get_the_idps_client_credentials_token_cached_and_revocation_stops_reuse() {
-    if !common::require_peers() {
-        return;
-    }
-    let idp = Peer::gitlab_issuer();
-    let secrets = tempfile::tempdir().unwrap();
-    let secret_file = secrets.path().join("client-secret");
+/// `b` with provider `idp`: client credentials against the `idp` peer, its
+/// client secret written to a file in `dir`, for `RESOURCE`.
+fn with_idp(b: CisternBuilder, idp: &Peer, dir: &std::path::Path) -> CisternBuilder {
+    let secret_file = dir.join("client-secret");
     std::fs::write(&secret_file, CLIENT_SECRET).unwrap();
-    let hash = hex::encode(aws_lc_rs::digest::digest(
-        &aws_lc_rs::digest::SHA256,
-        BOOTSTRAP.as_bytes(),
-    ));
-    let dev = DevIssuer::start();
-    let c = CisternBuilder::new()
-        .issuer("gitlab", &dev.issuer_url(), &[DEV_AUDIENCE])
-        .policy("internal-api.toml", ROLE)
-        .ceiling_scopes(&["deploy:*"])
-        .set("admin.bootstrap_sha256", hash)
-        .set("providers.idp.kind", "oauth2_client_credentials")
+    b.set("providers.idp.kind", "oauth2_client_credentials")
         .set(
             "providers.idp.token_url",
             format!("{}/oauth/token", idp.url()),
@@ -62,7 +48,26 @@ async fn jobs_get_the_idps_client_credentials_token_cached_and_revocation_stops_
         )
         .set("providers.idp.audiences", vec![RESOURCE])
         .set("providers.idp.allow_insecure_http", true)
-        .start();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_get_the_idps_client_credentials_token_cached_and_revocation_stops_reuse() {
+    if !common::require_peers() {
+        return;
+    }
+    let idp = Peer::gitlab_issuer();
+    let secrets = tempfile::tempdir().unwrap();
+    let hash = hex::encode(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        BOOTSTRAP.as_bytes(),
+    ));
+    let dev = DevIssuer::start();
+    let c = CisternBuilder::new()
+        .issuer("gitlab", &dev.issuer_url(), &[DEV_AUDIENCE])
+        .policy("internal-api.toml", ROLE)
+        .ceiling_scopes(&["deploy:*"])
+        .set("admin.bootstrap_sha256", hash);
+    let c = with_idp(c, &idp, secrets.path()).start();
     let exchange = || async {
         let id = dev.id_token("42", "7").await;
         c.exchange(&id, "internal-api", None).await
@@ -180,25 +185,12 @@ async fn a_proxy_route_injects_the_idps_token_and_never_the_jobs() {
     tokio::spawn(async move { axum::serve(listener, app).await });
 
     let secrets = tempfile::tempdir().unwrap();
-    let secret_file = secrets.path().join("client-secret");
-    std::fs::write(&secret_file, CLIENT_SECRET).unwrap();
     let dev = DevIssuer::start();
     let c = CisternBuilder::new()
         .issuer("gitlab", &dev.issuer_url(), &[DEV_AUDIENCE])
         .policy("internal-proxy.toml", PROXY_ROLE)
-        .ceiling_scopes(&["deploy:*"])
-        .set("providers.idp.kind", "oauth2_client_credentials")
-        .set(
-            "providers.idp.token_url",
-            format!("{}/oauth/token", idp.url()),
-        )
-        .set("providers.idp.client_id", "main")
-        .set(
-            "providers.idp.client_secret_file",
-            secret_file.to_str().unwrap(),
-        )
-        .set("providers.idp.audiences", vec![RESOURCE])
-        .set("providers.idp.allow_insecure_http", true)
+        .ceiling_scopes(&["deploy:*"]);
+    let c = with_idp(c, &idp, secrets.path())
         .set("proxy.routes.internal.upstream", upstream)
         .set(
             "proxy.routes.internal.audience",
