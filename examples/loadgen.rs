@@ -166,13 +166,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .run(args.connections, Duration::from_secs(args.peak_secs), None)
         .await?;
     eprintln!(
-        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors); in the handler p50 / p99 ≤ {}; server CPU per exchange {}",
+        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors); in the handler p50 / p99 ≤ {}; server CPU per exchange {}; switches per exchange {}",
         peak.rate,
         peak.p50_ms,
         peak.p99_ms,
         peak.errors,
         peak.server_side,
-        cpu_summary(&peak)
+        cpu_summary(&peak),
+        switch_summary(&peak)
     );
     let half_rate = peak.rate / 2.0;
     let half = load
@@ -222,6 +223,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "| server CPU per exchange at peak (by thread) | {} |",
         cpu_summary(&peak)
+    );
+    println!(
+        "| server context switches per exchange at peak (by thread, voluntary+involuntary) | {} |",
+        switch_summary(&peak)
     );
     println!(
         "| inside the handler (cistern's histogram) at peak / at half peak, p50 / p99 ≤ | {} · {} |",
@@ -396,6 +401,9 @@ struct Phase {
     server_side: String,
     /// Server CPU time per answered request, by thread name, in µs.
     cpu_us: Vec<(String, f64)>,
+    /// Context switches per answered request, by thread name (voluntary,
+    /// involuntary).
+    switches: Vec<(String, f64, f64)>,
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
@@ -523,6 +531,7 @@ async fn finish(
     pid: u32,
 ) -> anyhow::Result<Phase> {
     let cpu_before = cpu_ticks(pid);
+    let switches_before = switches(pid);
     let rss = sample_rss(pid, end).await;
     let mut all = Histogram::<u64>::new(3)?;
     let mut errors = 0;
@@ -536,7 +545,19 @@ async fn finish(
     // Workers stop early when the pre-minted tokens run out.
     let secs = last.duration_since(start).as_secs_f64().max(1e-3);
     let cpu_after = cpu_ticks(pid);
+    let switches_after = switches(pid);
     let requests = all.len().max(1) as f64;
+    let switches = switches_after
+        .iter()
+        .map(|(name, (v, n))| {
+            let (v0, n0) = switches_before.get(name).copied().unwrap_or((0, 0));
+            (
+                name.clone(),
+                v.saturating_sub(v0) as f64 / requests,
+                n.saturating_sub(n0) as f64 / requests,
+            )
+        })
+        .collect();
     let cpu_us = cpu_after
         .iter()
         .map(|(name, t)| {
@@ -547,6 +568,7 @@ async fn finish(
     Ok(Phase {
         server_side: String::new(),
         cpu_us,
+        switches,
         rate: all.len() as f64 / secs,
         p50_ms: all.value_at_quantile(0.50) as f64 / 1000.0,
         p99_ms: all.value_at_quantile(0.99) as f64 / 1000.0,
@@ -696,6 +718,46 @@ fn cpu_ticks(pid: u32) -> std::collections::BTreeMap<String, u64> {
         *by_name.entry(name).or_insert(0) += ticks;
     }
     by_name
+}
+
+/// Voluntary and involuntary context switches of each of `pid`'s threads,
+/// summed by thread name.
+fn switches(pid: u32) -> std::collections::BTreeMap<String, (u64, u64)> {
+    let mut by_name = std::collections::BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .map_or_else(String::new, |n| n.trim().to_string());
+        let entry = by_name.entry(name).or_insert((0, 0));
+        entry.0 += field("voluntary_ctxt_switches:");
+        entry.1 += field("nonvoluntary_ctxt_switches:");
+    }
+    by_name
+}
+
+/// Context switches per exchange, by thread: voluntary + involuntary.
+fn switch_summary(p: &Phase) -> String {
+    let parts: Vec<String> = p
+        .switches
+        .iter()
+        .filter(|(_, v, n)| v + n >= 0.01)
+        .map(|(name, v, n)| format!("{name} {v:.2}+{n:.2}"))
+        .collect();
+    parts.join(", ")
 }
 
 fn cpu_summary(p: &Phase) -> String {

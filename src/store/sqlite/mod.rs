@@ -37,6 +37,7 @@ mod checkpoint;
 pub mod inventory;
 mod lifecycle;
 mod read;
+mod replay;
 mod schema;
 mod writer;
 

@@ -29,6 +29,7 @@ const MIGRATIONS: &[(i64, &str)] = &[
     (4, MIGRATION_4),
     (5, MIGRATION_5),
     (6, MIGRATION_6),
+    (7, MIGRATION_7),
 ];
 
 /// The initial schema. Times are integer milliseconds since the epoch, ids
@@ -258,6 +259,26 @@ CREATE TABLE provider_credentials (
     expires_on TEXT,
     saved_at_ms INTEGER NOT NULL
 ) WITHOUT ROWID;
+";
+
+/// `replay` becomes append-only: rows in the order tokens were consumed
+/// (`seq`, the rowid), looked up in memory by the writer (`replay.rs`).
+/// Keyed by `(exp, issuer, jti)`, every insert had landed at a random place
+/// among the tokens expiring in the same second: one dirty page, WAL frame
+/// and checkpoint copy per exchange under load. The expiry index serves
+/// pruning and the dry run's lookup; both of its keys grow with time.
+const MIGRATION_7: &str = "
+CREATE TABLE replay_v3 (
+    seq           INTEGER PRIMARY KEY,
+    expires_at_ms INTEGER NOT NULL,
+    issuer        TEXT    NOT NULL,
+    jti           TEXT    NOT NULL
+);
+INSERT INTO replay_v3 (expires_at_ms, issuer, jti)
+    SELECT expires_at_ms, issuer, jti FROM replay ORDER BY expires_at_ms;
+DROP TABLE replay;
+ALTER TABLE replay_v3 RENAME TO replay;
+CREATE INDEX replay_expires ON replay (expires_at_ms);
 ";
 
 /// Creates the missing parent directories (0700) and the database file

@@ -8,6 +8,7 @@ use rusqlite::Connection;
 use serde_json::json;
 use tokio::task::JoinSet;
 
+use super::replay::ReplaySet;
 use super::*;
 use crate::store::{AuditKind, ReplayEntry};
 
@@ -121,7 +122,7 @@ async fn opening_twice_runs_migrations_once_and_keeps_data() {
     let first = open(&path);
     first.commit_exchange(record(1)).await.unwrap();
     let second = open(&path);
-    assert_eq!(count(&path, "schema_version"), 6);
+    assert_eq!(count(&path, "schema_version"), 7);
     assert_eq!(second.issued_tokens(10).await.unwrap().len(), 1);
     second.ping().await.unwrap();
 }
@@ -264,7 +265,8 @@ async fn within_one_batch_a_replay_is_refused_alone() {
         request(WriteOp::Exchange(Box::new(dup))).0,
         request(WriteOp::Exchange(Box::new(record(2)))).0,
     ];
-    let outcomes = writer::commit_batch(&mut conn, &batch, None).unwrap();
+    let outcomes =
+        writer::commit_batch(&mut conn, &batch, &mut ReplaySet::default(), None).unwrap();
     assert!(outcomes[0].is_ok());
     assert!(matches!(outcomes[1], Err(StoreError::Replay)));
     assert!(outcomes[2].is_ok());
@@ -302,16 +304,22 @@ async fn any_other_failure_refuses_the_whole_batch_and_writes_nothing() {
         request(WriteOp::Exchange(Box::new(clash))).0,
         request(WriteOp::Exchange(Box::new(record(2)))).0,
     ];
+    let mut replay = ReplaySet::default();
     assert!(matches!(
-        writer::commit_batch(&mut conn, &batch, None),
+        writer::commit_batch(&mut conn, &batch, &mut replay, None),
         Err(StoreError::Database(_))
     ));
     for table in ["replay", "issued_tokens", "audit", "identities"] {
         assert_eq!(count(&path, table), 0, "{table}");
     }
-    // The connection is usable again for the next batch.
-    let batch = vec![request(WriteOp::Exchange(Box::new(record(4)))).0];
-    assert!(writer::commit_batch(&mut conn, &batch, None).unwrap()[0].is_ok());
+    // The connection is usable again, and the ID tokens of the refused
+    // batch were not consumed: the writer's replay set forgot them too.
+    let batch = vec![
+        request(WriteOp::Exchange(Box::new(record(1)))).0,
+        request(WriteOp::Exchange(Box::new(record(4)))).0,
+    ];
+    let outcomes = writer::commit_batch(&mut conn, &batch, &mut replay, None).unwrap();
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
 }
 
 #[tokio::test]
@@ -328,7 +336,7 @@ async fn a_batch_that_cannot_start_fails_every_request_with_a_database_error() {
     let (a, a_rx) = request(WriteOp::Exchange(Box::new(record(1))));
     let (b, b_rx) = request(WriteOp::PruneReplay { now_ms: 0 });
     let batch = vec![a, b];
-    let outcome = writer::commit_batch(&mut conn, &batch, None);
+    let outcome = writer::commit_batch(&mut conn, &batch, &mut ReplaySet::default(), None);
     assert!(outcome.is_err());
     writer::answer(batch.into_iter(), outcome);
     assert!(matches!(a_rx.await.unwrap(), Err(StoreError::Database(_))));
@@ -365,6 +373,31 @@ async fn each_grant_updates_the_identity_sighting() {
 }
 
 #[tokio::test]
+async fn an_id_token_consumed_through_one_writer_is_refused_through_another() {
+    // Two stores on one file stand for two processes: each writer checks
+    // replays in memory, and catches up with the other's rows first.
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let first = open(&path);
+    let second = open(&path);
+    first.commit_exchange(record(1)).await.unwrap();
+    second.commit_exchange(record(2)).await.unwrap();
+    let mut again = record(1);
+    again.token.jti = "at-again".into();
+    assert!(matches!(
+        second.commit_exchange(again.clone()).await,
+        Err(StoreError::Replay)
+    ));
+    again.replay.as_mut().unwrap().jti = "id-2".into();
+    assert!(matches!(
+        first.commit_exchange(again).await,
+        Err(StoreError::Replay)
+    ));
+    assert_eq!(count(&path, "replay"), 2);
+    assert_eq!(count(&path, "issued_tokens"), 2);
+}
+
+#[tokio::test]
 async fn prune_replay_removes_only_expired_entries() {
     let dir = tempfile::tempdir().unwrap();
     let path = db_path(&dir);
@@ -377,8 +410,9 @@ async fn prune_replay_removes_only_expired_entries() {
     assert_eq!(store.prune_replay(200).await.unwrap(), 1);
     assert_eq!(count(&path, "replay"), 2);
     assert_eq!(store.prune_replay(200).await.unwrap(), 0);
-    assert_eq!(store.prune_replay(301).await.unwrap(), 2);
-    assert_eq!(count(&path, "replay"), 0);
+    // The newest row stays, so that `seq` never goes back (replay.rs).
+    assert_eq!(store.prune_replay(301).await.unwrap(), 1);
+    assert_eq!(count(&path, "replay"), 1);
     // Pruning touches nothing else.
     assert_eq!(count(&path, "issued_tokens"), 3);
 }

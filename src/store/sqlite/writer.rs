@@ -14,6 +14,7 @@ use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::db_err;
+use super::replay::ReplaySet;
 use crate::audit::chain::{ChainFields, GENESIS, OwnedFields, hash_from_slice, record_hash};
 use crate::audit::record::{CheckpointLine, CheckpointWrapper, RecordLine};
 use crate::audit::sink::Sink;
@@ -137,6 +138,7 @@ pub(super) fn run(
         }
     };
     let mut since_checkpoint = 0u32;
+    let mut replay = ReplaySet::default();
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         let mut yields = 0;
@@ -169,7 +171,7 @@ pub(super) fn run(
         if let Some(l) = lines.as_mut() {
             l.buf.clear();
         }
-        let mut outcomes = commit_batch(&mut conn, &batch, lines.as_mut());
+        let mut outcomes = commit_batch(&mut conn, &batch, &mut replay, lines.as_mut());
         if let (Ok(_), Some(l)) = (&outcomes, lines.as_mut()) {
             l.through = l.end;
         }
@@ -256,15 +258,17 @@ pub(super) fn answer(
 pub(super) fn commit_batch(
     conn: &mut Connection,
     batch: &[WriteRequest],
+    replay: &mut ReplaySet,
     lines: Option<&mut SinkLines>,
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     conn.execute_batch("BEGIN IMMEDIATE")
         .map_err(|e| db_err("begin batch", e))?;
+    replay.begin();
     // The head is read inside the write transaction, so another process
     // writing the same file (`cistern revoke --direct`) can never fork the
     // chain: SQLite admits one writer at a time and this one sees its work.
     let result = Chain::head(conn, lines).and_then(|mut chain| {
-        let outcomes = run_requests(conn, batch, &mut chain)?;
+        let outcomes = run_requests(conn, batch, replay, &mut chain)?;
         if let Some(l) = chain.lines.as_deref_mut() {
             l.end = chain.seq;
         }
@@ -272,20 +276,24 @@ pub(super) fn commit_batch(
     });
     match result.map(|(outcomes, _)| outcomes) {
         Ok(outcomes) => match conn.execute_batch("COMMIT") {
-            Ok(()) => Ok(outcomes),
+            Ok(()) => {
+                replay.commit();
+                Ok(outcomes)
+            }
             Err(e) => {
-                rollback(conn);
+                rollback(conn, replay);
                 Err(db_err("commit batch", e))
             }
         },
         Err(e) => {
-            rollback(conn);
+            rollback(conn, replay);
             Err(e)
         }
     }
 }
 
-fn rollback(conn: &Connection) {
+fn rollback(conn: &Connection, replay: &mut ReplaySet) {
+    replay.rollback();
     // SQLite may already have rolled back on its own (e.g. SQLITE_FULL).
     if !conn.is_autocommit()
         && let Err(e) = conn.execute_batch("ROLLBACK")
@@ -305,12 +313,13 @@ fn rollback(conn: &Connection) {
 fn run_requests(
     conn: &Connection,
     batch: &[WriteRequest],
+    replay: &mut ReplaySet,
     chain: &mut Chain<'_>,
 ) -> Result<Vec<Result<u64, StoreError>>, StoreError> {
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut sightings = IdentitySightings::default();
     for request in batch {
-        match apply(conn, &request.op, chain) {
+        match apply(conn, &request.op, replay, chain) {
             Err(StoreError::Replay) => outcomes.push(Err(StoreError::Replay)),
             Err(e) => return Err(e),
             Ok(n) => {
@@ -405,9 +414,14 @@ fn upsert_identity(conn: &Connection, s: &Sighting<'_>) -> rusqlite::Result<usiz
     ])
 }
 
-fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, StoreError> {
+fn apply(
+    conn: &Connection,
+    op: &WriteOp,
+    replay: &mut ReplaySet,
+    chain: &mut Chain<'_>,
+) -> Result<u64, StoreError> {
     match op {
-        WriteOp::Exchange(record) => insert_exchange(conn, record, chain).map(|()| 0),
+        WriteOp::Exchange(record) => insert_exchange(conn, record, replay, chain).map(|()| 0),
         WriteOp::Audit(event) => chain.append(conn, event).map(|()| 0),
         WriteOp::AuditBatch(events) => {
             for event in events {
@@ -474,11 +488,7 @@ fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, 
             }
             Ok(n as u64)
         }
-        WriteOp::PruneReplay { now_ms } => conn
-            .prepare_cached("DELETE FROM replay WHERE expires_at_ms < ?1")
-            .and_then(|mut s| s.execute([now_ms]))
-            .map(|n| n as u64)
-            .map_err(|e| db_err("prune replay", e)),
+        WriteOp::PruneReplay { now_ms } => replay.prune(conn, *now_ms),
         WriteOp::Lifecycle(op) => super::lifecycle::apply(conn, op, chain),
     }
 }
@@ -486,21 +496,13 @@ fn apply(conn: &Connection, op: &WriteOp, chain: &mut Chain<'_>) -> Result<u64, 
 fn insert_exchange(
     conn: &Connection,
     record: &ExchangeRecord,
+    replay: &mut ReplaySet,
     chain: &mut Chain<'_>,
 ) -> Result<(), StoreError> {
-    if let Some(replay) = &record.replay {
-        // DO NOTHING + row count rather than matching constraint error
-        // codes: a conflict is the expected outcome of a replay, not a fault.
-        let inserted = conn
-            .prepare_cached(
-                "INSERT INTO replay (expires_at_ms, issuer, jti) VALUES (?1, ?2, ?3)
-                 ON CONFLICT DO NOTHING",
-            )
-            .and_then(|mut s| s.execute(params![replay.expires_at_ms, replay.issuer, replay.jti]))
-            .map_err(|e| db_err("insert replay", e))?;
-        if inserted == 0 {
-            return Err(StoreError::Replay);
-        }
+    if let Some(entry) = &record.replay
+        && !replay.claim(conn, entry)?
+    {
+        return Err(StoreError::Replay);
     }
     let id = &record.identity;
     let t = &record.token;
