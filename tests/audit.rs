@@ -486,3 +486,62 @@ async fn records_the_cli_writes_directly_reach_the_servers_sinks_in_order() {
     assert_eq!(code, 0, "{v}");
     assert!(v["report"]["records"].as_u64().unwrap() >= 3, "{v}");
 }
+
+/// Records written while no server runs (an emergency `cistern revoke
+/// --direct` with the server down) reach the server's file sink when it
+/// is back, once, in chain order: the sink's copy still verifies alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_written_while_the_server_is_down_reach_its_sink_when_it_is_back() {
+    let dev = DevIssuer::start();
+    let sink = tempfile::tempdir().unwrap();
+    let sink_path = sink.path().join("audit.jsonl");
+    let mut c = start_with_file_sink(&dev, &sink_path, "").await;
+    let config = c.config_path().to_str().unwrap().to_owned();
+
+    let token = grant(&c, &dev).await.unwrap();
+    let (_, claims) = common::decode_jwt(&token);
+    let jti = claims["jti"].as_str().unwrap().to_owned();
+    c.terminate();
+    let out = cli(&[
+        "revoke", "--jti", &jti, "--reason", "leaked", "--config", &config, "--direct",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !std::fs::read_to_string(&sink_path)
+            .unwrap()
+            .contains("\"token_revoked\"")
+    );
+
+    c.restart();
+    c.wait_ready(common::START_TIMEOUT).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let sunk = std::fs::read_to_string(&sink_path).unwrap_or_default();
+        if sunk.contains("\"token_revoked\"") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the record written while the server was down never reached the sink:\n{sunk}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    grant(&c, &dev).await.unwrap();
+    c.terminate();
+
+    let sunk = std::fs::read_to_string(&sink_path).unwrap();
+    assert_eq!(
+        sunk.matches("\"kind\":\"token_revoked\"").count(),
+        1,
+        "{sunk}"
+    );
+    let (code, v) = verify_json(&["--config", &config, "--file", sink_path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{v}");
+    let (_, store) = verify_json(&["--config", &config]);
+    assert!(v["report"]["head"].is_string(), "{v}");
+    assert_eq!(v["report"]["head"], store["report"]["head"], "{v}\n{store}");
+}

@@ -441,6 +441,51 @@ async fn a_file_sink_holds_a_copy_that_verifies_on_its_own() {
 }
 
 #[tokio::test]
+async fn a_file_sink_gets_what_was_written_while_it_was_not_fed_once_and_in_order() {
+    let w = world();
+    let sink_path = w.db.with_file_name("audit.jsonl");
+    let with_sink = || {
+        let sink = FileSink::open(&sink_path, 1 << 20, 3).unwrap();
+        SqliteStore::open_with_sinks(&w.db, Synchronous::Normal, vec![Box::new(sink)], true)
+            .unwrap()
+    };
+    let store = with_sink();
+    for i in 0..5 {
+        store.commit_exchange(record(i)).await.unwrap();
+    }
+    store.close().await;
+    // The sink lost its last line and a half: a crash in the middle of a
+    // write, after the store committed.
+    let text = std::fs::read_to_string(&sink_path).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5);
+    let kept = format!(
+        "{}\n{}",
+        lines[..3].join("\n"),
+        &lines[3][..lines[3].len() / 2]
+    );
+    std::fs::write(&sink_path, kept).unwrap();
+    // Another process writes while no server feeds the sink.
+    let cli = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+    for i in 0..3 {
+        cli.append_audit(event(i)).await.unwrap();
+    }
+    cli.close().await;
+
+    let store = with_sink();
+    store.append_audit(event(9)).await.unwrap();
+    store.close().await;
+    let keys = PublishedKeys::load(&w.key_dir).unwrap();
+    let v = verify_files(&[&sink_path], Some(&keys), None).unwrap();
+    assert_eq!(v.problem, None);
+    assert_eq!(
+        v.report.records, 9,
+        "1–5, the three written without it, and the new one"
+    );
+    assert_eq!(v.report.head, verify(&w, &w.db).report.head);
+}
+
+#[tokio::test]
 async fn fail_closed_refuses_when_a_sink_cannot_write_and_fail_open_answers() {
     for fail_closed in [true, false] {
         let w = world();

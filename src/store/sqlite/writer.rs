@@ -128,7 +128,10 @@ pub(super) fn run(
         None
     } else {
         match chain_head_seq(&conn) {
-            Ok(seq) => Some(SinkLines::after(seq)),
+            Ok(seq) => {
+                catch_up_sinks(&conn, &mut audit.sinks, seq, &counters);
+                Some(SinkLines::after(seq))
+            }
             Err(e) => {
                 // Never "from 0": that would copy the whole log to the
                 // sinks. Catching up starts from the first committed batch.
@@ -213,6 +216,62 @@ pub(super) fn run(
     }
     for closer in closers {
         let _ = closer.send(());
+    }
+}
+
+/// Records at most this many at a time in a sink's catch-up, so a long
+/// gap is never held in memory whole.
+const CATCH_UP_CHUNK: i64 = 10_000;
+
+/// Sends each sink that can say how far it got (a file) the records
+/// appended since, up to `head`: what other processes wrote while no
+/// server ran (`cistern revoke --direct`, …) and what a crash kept from
+/// it. A sink that cannot tell (standard output), or holds nothing yet,
+/// gets records from here on. Failures are logged and counted; the sink
+/// then misses that range (`cistern audit export` has it).
+fn catch_up_sinks(conn: &Connection, sinks: &mut [Box<dyn Sink>], head: i64, counters: &Counters) {
+    let mut buf = Vec::new();
+    for sink in sinks.iter_mut() {
+        let from = match sink.last_seq() {
+            Ok(Some(seq)) => seq,
+            Ok(None) => continue,
+            Err(e) => {
+                counters.sink_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(sink = sink.name(), error = %e, "cannot tell which records the audit sink holds; it gets new records only");
+                continue;
+            }
+        };
+        if from > head {
+            tracing::warn!(
+                sink = sink.name(),
+                sink_seq = from,
+                head,
+                "the audit sink holds records past the store's newest (a restored database, or another store's sink?)"
+            );
+            continue;
+        }
+        let mut after = from;
+        while after < head {
+            let through = head.min(after.saturating_add(CATCH_UP_CHUNK));
+            buf.clear();
+            let sent = crate::audit::export::lines_between(conn, after, through, &mut buf)
+                .map_err(|e| e.to_string())
+                .and_then(|_| sink.write_lines(&buf).map_err(|e| e.to_string()));
+            if let Err(e) = sent {
+                counters.sink_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(sink = sink.name(), error = %e, after, through = head, "catching the audit sink up failed; the range is missing from it");
+                break;
+            }
+            after = through;
+        }
+        if after > from {
+            tracing::info!(
+                sink = sink.name(),
+                from = from + 1,
+                through = after,
+                "audit sink caught up with records written while it was not fed"
+            );
+        }
     }
 }
 
