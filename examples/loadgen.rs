@@ -690,63 +690,63 @@ fn server_quantiles(before: &[(f64, f64)], after: &[(f64, f64)]) -> String {
 /// `USER_HZ`, the unit of `/proc/<pid>/task/*/stat` times (100 on Linux).
 const TICKS_PER_SEC: f64 = 100.0;
 
-/// User + system CPU ticks of each of `pid`'s threads, summed by thread name.
-fn cpu_ticks(pid: u32) -> std::collections::BTreeMap<String, u64> {
+/// `read(file text)` for the `file` of each of `pid`'s threads
+/// (`/proc/<pid>/task/*/<file>`), summed by the thread name it returns.
+fn by_thread<T: Default + std::ops::AddAssign>(
+    pid: u32,
+    file: &str,
+    read: impl Fn(&str) -> Option<(String, T)>,
+) -> std::collections::BTreeMap<String, T> {
     let mut by_name = std::collections::BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return by_name;
     };
     for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+        let Ok(text) = std::fs::read_to_string(task.path().join(file)) else {
             continue;
         };
-        // "tid (comm) state ..." — comm may hold spaces, so split at the last ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = stat[open + 1..close].to_string();
-        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
-        // utime and stime are fields 14 and 15 of the whole line.
-        let ticks = fields
-            .get(11)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-            + fields
-                .get(12)
-                .and_then(|f| f.parse::<u64>().ok())
-                .unwrap_or(0);
-        *by_name.entry(name).or_insert(0) += ticks;
+        if let Some((name, value)) = read(&text) {
+            *by_name.entry(name).or_default() += value;
+        }
     }
     by_name
+}
+
+/// User + system CPU ticks of each of `pid`'s threads, summed by thread name.
+fn cpu_ticks(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    by_thread(pid, "stat", |stat| {
+        // "tid (comm) state ..." — comm may hold spaces, so split at the last ')'.
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let fields: Vec<&str> = stat.get(close + 2..)?.split(' ').collect();
+        // utime and stime are fields 14 and 15 of the whole line.
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        Some((stat[open + 1..close].to_string(), field(11) + field(12)))
+    })
 }
 
 /// Voluntary and involuntary context switches of each of `pid`'s threads,
 /// summed by thread name.
 fn switches(pid: u32) -> std::collections::BTreeMap<String, (u64, u64)> {
-    let mut by_name = std::collections::BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return by_name;
+    let count = |key: &'static str| {
+        by_thread(pid, "status", move |status| {
+            let line = |prefix: &str| status.lines().find_map(|l| l.strip_prefix(prefix));
+            let n = line(key)?.trim().parse::<u64>().ok()?;
+            Some((line("Name:")?.trim().to_string(), n))
+        })
     };
-    for task in tasks.flatten() {
-        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-            continue;
-        };
-        let field = |key: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        let name = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .map_or_else(String::new, |n| n.trim().to_string());
-        let entry = by_name.entry(name).or_insert((0, 0));
-        entry.0 += field("voluntary_ctxt_switches:");
-        entry.1 += field("nonvoluntary_ctxt_switches:");
-    }
-    by_name
+    let involuntary = count("nonvoluntary_ctxt_switches:");
+    count("voluntary_ctxt_switches:")
+        .into_iter()
+        .map(|(name, v)| {
+            let n = involuntary.get(&name).copied().unwrap_or(0);
+            (name, (v, n))
+        })
+        .collect()
 }
 
 /// Context switches per exchange, by thread: voluntary + involuntary.
