@@ -444,6 +444,15 @@ pub struct ServerConfig {
     /// Deadline for one request.
     #[serde(default = "defaults::request_timeout", with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a client has to send a request's headers: from connecting
+    /// (the TLS handshake included), and on a kept-alive HTTP/1 connection
+    /// from the previous response. Bounds idle and trickling (slowloris)
+    /// connections.
+    #[serde(default = "defaults::header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    #[serde(default = "defaults::max_connections")]
+    pub max_connections: usize,
     /// Clients allowed to call the introspection endpoint, as `name = "sha256 hex of the secret"`.
     #[serde(default)]
     pub clients: BTreeMap<String, ClientConfig>,
@@ -706,6 +715,12 @@ mod defaults {
     }
     pub(super) fn request_timeout() -> Duration {
         Duration::from_secs(10)
+    }
+    pub(super) fn header_read_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub(super) fn max_connections() -> usize {
+        10_000
     }
     pub(super) fn sqlite_path() -> PathBuf {
         PathBuf::from("cistern-data/cistern.db")
@@ -997,6 +1012,14 @@ impl Config {
         }
         if s.max_body_bytes < 4096 {
             return Err(src.error("server.max_body_bytes", "must be at least 4096"));
+        }
+        if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+            .contains(&s.header_read_timeout)
+        {
+            return Err(src.error("server.header_read_timeout", "must be between 100ms and 1h"));
+        }
+        if !(1..=1_000_000).contains(&s.max_connections) {
+            return Err(src.error("server.max_connections", "must be between 1 and 1000000"));
         }
         for (name, c) in &s.clients {
             if c.secret_sha256.len() != 64 || hex::decode(&c.secret_sha256).is_err() {
@@ -1539,6 +1562,34 @@ scopes = ["deploy:*"]
             field(&route("sealed = true\nkek_env = \"K\"")),
             "proxy.routes.r.secret_env"
         );
+    }
+
+    #[test]
+    fn connection_limits_default_and_are_checked_with_their_field() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.max_connections, 10_000);
+        let with = |line: &str| {
+            MINIMAL.replace(
+                "issuer = \"http://127.0.0.1:8080\"\n",
+                &format!("issuer = \"http://127.0.0.1:8080\"\n{line}\n"),
+            )
+        };
+        for (line, field) in [
+            (
+                "header_read_timeout = \"10ms\"",
+                "server.header_read_timeout",
+            ),
+            ("header_read_timeout = \"2h\"", "server.header_read_timeout"),
+            ("max_connections = 0", "server.max_connections"),
+        ] {
+            let e = load(&with(line)).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{line}: {e}");
+            assert!(e.line.is_some(), "{line}: {e}");
+        }
+        let c = load(&with("header_read_timeout = \"5s\"\nmax_connections = 64")).unwrap();
+        assert_eq!(c.server.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.max_connections, 64);
     }
 
     #[test]

@@ -91,7 +91,8 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
     tracing::info!(%addr, routes = config.proxy.routes.len(), "cistern proxy listening");
     println!("cistern: proxy listening on {addr}");
     let _ = std::io::stdout().flush();
-    crate::http::serve::serve(listener, app, shutdown_signal()).await;
+    let limits = crate::http::serve::Limits::of(&config.server);
+    crate::http::serve::serve(listener, app, limits, shutdown_signal()).await;
     proxy.flush_audit().await;
     tracing::info!("cistern proxy stopped");
     Ok(())
@@ -366,8 +367,9 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
         _ => None,
     };
+    let limits = crate::http::serve::Limits::of(&config.server);
     match tls {
-        None => crate::http::serve::serve(listener, app, shutdown_signal()).await,
+        None => crate::http::serve::serve(listener, app, limits, shutdown_signal()).await,
         Some((cert, key)) => {
             let tls = tls_config(&cert, &key).with_context(|| {
                 format!(
@@ -376,7 +378,7 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
                     key.display()
                 )
             })?;
-            crate::http::serve::serve_tls(listener, app, tls, shutdown_signal()).await;
+            crate::http::serve::serve_tls(listener, app, tls, limits, shutdown_signal()).await;
         }
     }
     // A last signed checkpoint covers everything written before the stop.

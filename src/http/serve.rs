@@ -13,7 +13,7 @@
 //!   the connection. Peeking (`MSG_PEEK`) decides without consuming, and
 //!   each connection goes straight to hyper's HTTP/1 or HTTP/2 server. A
 //!   connection whose first bytes are too few to tell (a lone `P`, say) is
-//!   left to the automatic one.
+//!   peeked at again, backing off, until they tell or its time is up.
 //! - **Half-close.** By default hyper, while a request is being answered,
 //!   keeps reading the connection to notice a client that went away; the
 //!   parsed request head still holds the first read buffer, so that read
@@ -26,6 +26,15 @@
 //!
 //! TLS listeners ([`serve_tls`], rustls) take the protocol from ALPN
 //! instead (`h2`, else HTTP/1.1), and share everything else.
+//!
+//! **Limits** ([`Limits`]) keep idle and trickling clients from holding
+//! connections (slowloris): the first bytes (or the TLS handshake) must
+//! come within `header_read_timeout`, and hyper's HTTP/1 timer bounds each
+//! request's headers by the same time, from the connection's start or the
+//! previous response, which makes it the keep-alive idle timeout as well.
+//! `max_connections` bounds what all clients together hold (an HTTP/2
+//! connection may idle: only this bounds those); beyond it the loop stops
+//! accepting and new clients wait in the kernel's backlog.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -37,13 +46,13 @@ use axum::Router;
 use axum::body::Body;
 use futures_util::TryFutureExt as _;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tower::ServiceExt as _;
 
 /// The first bytes of every HTTP/2 connection with prior knowledge
@@ -71,24 +80,44 @@ fn protocol_of(first: &[u8]) -> Protocol {
     }
 }
 
+/// What a listener admits: see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time for the first bytes or TLS handshake, and for each HTTP/1
+    /// request's headers (from the previous response on a kept-alive
+    /// connection).
+    pub header_read_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// `[server] header_read_timeout` and `max_connections`.
+    pub fn of(server: &crate::config::ServerConfig) -> Limits {
+        Limits {
+            header_read_timeout: server.header_read_timeout,
+            max_connections: server.max_connections,
+        }
+    }
+}
+
 /// The connection builders, shared by every connection.
 struct Builders {
     http1: hyper::server::conn::http1::Builder,
     http2: hyper::server::conn::http2::Builder<TokioExecutor>,
-    auto: auto::Builder<TokioExecutor>,
 }
 
 impl Builders {
-    fn new() -> Builders {
+    fn new(limits: &Limits) -> Builders {
         let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1.half_close(true);
+        http1
+            .half_close(true)
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // As `axum::serve`: the CONNECT protocol for HTTP/2 (RFC 8441).
-        http2.enable_connect_protocol();
-        let mut auto = auto::Builder::new(TokioExecutor::new());
-        auto.http1().half_close(true);
-        auto.http2().enable_connect_protocol();
-        Builders { http1, http2, auto }
+        http2.enable_connect_protocol().timer(TokioTimer::new());
+        Builders { http1, http2 }
     }
 }
 
@@ -104,37 +133,24 @@ type Service = TowerToHyperService<
     tower::util::MapRequest<Router, fn(http::Request<Incoming>) -> http::Request<Body>>,
 >;
 
-/// Serves `io` as `protocol` until the connection ends.
-fn connection<I>(
-    io: I,
-    protocol: Protocol,
-    service: Service,
-    builders: &Builders,
-    watcher: Watcher,
-) -> Served
+/// Serves `io` as HTTP/2 (`h2`) or HTTP/1 until the connection ends.
+fn connection<I>(io: I, h2: bool, service: Service, builders: &Builders, watcher: Watcher) -> Served
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
-    match protocol {
-        Protocol::Http1 => Box::pin(
-            watcher
-                .watch(builders.http1.serve_connection(io, service))
-                .map_err(BoxError::from),
-        ),
-        Protocol::Http2 => Box::pin(
+    if h2 {
+        Box::pin(
             watcher
                 .watch(builders.http2.serve_connection(io, service))
                 .map_err(BoxError::from),
-        ),
-        Protocol::Unsure => Box::pin(
-            watcher.watch(
-                builders
-                    .auto
-                    .serve_connection_with_upgrades(io, service)
-                    .into_owned(),
-            ),
-        ),
+        )
+    } else {
+        Box::pin(
+            watcher
+                .watch(builders.http1.serve_connection(io, service))
+                .map_err(BoxError::from),
+        )
     }
 }
 
@@ -142,19 +158,20 @@ where
 enum Transport {
     /// Plain TCP: the protocol is told by peeking.
     Plain,
-    /// rustls: the handshake first (bounded by [`TLS_HANDSHAKE_TIMEOUT`]),
-    /// then the protocol ALPN chose.
+    /// rustls: the handshake first, then the protocol ALPN chose.
     Tls(tokio_rustls::TlsAcceptor),
 }
-
-/// How long a client has to finish its TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` completes, then stops
 /// accepting and waits for every open connection to finish its in-flight
 /// requests (each is told to close once idle).
-pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()>) {
-    serve_on(listener, app, Transport::Plain, shutdown).await;
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_on(listener, app, Transport::Plain, limits, shutdown).await;
 }
 
 /// [`serve`] over TLS. `tls` should offer ALPN `h2` and `http/1.1`.
@@ -162,27 +179,39 @@ pub async fn serve_tls(
     listener: TcpListener,
     app: Router,
     tls: Arc<rustls::ServerConfig>,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    serve_on(listener, app, Transport::Tls(acceptor), shutdown).await;
+    serve_on(listener, app, Transport::Tls(acceptor), limits, shutdown).await;
 }
 
 async fn serve_on(
     listener: TcpListener,
     app: Router,
     transport: Transport,
+    limits: Limits,
     shutdown: impl Future<Output = ()>,
 ) {
-    let builders = Arc::new(Builders::new());
+    let builders = Arc::new(Builders::new(&limits));
     let transport = Arc::new(transport);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     // Connections still waiting for their first bytes (or their TLS
     // handshake) are not yet watched by `graceful`; this tells them to give
     // up at shutdown.
     let (stopping, stopped) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // At the limit, stop accepting until a connection ends.
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                // Never closed; if it were, serving could not go on.
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -204,12 +233,19 @@ async fn serve_on(
         let builders = Arc::clone(&builders);
         let transport = Arc::clone(&transport);
         let mut stopped = stopped.clone();
+        let first_bytes_by = Instant::now() + limits.header_read_timeout;
         tokio::spawn(async move {
+            let _slot = slot;
+            let opening = open(stream, &transport, service, &builders, watcher);
             let served = tokio::select! {
-                opened = open(stream, &transport, service, &builders, watcher) => match opened {
-                    Ok(served) => served,
-                    Err(e) => {
+                opened = tokio::time::timeout_at(first_bytes_by, opening) => match opened {
+                    Ok(Ok(served)) => served,
+                    Ok(Err(e)) => {
                         tracing::trace!(error = %e, "opening a connection failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::trace!("a connection sent nothing usable in time");
                         return;
                     }
                 },
@@ -226,7 +262,8 @@ async fn serve_on(
 }
 
 /// Waits for what decides the protocol (the first bytes, or the TLS
-/// handshake), then hands the connection to its server.
+/// handshake), then hands the connection to its server. The caller bounds
+/// the wait.
 async fn open(
     stream: TcpStream,
     transport: &Transport,
@@ -236,25 +273,35 @@ async fn open(
 ) -> Result<Served, BoxError> {
     match transport {
         Transport::Plain => {
-            let mut first = [0u8; H2_PREFACE.len()];
-            let n = stream.peek(&mut first).await?;
-            let protocol = protocol_of(&first[..n]);
-            Ok(connection(stream, protocol, service, builders, watcher))
+            let h2 = speaks_h2(&stream).await?;
+            Ok(connection(stream, h2, service, builders, watcher))
         }
         Transport::Tls(acceptor) => {
             // Boxed: the handshake's state is large and short-lived, and
             // inline it would be reserved in every connection's task.
-            let tls = Box::pin(tokio::time::timeout(
-                TLS_HANDSHAKE_TIMEOUT,
-                acceptor.accept(stream),
-            ))
-            .await
-            .map_err(|_| "the TLS handshake timed out")??;
-            let protocol = match tls.get_ref().1.alpn_protocol() {
-                Some(b"h2") => Protocol::Http2,
-                _ => Protocol::Http1,
-            };
-            Ok(connection(tls, protocol, service, builders, watcher))
+            let tls = Box::pin(acceptor.accept(stream)).await?;
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            Ok(connection(tls, h2, service, builders, watcher))
+        }
+    }
+}
+
+/// Peeks until the first bytes tell HTTP/2 with prior knowledge from
+/// HTTP/1. Bytes that are a strict prefix of the preface (a lone `P`) are
+/// looked at again after a pause that doubles, so a client trickling them
+/// costs a few wake-ups until the caller's deadline, not a busy loop.
+async fn speaks_h2(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let n = stream.peek(&mut first).await?;
+        match protocol_of(&first[..n]) {
+            Protocol::Http1 => return Ok(false),
+            Protocol::Http2 => return Ok(true),
+            Protocol::Unsure => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(500));
+            }
         }
     }
 }
@@ -265,7 +312,22 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     /// A server on a loopback port with one route, and its shutdown trigger.
+    const LIMITS: Limits = Limits {
+        header_read_timeout: Duration::from_secs(30),
+        max_connections: 1000,
+    };
+
     async fn server() -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        server_with(LIMITS).await
+    }
+
+    async fn server_with(
+        limits: Limits,
+    ) -> (
         std::net::SocketAddr,
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
@@ -279,10 +341,72 @@ mod tests {
             }),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, app, async move {
+        let task = tokio::spawn(serve(listener, app, limits, async move {
             let _ = stopped.await;
         }));
         (addr, stop, task)
+    }
+
+    /// Reads until the server closes (a reset counts: closing with our
+    /// bytes unread resets); the guard is for a hang, not a timing claim.
+    async fn until_closed(s: &mut tokio::net::TcpStream) -> String {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+            .await
+            .expect("the server closed the connection");
+        if let Err(e) = read {
+            assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}");
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn silent_trickling_and_idle_clients_are_closed_after_the_header_read_timeout() {
+        let (addr, stop, task) = server_with(Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..LIMITS
+        })
+        .await;
+        // Nothing at all; a prefix of the HTTP/2 preface; half a head.
+        for sent in ["", "P", "PRI * HTTP/2.0\r\n", "GET /x HTTP/1.1\r\nHo"] {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(sent.as_bytes()).await.unwrap();
+            let out = until_closed(&mut s).await;
+            assert!(!out.contains("200 OK"), "{sent:?}: {out}");
+        }
+        // Kept alive after an answer, then idle: closed too.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let out = until_closed(&mut s).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_until_one_closes() {
+        let (addr, stop, task) = server_with(Limits {
+            max_connections: 1,
+            ..LIMITS
+        })
+        .await;
+        let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut waiting = tokio::net::TcpStream::connect(addr).await.unwrap();
+        waiting
+            .write_all(b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut byte)).await;
+        assert!(early.is_err(), "served while the only slot was taken");
+        drop(holder);
+        let out = until_closed(&mut waiting).await;
+        assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        let _ = stop.send(());
+        task.await.unwrap();
     }
 
     /// Sends `parts` one write each, a pause between them, then reads the
