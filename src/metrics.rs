@@ -56,6 +56,20 @@ pub struct Metrics {
     credential_errors: Family<ProviderLabels, Counter>,
     needs_authorization: Family<ProviderLabels, Gauge>,
     proxy: crate::proxy::metrics::ProxyMetrics,
+    connections: ConnectionMetrics,
+}
+
+/// What the listeners (`http/serve.rs`) report about their connections.
+/// Cloning shares the values.
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionMetrics {
+    /// Connections being served now.
+    pub open: Gauge,
+    /// The `max_connections` in force.
+    pub limit: Gauge,
+    /// Connections closed because the client sent no first bytes, TLS
+    /// handshake or whole request head in time.
+    pub timed_out: Counter,
 }
 
 /// Labels of per-provider metrics.
@@ -133,8 +147,25 @@ impl Metrics {
             needs_authorization.clone(),
         );
         let proxy = crate::proxy::metrics::ProxyMetrics::register(&mut registry);
+        let connections = ConnectionMetrics::default();
+        registry.register(
+            "connections_open",
+            "Connections being served (alert as it nears cistern_connections_limit)",
+            connections.open.clone(),
+        );
+        registry.register(
+            "connections_limit",
+            "[server] max_connections: beyond it new clients wait in the listen backlog",
+            connections.limit.clone(),
+        );
+        registry.register(
+            "connections_timed_out",
+            "Connections closed for sending no first bytes, TLS handshake or whole request head within [server] header_read_timeout",
+            connections.timed_out.clone(),
+        );
         Self {
             proxy,
+            connections,
             registry,
             exchanges,
             latency,
@@ -152,6 +183,11 @@ impl Metrics {
     /// The proxy's metrics.
     pub fn proxy(&self) -> &crate::proxy::metrics::ProxyMetrics {
         &self.proxy
+    }
+
+    /// The listeners' connection metrics, for [`crate::http::serve`].
+    pub fn connections(&self) -> ConnectionMetrics {
+        self.connections.clone()
     }
 
     /// Counts one exchange.

@@ -334,6 +334,21 @@ async fn policy_decisions_reach_the_wire_with_rfc_8693_codes_and_are_audited() {
         "{metrics}"
     );
     assert!(metrics.contains("cistern_jwks_fetches_total"), "{metrics}");
+    // The scrape's own connection is open; the limit is the default.
+    assert!(
+        metrics.contains("cistern_connections_limit 10000"),
+        "{metrics}"
+    );
+    let open: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("cistern_connections_open "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(open >= 1, "{metrics}");
+    assert!(
+        metrics.contains("cistern_connections_timed_out_total"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,7 +92,8 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
     println!("cistern: proxy listening on {addr}");
     let _ = std::io::stdout().flush();
     let limits = crate::http::serve::Limits::of(&config.server);
-    crate::http::serve::serve(listener, app, limits, shutdown_signal()).await;
+    let metrics = built.state.exchanger.metrics.connections();
+    crate::http::serve::serve(listener, app, limits, metrics, shutdown_signal()).await;
     proxy.flush_audit().await;
     tracing::info!("cistern proxy stopped");
     Ok(())
@@ -368,8 +369,9 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         _ => None,
     };
     let limits = crate::http::serve::Limits::of(&config.server);
+    let metrics = built.state.exchanger.metrics.connections();
     match tls {
-        None => crate::http::serve::serve(listener, app, limits, shutdown_signal()).await,
+        None => crate::http::serve::serve(listener, app, limits, metrics, shutdown_signal()).await,
         Some((cert, key)) => {
             let tls = tls_config(&cert, &key).with_context(|| {
                 format!(
@@ -378,7 +380,8 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
                     key.display()
                 )
             })?;
-            crate::http::serve::serve_tls(listener, app, tls, limits, shutdown_signal()).await;
+            crate::http::serve::serve_tls(listener, app, tls, limits, metrics, shutdown_signal())
+                .await;
         }
     }
     // A last signed checkpoint covers everything written before the stop.

@@ -55,6 +55,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
+use crate::metrics::ConnectionMetrics;
+
 /// The first bytes of every HTTP/2 connection with prior knowledge
 /// (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -169,9 +171,10 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    metrics: ConnectionMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve_on(listener, app, Transport::Plain, limits, shutdown).await;
+    serve_on(listener, app, Transport::Plain, limits, metrics, shutdown).await;
 }
 
 /// [`serve`] over TLS. `tls` should offer ALPN `h2` and `http/1.1`.
@@ -180,10 +183,41 @@ pub async fn serve_tls(
     app: Router,
     tls: Arc<rustls::ServerConfig>,
     limits: Limits,
+    metrics: ConnectionMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    serve_on(listener, app, Transport::Tls(acceptor), limits, shutdown).await;
+    serve_on(
+        listener,
+        app,
+        Transport::Tls(acceptor),
+        limits,
+        metrics,
+        shutdown,
+    )
+    .await;
+}
+
+/// Counts a connection as open for as long as it lives.
+struct Open(ConnectionMetrics);
+
+impl Open {
+    fn new(metrics: &ConnectionMetrics) -> Open {
+        metrics.open.inc();
+        Open(metrics.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.dec();
+    }
+}
+
+/// Whether a connection ended on hyper's header read timeout.
+fn timed_out(e: &BoxError) -> bool {
+    e.downcast_ref::<hyper::Error>()
+        .is_some_and(hyper::Error::is_timeout)
 }
 
 async fn serve_on(
@@ -191,8 +225,12 @@ async fn serve_on(
     app: Router,
     transport: Transport,
     limits: Limits,
+    metrics: ConnectionMetrics,
     shutdown: impl Future<Output = ()>,
 ) {
+    metrics
+        .limit
+        .set(i64::try_from(limits.max_connections).unwrap_or(i64::MAX));
     let builders = Arc::new(Builders::new(&limits));
     let transport = Arc::new(transport);
     let graceful = GracefulShutdown::new();
@@ -234,8 +272,10 @@ async fn serve_on(
         let transport = Arc::clone(&transport);
         let mut stopped = stopped.clone();
         let first_bytes_by = Instant::now() + limits.header_read_timeout;
+        let open_now = Open::new(&metrics);
         tokio::spawn(async move {
             let _slot = slot;
+            let open_now = open_now;
             let opening = open(stream, &transport, service, &builders, watcher);
             let served = tokio::select! {
                 opened = tokio::time::timeout_at(first_bytes_by, opening) => match opened {
@@ -245,6 +285,7 @@ async fn serve_on(
                         return;
                     }
                     Err(_) => {
+                        open_now.0.timed_out.inc();
                         tracing::trace!("a connection sent nothing usable in time");
                         return;
                     }
@@ -252,6 +293,9 @@ async fn serve_on(
                 _ = stopped.wait_for(|stop| *stop) => return,
             };
             if let Err(e) = served.await {
+                if timed_out(&e) {
+                    open_now.0.timed_out.inc();
+                }
                 tracing::trace!(error = %e, "connection ended with an error");
             }
         });
@@ -322,11 +366,12 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     ) {
-        server_with(LIMITS).await
+        server_with(LIMITS, ConnectionMetrics::default()).await
     }
 
     async fn server_with(
         limits: Limits,
+        metrics: ConnectionMetrics,
     ) -> (
         std::net::SocketAddr,
         tokio::sync::oneshot::Sender<()>,
@@ -341,7 +386,7 @@ mod tests {
             }),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, app, limits, async move {
+        let task = tokio::spawn(serve(listener, app, limits, metrics, async move {
             let _ = stopped.await;
         }));
         (addr, stop, task)
@@ -362,10 +407,14 @@ mod tests {
 
     #[tokio::test]
     async fn silent_trickling_and_idle_clients_are_closed_after_the_header_read_timeout() {
-        let (addr, stop, task) = server_with(Limits {
-            header_read_timeout: Duration::from_millis(300),
-            ..LIMITS
-        })
+        let metrics = ConnectionMetrics::default();
+        let (addr, stop, task) = server_with(
+            Limits {
+                header_read_timeout: Duration::from_millis(300),
+                ..LIMITS
+            },
+            metrics.clone(),
+        )
         .await;
         // Nothing at all; a prefix of the HTTP/2 preface; half a head.
         for sent in ["", "P", "PRI * HTTP/2.0\r\n", "GET /x HTTP/1.1\r\nHo"] {
@@ -381,16 +430,31 @@ mod tests {
             .unwrap();
         let out = until_closed(&mut s).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+        // Each close was counted; none is open now (the count drops just
+        // after the close the client sees).
+        for _ in 0..100 {
+            if metrics.open.get() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(metrics.open.get(), 0);
+        assert_eq!(metrics.timed_out.get(), 5);
+        assert_eq!(metrics.limit.get(), 1000);
         let _ = stop.send(());
         task.await.unwrap();
     }
 
     #[tokio::test]
     async fn connections_beyond_the_limit_wait_until_one_closes() {
-        let (addr, stop, task) = server_with(Limits {
-            max_connections: 1,
-            ..LIMITS
-        })
+        let metrics = ConnectionMetrics::default();
+        let (addr, stop, task) = server_with(
+            Limits {
+                max_connections: 1,
+                ..LIMITS
+            },
+            metrics.clone(),
+        )
         .await;
         let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -402,6 +466,7 @@ mod tests {
         let mut byte = [0u8; 1];
         let early = tokio::time::timeout(Duration::from_millis(300), waiting.read(&mut byte)).await;
         assert!(early.is_err(), "served while the only slot was taken");
+        assert_eq!(metrics.open.get(), 1);
         drop(holder);
         let out = until_closed(&mut waiting).await;
         assert!(out.starts_with("HTTP/1.1 200"), "{out}");
