@@ -51,7 +51,7 @@ use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 use tower::ServiceExt as _;
 
@@ -198,19 +198,26 @@ pub async fn serve_tls(
     .await;
 }
 
-/// Counts a connection as open for as long as it lives.
-struct Open(ConnectionMetrics);
+/// A connection's place under `max_connections`, counted as open for as
+/// long as the connection lives.
+struct Open {
+    _slot: OwnedSemaphorePermit,
+    metrics: ConnectionMetrics,
+}
 
 impl Open {
-    fn new(metrics: &ConnectionMetrics) -> Open {
+    fn new(slot: OwnedSemaphorePermit, metrics: &ConnectionMetrics) -> Open {
         metrics.open.inc();
-        Open(metrics.clone())
+        Open {
+            _slot: slot,
+            metrics: metrics.clone(),
+        }
     }
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.open.dec();
+        self.metrics.open.dec();
     }
 }
 
@@ -272,10 +279,9 @@ async fn serve_on(
         let transport = Arc::clone(&transport);
         let mut stopped = stopped.clone();
         let first_bytes_by = Instant::now() + limits.header_read_timeout;
-        let open_now = Open::new(&metrics);
+        let held = Open::new(slot, &metrics);
         tokio::spawn(async move {
-            let _slot = slot;
-            let open_now = open_now;
+            let held = held;
             let opening = open(stream, &transport, service, &builders, watcher);
             let served = tokio::select! {
                 opened = tokio::time::timeout_at(first_bytes_by, opening) => match opened {
@@ -285,7 +291,7 @@ async fn serve_on(
                         return;
                     }
                     Err(_) => {
-                        open_now.0.timed_out.inc();
+                        held.metrics.timed_out.inc();
                         tracing::trace!("a connection sent nothing usable in time");
                         return;
                     }
@@ -294,7 +300,7 @@ async fn serve_on(
             };
             if let Err(e) = served.await {
                 if timed_out(&e) {
-                    open_now.0.timed_out.inc();
+                    held.metrics.timed_out.inc();
                 }
                 tracing::trace!(error = %e, "connection ended with an error");
             }
