@@ -84,6 +84,7 @@ pub async fn run_proxy(config_path: &Path) -> anyhow::Result<()> {
         http::ops_router(built.state.clone()).merge(crate::proxy::router(proxy.clone())),
         proxy.clone(),
     );
+    open_files_for(config.server.max_connections);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
@@ -351,6 +352,7 @@ async fn serve(config: &Config, built: Built, dev_setup: Option<DevSetup>) -> an
         app = app.merge(crate::proxy::router(proxy.clone()));
         app = crate::proxy::with_host_routes(app, proxy.clone());
     }
+    open_files_for(config.server.max_connections);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -585,6 +587,72 @@ async fn audit_policy(
     }
 }
 
+/// Descriptors beyond the connections: the store, key and policy files,
+/// sinks, the proxy's upstream pools, outbound fetches.
+const SPARE_FILES: u64 = 1024;
+
+/// Every connection is a file descriptor, and the usual soft limit (1024)
+/// is far below `max_connections`: accepting would fail with `EMFILE`
+/// first. Raises the soft limit as far as needed, within the hard limit
+/// (Go's runtime raises it at start for the same reason), and warns when
+/// even the hard limit is too low.
+fn open_files_for(max_connections: usize) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let needed = (max_connections as u64).saturating_add(SPARE_FILES);
+    let limit = getrlimit(Resource::Nofile);
+    let plan = open_file_plan(limit.current, limit.maximum, needed);
+    if let Some(raise_to) = plan.raise_to {
+        let raised = rustix::process::Rlimit {
+            current: Some(raise_to),
+            maximum: limit.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::warn!(error = %e, raise_to, "cannot raise the open-file limit");
+        } else {
+            tracing::debug!(from = ?limit.current, to = raise_to, "raised the open-file limit");
+        }
+    }
+    if plan.short {
+        tracing::warn!(
+            limit = ?limit.maximum,
+            max_connections,
+            "the open-file limit is below server.max_connections plus {SPARE_FILES} spare: \
+             accepting will fail before max_connections is reached (raise the hard limit, \
+             e.g. LimitNOFILE= in the systemd unit, or lower max_connections)"
+        );
+    }
+}
+
+/// What [`open_files_for`] does with a soft (`current`) and hard
+/// (`maximum`) limit, `None` meaning unlimited.
+#[derive(Debug, PartialEq, Eq)]
+struct OpenFilePlan {
+    /// The new soft limit, when it must rise.
+    raise_to: Option<u64>,
+    /// Even at the hard limit there are too few.
+    short: bool,
+}
+
+fn open_file_plan(current: Option<u64>, maximum: Option<u64>, needed: u64) -> OpenFilePlan {
+    match current {
+        None => OpenFilePlan {
+            raise_to: None,
+            short: false,
+        },
+        Some(soft) if soft >= needed => OpenFilePlan {
+            raise_to: None,
+            short: false,
+        },
+        Some(soft) => {
+            let target = maximum.map_or(needed, |hard| hard.min(needed));
+            OpenFilePlan {
+                raise_to: (target > soft).then_some(target),
+                short: target < needed,
+            }
+        }
+    }
+}
+
 async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -722,4 +790,27 @@ fn tls_config(
         .context("the certificate and key do not form a usable pair")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(std::sync::Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_rises_as_far_as_needed_within_the_hard_one() {
+        let plan = |cur, max| open_file_plan(cur, max, 11_024);
+        let raise = |to: Option<u64>, short| OpenFilePlan {
+            raise_to: to,
+            short,
+        };
+        // The usual default: soft 1024, hard far above.
+        assert_eq!(plan(Some(1024), Some(524_288)), raise(Some(11_024), false));
+        assert_eq!(plan(Some(1024), None), raise(Some(11_024), false));
+        // Enough already, or unlimited: left alone.
+        assert_eq!(plan(Some(20_000), Some(20_000)), raise(None, false));
+        assert_eq!(plan(None, None), raise(None, false));
+        // The hard limit is too low: up to it, and a warning.
+        assert_eq!(plan(Some(1024), Some(4096)), raise(Some(4096), true));
+        assert_eq!(plan(Some(4096), Some(4096)), raise(None, true));
+    }
 }
