@@ -36,7 +36,18 @@ fn the_jose_issuer_self_test_passes() {
     if !require_peers() {
         return;
     }
-    let (code, out) = run_node("jose_issuer.mjs", &["0", "--self-test"]);
+    let run = || run_node("jose_issuer.mjs", &["0", "--self-test"]);
+    let (mut code, mut out) = run();
+    // This checks the test peer, not cistern. Twice in about a dozen full
+    // CI runs the peer hung (never reproduced alone or under load); it now
+    // reports where it hung, and such a run is retried once.
+    if out["error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("self-test stuck at"))
+    {
+        eprintln!("jose issuer self-test hung, retrying once: {out}");
+        (code, out) = run();
+    }
     assert_eq!(code, 0, "{out}");
     assert_eq!(
         out["rejected"]["alg_none"], "ERR_JOSE_ALG_NOT_ALLOWED",

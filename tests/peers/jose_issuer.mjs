@@ -42,6 +42,18 @@ const FORGES = new Set([null, 'alg_none', 'hs256_pubkey', 'bad_sig', 'no_kid', '
 const MAX_DELAY_MS = 60_000;
 const MAX_HUGE_BYTES = 64 * 1024 * 1024;
 
+/** What the self-test is doing, for the report of a run that hangs. */
+let step = 'start';
+/** How long one self-test call may take, and the whole self-test. */
+const CALL_TIMEOUT_MS = 15_000;
+const SELF_TEST_TIMEOUT_MS = 45_000;
+
+/** `fetch` bounded in time; `what` names the step in a hang's report. */
+function get(url, what, init = {}) {
+  step = what;
+  return fetch(url, { ...init, signal: AbortSignal.timeout(CALL_TIMEOUT_MS) });
+}
+
 boundLifetime();
 
 const b64u = (buf) => Buffer.from(buf).toString('base64url');
@@ -257,8 +269,15 @@ if (SELF_TEST) {
 }
 
 async function selfTest() {
+  // Once (in a full parallel CI run) the self-test ran past the harness's
+  // 60 s with nothing on stderr; a hang now reports where it was, before
+  // the harness's limit.
+  setTimeout(() => {
+    console.log(JSON.stringify({ ok: false, error: `self-test stuck at: ${step}` }));
+    process.exit(1);
+  }, SELF_TEST_TIMEOUT_MS).unref();
   const post = async (path, body) => {
-    const r = await fetch(`${ISSUER}${path}`, {
+    const r = await get(`${ISSUER}${path}`, `POST ${path} ${JSON.stringify(body ?? {}).slice(0, 80)}`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
       body: JSON.stringify(body ?? {}),
@@ -267,13 +286,16 @@ async function selfTest() {
     if (r.status !== 200) throw new Error(`${path} ${r.status}: ${JSON.stringify(b)}`);
     return b;
   };
-  const disc = await (await fetch(`${ISSUER}/.well-known/openid-configuration`)).json();
+  const disc = await (await get(`${ISSUER}/.well-known/openid-configuration`, 'discovery')).json();
   if (disc.issuer !== ISSUER) throw new Error('discovery issuer mismatch');
   const aud = 'https://cistern.example.com';
   // A fresh remote set each time: jose caches keys, rotation checks need a cold cache.
-  const verify = (token) => jose.jwtVerify(token, jose.createRemoteJWKSet(new URL(disc.jwks_uri)), {
-    issuer: ISSUER, audience: aud, algorithms: ['RS256'],
-  });
+  const verify = (token) => {
+    step = `verifying ${step}`;
+    return jose.jwtVerify(token, jose.createRemoteJWKSet(new URL(disc.jwks_uri)), {
+      issuer: ISSUER, audience: aud, algorithms: ['RS256'],
+    });
+  };
   const rejected = async (token) => {
     try {
       await verify(token);
@@ -308,25 +330,25 @@ async function selfTest() {
     .then(() => { throw new Error('previous key verified under the new kid'); }, () => {});
   // Behaviours.
   await post('/stats/reset');
-  const jwksStatus = async () => (await fetch(disc.jwks_uri)).status;
+  const jwksStatus = async () => (await get(disc.jwks_uri, 'JWKS status')).status;
   await post('/behaviour', { jwks: '500' });
   if ((await jwksStatus()) !== 500) throw new Error('500 mode');
   await post('/behaviour', { jwks: 'invalid_json' });
-  const bad = await (await fetch(disc.jwks_uri)).text();
+  const bad = await (await get(disc.jwks_uri, 'JWKS invalid_json')).text();
   let parsed = true;
   try { JSON.parse(bad); } catch { parsed = false; }
   if (parsed) throw new Error('invalid_json mode produced JSON');
   await post('/behaviour', { jwks: 'huge', size_bytes: 1024 * 1024 });
-  const huge = await (await fetch(disc.jwks_uri)).text();
+  const huge = await (await get(disc.jwks_uri, 'JWKS huge')).text();
   if (huge.length < 1024 * 1024 - 64 || !JSON.parse(huge).keys) throw new Error('huge mode');
   await post('/behaviour', { jwks: 'slow', delay_ms: 300 });
   const t0 = Date.now();
   if ((await jwksStatus()) !== 200 || Date.now() - t0 < 290) throw new Error('slow mode');
   await post('/behaviour', { discovery_overrides: { issuer: 'https://evil.example' } });
-  const d2 = await (await fetch(`${ISSUER}/.well-known/openid-configuration`)).json();
+  const d2 = await (await get(`${ISSUER}/.well-known/openid-configuration`, 'discovery overrides')).json();
   if (d2.issuer !== 'https://evil.example') throw new Error('discovery overrides');
   await post('/behaviour', {});
-  const stats = await (await fetch(`${ISSUER}/stats`)).json();
+  const stats = await (await get(`${ISSUER}/stats`, 'stats')).json();
   if (stats.jwks_hits !== 4 || stats.discovery_hits !== 1) throw new Error(`stats ${JSON.stringify(stats)}`);
   return { ok: true, issuer: ISSUER, rejected: forged, stats };
 }
