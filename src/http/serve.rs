@@ -32,9 +32,11 @@
 //! come within `header_read_timeout`, and hyper's HTTP/1 timer bounds each
 //! request's headers by the same time, from the connection's start or the
 //! previous response, which makes it the keep-alive idle timeout as well.
-//! `max_connections` bounds what all clients together hold (an HTTP/2
-//! connection may idle: only this bounds those); beyond it the loop stops
-//! accepting and new clients wait in the kernel's backlog.
+//! An HTTP/2 connection may idle, but is pinged every
+//! `header_read_timeout` and closed when a ping goes unanswered as long (a
+//! peer that vanished). `max_connections` bounds what all clients together
+//! hold; beyond it the loop stops accepting and new clients wait in the
+//! kernel's backlog.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -118,7 +120,13 @@ impl Builders {
             .header_read_timeout(limits.header_read_timeout);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         // As `axum::serve`: the CONNECT protocol for HTTP/2 (RFC 8441).
-        http2.enable_connect_protocol().timer(TokioTimer::new());
+        // Pings on a quiet connection find a peer that vanished without a
+        // FIN (idle HTTP/2 clients are normal, so only a dead one goes).
+        http2
+            .enable_connect_protocol()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(limits.header_read_timeout))
+            .keep_alive_timeout(limits.header_read_timeout);
         Builders { http1, http2 }
     }
 }
@@ -447,6 +455,42 @@ mod tests {
         assert_eq!(metrics.open.get(), 0);
         assert_eq!(metrics.timed_out.get(), 5);
         assert_eq!(metrics.limit.get(), 1000);
+        let _ = stop.send(());
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_http2_peer_that_stops_answering_pings_is_closed_and_a_live_one_kept() {
+        let metrics = ConnectionMetrics::default();
+        let (addr, stop, task) = server_with(
+            Limits {
+                header_read_timeout: Duration::from_millis(300),
+                ..LIMITS
+            },
+            metrics.clone(),
+        )
+        .await;
+        // A live client answers pings on its own: its idle connection stays.
+        let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http::<Body>();
+        let url: http::Uri = format!("http://{addr}/x").parse().unwrap();
+        assert_eq!(client.get(url.clone()).await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(metrics.open.get(), 1, "the live idle connection was closed");
+        assert_eq!(client.get(url).await.unwrap().status(), 200);
+        assert_eq!(metrics.open.get(), 1);
+        // A peer that opened HTTP/2 and then went silent is closed.
+        let mut dead = tokio::net::TcpStream::connect(addr).await.unwrap();
+        dead.write_all(H2_PREFACE).await.unwrap();
+        // An empty SETTINGS frame: length 0, type 4, no flags, stream 0.
+        dead.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), dead.read_to_end(&mut sink))
+            .await
+            .expect("the silent HTTP/2 peer was closed")
+            .ok();
+        drop(client);
         let _ = stop.send(());
         task.await.unwrap();
     }
