@@ -406,6 +406,26 @@ mod tests {
         (addr, stop, task)
     }
 
+    /// Closes idle and silent clients quickly.
+    const IMPATIENT: Limits = Limits {
+        header_read_timeout: Duration::from_millis(300),
+        ..LIMITS
+    };
+
+    /// [`server_with`], and the metrics it reports.
+    async fn counted(
+        limits: Limits,
+    ) -> (
+        ConnectionMetrics,
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let metrics = ConnectionMetrics::default();
+        let (addr, stop, task) = server_with(limits, metrics.clone()).await;
+        (metrics, addr, stop, task)
+    }
+
     /// Reads until the server closes (a reset counts: closing with our
     /// bytes unread resets); the guard is for a hang, not a timing claim.
     async fn until_closed(s: &mut tokio::net::TcpStream) -> String {
@@ -421,15 +441,7 @@ mod tests {
 
     #[tokio::test]
     async fn silent_trickling_and_idle_clients_are_closed_after_the_header_read_timeout() {
-        let metrics = ConnectionMetrics::default();
-        let (addr, stop, task) = server_with(
-            Limits {
-                header_read_timeout: Duration::from_millis(300),
-                ..LIMITS
-            },
-            metrics.clone(),
-        )
-        .await;
+        let (metrics, addr, stop, task) = counted(IMPATIENT).await;
         // Nothing at all; a prefix of the HTTP/2 preface; half a head.
         for sent in ["", "P", "PRI * HTTP/2.0\r\n", "GET /x HTTP/1.1\r\nHo"] {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -461,15 +473,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_http2_peer_that_stops_answering_pings_is_closed_and_a_live_one_kept() {
-        let metrics = ConnectionMetrics::default();
-        let (addr, stop, task) = server_with(
-            Limits {
-                header_read_timeout: Duration::from_millis(300),
-                ..LIMITS
-            },
-            metrics.clone(),
-        )
-        .await;
+        let (metrics, addr, stop, task) = counted(IMPATIENT).await;
         // A live client answers pings on its own: its idle connection stays.
         let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
             .http2_only(true)
@@ -497,14 +501,10 @@ mod tests {
 
     #[tokio::test]
     async fn connections_beyond_the_limit_wait_until_one_closes() {
-        let metrics = ConnectionMetrics::default();
-        let (addr, stop, task) = server_with(
-            Limits {
-                max_connections: 1,
-                ..LIMITS
-            },
-            metrics.clone(),
-        )
+        let (metrics, addr, stop, task) = counted(Limits {
+            max_connections: 1,
+            ..LIMITS
+        })
         .await;
         let holder = tokio::net::TcpStream::connect(addr).await.unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
