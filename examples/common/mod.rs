@@ -44,6 +44,25 @@ pub fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
+/// Pins every thread of this process to `core` (`taskset -a -p`; threads
+/// started later inherit it), so the generator never runs on the server's
+/// core. Empty leaves it unpinned.
+pub fn pin_self(core: &str) -> anyhow::Result<()> {
+    if core.is_empty() {
+        return Ok(());
+    }
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-c", "-p", core, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?;
+    anyhow::ensure!(
+        status.success(),
+        "taskset could not pin the generator to core {core}"
+    );
+    Ok(())
+}
+
 /// Starts `cistern serve --config CONFIG` (pinned to `core` with taskset
 /// unless empty, with `envs` added) and waits for its "listening" line.
 pub async fn start_cistern(
