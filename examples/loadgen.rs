@@ -198,6 +198,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let recorded = recorded_time_to_revoke(&db_path)?;
     if args.keep_store {
         eprintln!("store kept in {}", store_dir.keep().display());
+        // Without --store-dir the store lives inside the run's directory,
+        // which would otherwise take it along when it is removed.
+        if args.store_dir.is_none() {
+            let _ = dir.keep();
+        }
     }
 
     println!("| metric | value |");
