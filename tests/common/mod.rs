@@ -1745,7 +1745,21 @@ fn borrowed(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-fn run_script(mut cmd: Command, script: &str, args: &[&str]) -> ScriptOutput {
+/// [`run_node`], but a run past [`SCRIPT_TIMEOUT`] is an `Err` naming what
+/// the script wrote, not a panic (for a caller that retries it).
+pub fn try_run_node(script: &str, args: &[&str]) -> Result<(i32, Value), String> {
+    run_script_bounded(node_command(script), script, args).map(|out| (out.code, out.json))
+}
+
+fn run_script(cmd: Command, script: &str, args: &[&str]) -> ScriptOutput {
+    run_script_bounded(cmd, script, args).unwrap_or_else(|hang| panic!("{hang}"))
+}
+
+fn run_script_bounded(
+    mut cmd: Command,
+    script: &str,
+    args: &[&str],
+) -> Result<ScriptOutput, String> {
     let tmp = tempfile::tempdir().or_fail("creating a temp dir");
     let out_path = tmp.path().join("stdout");
     let err_path = tmp.path().join("stderr");
@@ -1765,10 +1779,11 @@ fn run_script(mut cmd: Command, script: &str, args: &[&str]) -> ScriptOutput {
         if Instant::now() >= deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!(
-                "peer script {script} ran over {SCRIPT_TIMEOUT:?}; stderr:\n{}",
+            return Err(format!(
+                "peer script {script} ran over {SCRIPT_TIMEOUT:?}; stdout:\n{}\nstderr:\n{}",
+                fs::read_to_string(&out_path).unwrap_or_default(),
                 fs::read_to_string(&err_path).unwrap_or_default()
-            );
+            ));
         }
         thread::sleep(Duration::from_millis(20));
     };
@@ -1782,11 +1797,11 @@ fn run_script(mut cmd: Command, script: &str, args: &[&str]) -> ScriptOutput {
     let json = serde_json::from_str(last).unwrap_or_else(|e| {
         panic!("peer script {script} printed no JSON last line ({e}); stdout:\n{stdout}\nstderr:\n{stderr}")
     });
-    ScriptOutput {
+    Ok(ScriptOutput {
         code: status.code().unwrap_or(-1),
         json,
         stderr,
-    }
+    })
 }
 
 // ---------------------------------------------------------------------------

@@ -47,11 +47,33 @@ let step = 'start';
 /** How long one self-test call may take, and the whole self-test. */
 const CALL_TIMEOUT_MS = 15_000;
 const SELF_TEST_TIMEOUT_MS = 45_000;
+const started = Date.now();
+
+/**
+ * Names the self-test's current step and, in self-test mode, writes it to
+ * stderr with the time since start: a run the harness has to kill (the
+ * event loop blocked, so the watchdog below cannot report) still shows
+ * where it was.
+ */
+function at(what) {
+  step = what;
+  if (SELF_TEST) console.error(`self-test +${Date.now() - started}ms: ${what}`);
+}
 
 /** `fetch` bounded in time; `what` names the step in a hang's report. */
 function get(url, what, init = {}) {
-  step = what;
+  at(what);
   return fetch(url, { ...init, signal: AbortSignal.timeout(CALL_TIMEOUT_MS) });
+}
+
+if (SELF_TEST) {
+  // Armed before the keys are made and the server listens, so a hang there
+  // is reported too (twice in CI the self-test ran past the harness's 60 s
+  // with nothing on stderr).
+  setTimeout(() => {
+    console.log(JSON.stringify({ ok: false, error: `self-test stuck at: ${step}` }));
+    process.exit(1);
+  }, SELF_TEST_TIMEOUT_MS).unref();
 }
 
 boundLifetime();
@@ -66,6 +88,7 @@ async function newKey() {
   return { privateKey, publicKey, kid, jwk: { kty, kid, e, n, use: 'sig', alg: 'RS256' } };
 }
 
+at('making the first key');
 let current = await newKey();
 let previous = null;
 let published = [current];
@@ -81,6 +104,7 @@ const defaultBehaviour = () => ({
 let behaviour = defaultBehaviour();
 
 const server = http.createServer();
+at('starting the server');
 await new Promise((resolve, reject) => {
   server.once('error', reject);
   server.listen(listenPort(), HOST, resolve);
@@ -269,13 +293,6 @@ if (SELF_TEST) {
 }
 
 async function selfTest() {
-  // Once (in a full parallel CI run) the self-test ran past the harness's
-  // 60 s with nothing on stderr; a hang now reports where it was, before
-  // the harness's limit.
-  setTimeout(() => {
-    console.log(JSON.stringify({ ok: false, error: `self-test stuck at: ${step}` }));
-    process.exit(1);
-  }, SELF_TEST_TIMEOUT_MS).unref();
   const post = async (path, body) => {
     const r = await get(`${ISSUER}${path}`, `POST ${path} ${JSON.stringify(body ?? {}).slice(0, 80)}`, {
       method: 'POST',
@@ -291,7 +308,7 @@ async function selfTest() {
   const aud = 'https://cistern.example.com';
   // A fresh remote set each time: jose caches keys, rotation checks need a cold cache.
   const verify = (token) => {
-    step = `verifying ${step}`;
+    at(`verifying ${step}`);
     return jose.jwtVerify(token, jose.createRemoteJWKSet(new URL(disc.jwks_uri)), {
       issuer: ISSUER, audience: aud, algorithms: ['RS256'],
     });
