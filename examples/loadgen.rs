@@ -4,9 +4,9 @@
 //! It serves its own issuer (discovery + JWKS) on 127.0.0.1, writes a config
 //! and a policy for cistern, starts the release binary pinned to core 0
 //! (`taskset`), and runs on one thread itself, pinned to core 1 once the
-//! tokens are minted (`--generator-core`; `scripts/bench.sh`). Every request uses a fresh token, so replay
-//! protection, the durable records and the audit log are all on the measured
-//! path. In the same run it measures the crypto-only ceiling (RS256 verify +
+//! tokens are minted (`--generator-core`; `scripts/bench.sh`). Every request
+//! uses a fresh token, so replay protection, the durable records and the
+//! audit log are all on the measured path. In the same run it measures the crypto-only ceiling (RS256 verify +
 //! ES256 sign, keys pre-parsed) on one core, so the ratio is comparable.
 //!
 //! All traffic is loopback; every phase is bounded in count and time.
