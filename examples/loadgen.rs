@@ -170,14 +170,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .run(args.connections, Duration::from_secs(args.peak_secs), None)
         .await?;
     eprintln!(
-        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors); in the handler p50 / p99 ≤ {}; server CPU per exchange {}; switches per exchange {}",
+        "peak: {:.0}/s p50 {:.2} ms p99 {:.2} ms ({} errors); in the handler p50 / p99 ≤ {}; server CPU per exchange {}; switches per exchange {}; store {}",
         peak.rate,
         peak.p50_ms,
         peak.p99_ms,
         peak.errors,
         peak.server_side,
         cpu_summary(&peak),
-        switch_summary(&peak)
+        switch_summary(&peak),
+        peak.store_side
     );
     let half_rate = peak.rate / 2.0;
     let half = load
@@ -240,6 +241,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "| inside the handler (cistern's histogram) at peak / at half peak, p50 / p99 ≤ | {} · {} |",
         peak.server_side, half.server_side
+    );
+    println!(
+        "| the store's group commit at peak / at half peak | {} · {} |",
+        peak.store_side, half.store_side
     );
     println!(
         "| RSS idle / max under load / high-water mark | {:.1} MB / {:.1} MB / {:.1} MB |",
@@ -408,6 +413,8 @@ struct Phase {
     rate: f64,
     /// p50 / p99 inside cistern's handler, from its own histogram.
     server_side: String,
+    /// The store's group commit, from its `/metrics` counters.
+    store_side: String,
     /// Server CPU time per answered request, by thread name, in µs.
     cpu_us: Vec<(String, f64)>,
     /// Context switches per answered request, by thread name (voluntary,
@@ -474,7 +481,7 @@ impl Load {
     /// order, and latency counts from each request's scheduled time, so a
     /// stalled server cannot hide its queueing (no coordinated omission).
     async fn run(&self, conns: usize, dur: Duration, rate: Option<f64>) -> anyhow::Result<Phase> {
-        let before = server_buckets(&self.client, &self.base).await?;
+        let before = server_snapshot(&self.client, &self.base).await?;
         let start = Instant::now();
         let end = start + dur;
         let schedule: Option<Schedule> = rate.map(|r| {
@@ -527,8 +534,9 @@ impl Load {
             });
         }
         let mut phase = finish(tasks, start, end, self.pid).await?;
-        let after = server_buckets(&self.client, &self.base).await?;
-        phase.server_side = server_quantiles(&before, &after);
+        let after = server_snapshot(&self.client, &self.base).await?;
+        phase.server_side = server_quantiles(&before.buckets, &after.buckets);
+        phase.store_side = store_summary(&before, &after);
         Ok(phase)
     }
 }
@@ -576,6 +584,7 @@ async fn finish(
         .collect();
     Ok(Phase {
         server_side: String::new(),
+        store_side: String::new(),
         cpu_us,
         switches,
         rate: all.len() as f64 / secs,
@@ -643,10 +652,21 @@ fn crypto_ceiling() -> anyhow::Result<f64> {
     Ok(1.0 / best)
 }
 
-/// Cumulative `(le, count)` buckets of cistern's own
-/// `exchange_duration_seconds` histogram: time inside the handler,
-/// excluding queueing in the kernel and the runtime before it runs.
-async fn server_buckets(client: &HttpClient, base: &str) -> anyhow::Result<Vec<(f64, f64)>> {
+/// What one scrape of cistern's `/metrics` tells the load generator.
+struct ServerSnapshot {
+    /// Cumulative `(le, count)` buckets of cistern's own
+    /// `exchange_duration_seconds` histogram: time inside the handler,
+    /// excluding queueing in the kernel and the runtime before it runs.
+    buckets: Vec<(f64, f64)>,
+    /// `cistern_store_write_requests_total`.
+    store_requests: f64,
+    /// `cistern_store_commits_total`.
+    store_commits: f64,
+    /// `cistern_store_batch_seconds_total`.
+    store_batch_secs: f64,
+}
+
+async fn server_snapshot(client: &HttpClient, base: &str) -> anyhow::Result<ServerSnapshot> {
     let res = client.get(format!("{base}/metrics").parse()?).await?;
     let text = String::from_utf8(res.into_body().collect().await?.to_bytes().to_vec())?;
     let mut buckets: Vec<(f64, f64)> = Vec::new();
@@ -671,7 +691,33 @@ async fn server_buckets(client: &HttpClient, base: &str) -> anyhow::Result<Vec<(
         };
         buckets.push((le, count));
     }
-    Ok(buckets)
+    let counter = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    Ok(ServerSnapshot {
+        buckets,
+        store_requests: counter("cistern_store_write_requests_total"),
+        store_commits: counter("cistern_store_commits_total"),
+        store_batch_secs: counter("cistern_store_batch_seconds_total"),
+    })
+}
+
+/// The store's mean group-commit batch and the time a batch took, between
+/// two snapshots.
+fn store_summary(before: &ServerSnapshot, after: &ServerSnapshot) -> String {
+    let commits = after.store_commits - before.store_commits;
+    if commits.is_nan() || commits <= 0.0 {
+        return "no commits".into();
+    }
+    let requests = after.store_requests - before.store_requests;
+    let secs = after.store_batch_secs - before.store_batch_secs;
+    format!(
+        "{:.1} requests per commit, {:.0} µs per batch",
+        requests / commits,
+        secs / commits * 1e6
+    )
 }
 
 /// p50/p99 upper bounds (bucket edges, ms) of the requests counted between

@@ -1,6 +1,10 @@
 //! Prometheus metrics, in an explicit registry held by the app state.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -57,6 +61,74 @@ pub struct Metrics {
     needs_authorization: Family<ProviderLabels, Gauge>,
     proxy: crate::proxy::metrics::ProxyMetrics,
     connections: ConnectionMetrics,
+    store: Arc<StoreCollector>,
+}
+
+/// The store's writer counters, read from the store on each scrape (they
+/// live in the writer; copying them into the registry on every batch
+/// would cost the hot path for nothing).
+#[derive(Default)]
+struct StoreCollector {
+    store: OnceLock<Arc<dyn crate::store::Store>>,
+}
+
+impl std::fmt::Debug for StoreCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreCollector")
+            .field("watching", &self.store.get().is_some())
+            .finish()
+    }
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        let s = store.stats();
+        let counters: [(&str, &str, u64); 4] = [
+            (
+                "store_write_requests",
+                "Write requests the store's writer answered (exchanges, audit records, revocations, …)",
+                s.requests,
+            ),
+            (
+                "store_commits",
+                "Transactions the store's writer committed (write requests / commits = the mean group-commit batch)",
+                s.commits,
+            ),
+            (
+                "store_failed_batches",
+                "Batches whose transaction failed as a whole: every request in them was refused (alert on any)",
+                s.failed_batches,
+            ),
+            (
+                "audit_sink_failures",
+                "Batches an audit sink ([[audit.sinks]]) failed to write: the sink misses them (alert on any)",
+                s.sink_failures,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        // Nanoseconds as seconds: f64 holds any realistic total exactly enough.
+        #[allow(clippy::cast_precision_loss)]
+        let secs = s.batch_nanos as f64 / 1e9;
+        let counter = ConstCounter::new(secs);
+        counter.encode(encoder.encode_descriptor(
+            "store_batch_seconds",
+            "Time the store's writer spent writing and committing batches (with cistern_store_commits_total: the mean time a batch holds its requests)",
+            None,
+            counter.metric_type(),
+        )?)?;
+        Ok(())
+    }
 }
 
 /// What the listeners (`http/serve.rs`) report about their connections.
@@ -147,6 +219,8 @@ impl Metrics {
             needs_authorization.clone(),
         );
         let proxy = crate::proxy::metrics::ProxyMetrics::register(&mut registry);
+        let store = Arc::new(StoreCollector::default());
+        registry.register_collector(Box::new(store.clone()));
         let connections = ConnectionMetrics::default();
         registry.register(
             "connections_open",
@@ -166,6 +240,7 @@ impl Metrics {
         Self {
             proxy,
             connections,
+            store,
             registry,
             exchanges,
             latency,
@@ -177,6 +252,15 @@ impl Metrics {
             credential_rotated,
             credential_errors,
             needs_authorization,
+        }
+    }
+
+    /// Reports `store`'s writer counters from now on (`cistern_store_*`,
+    /// `cistern_audit_sink_failures_total`). Only the first store given is
+    /// watched: a process serves from one store.
+    pub fn watch_store(&self, store: Arc<dyn crate::store::Store>) {
+        if self.store.store.set(store).is_err() {
+            tracing::debug!("metrics already watch a store; the second one is not reported");
         }
     }
 
@@ -282,5 +366,101 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::audit::sink::FileSink;
+    use crate::config::Synchronous;
+    use crate::store::sqlite::SqliteStore;
+    use crate::store::{AuditEvent, AuditKind, Store};
+
+    fn event() -> AuditEvent {
+        AuditEvent {
+            at_ms: 1_700_000_000_000,
+            kind: AuditKind::ExchangeDenied,
+            issuer: None,
+            role: None,
+            project_id: None,
+            reason: Some("malformed".into()),
+            detail: serde_json::json!({ "n": 1 }).into(),
+        }
+    }
+
+    fn value(text: &str, name: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[tokio::test]
+    async fn the_store_counters_are_read_on_each_scrape() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("c.db"), Synchronous::Normal).unwrap();
+        let metrics = Metrics::new();
+        // Not watching yet: nothing about a store.
+        assert!(!metrics.encode().contains("cistern_store_"));
+        metrics.watch_store(Arc::new(store.clone()));
+        assert_eq!(
+            value(&metrics.encode(), "cistern_store_commits_total"),
+            Some(0.0)
+        );
+        for _ in 0..3 {
+            store.append_audit(event()).await.unwrap();
+        }
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "cistern_store_write_requests_total"),
+            Some(3.0),
+            "{text}"
+        );
+        let commits = value(&text, "cistern_store_commits_total").unwrap();
+        assert!((1.0..=3.0).contains(&commits), "{text}");
+        assert_eq!(
+            value(&text, "cistern_store_failed_batches_total"),
+            Some(0.0)
+        );
+        assert_eq!(value(&text, "cistern_audit_sink_failures_total"), Some(0.0));
+        assert!(
+            value(&text, "cistern_store_batch_seconds_total").unwrap() > 0.0,
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE cistern_store_commits counter"),
+            "{text}"
+        );
+        store.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_failing_audit_sink_shows_in_the_metrics() {
+        let dir = tempfile::tempdir().unwrap();
+        // A sink that cannot write, and the store told to carry on without it.
+        let sink = FileSink::open(Path::new("/dev/full"), 1 << 20, 1).unwrap();
+        let store = SqliteStore::open_with_sinks(
+            &dir.path().join("c.db"),
+            Synchronous::Normal,
+            vec![Box::new(sink)],
+            false,
+        )
+        .unwrap();
+        let metrics = Metrics::new();
+        metrics.watch_store(Arc::new(store.clone()));
+        store.append_audit(event()).await.unwrap();
+        let text = metrics.encode();
+        assert_eq!(
+            value(&text, "cistern_audit_sink_failures_total"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "cistern_store_failed_batches_total"),
+            Some(0.0),
+            "{text}"
+        );
+        store.close().await;
     }
 }

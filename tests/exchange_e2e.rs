@@ -349,6 +349,28 @@ async fn policy_decisions_reach_the_wire_with_rfc_8693_codes_and_are_audited() {
         metrics.contains("cistern_connections_timed_out_total"),
         "{metrics}"
     );
+    // The store's writer: every exchange above was a write, none failed.
+    let counter = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or(-1.0)
+    };
+    assert!(counter("cistern_store_commits_total") >= 1.0, "{metrics}");
+    assert!(
+        counter("cistern_store_write_requests_total") >= counter("cistern_store_commits_total"),
+        "{metrics}"
+    );
+    assert_eq!(
+        counter("cistern_store_failed_batches_total"),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        counter("cistern_audit_sink_failures_total"),
+        0.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

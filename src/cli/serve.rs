@@ -177,6 +177,7 @@ pub async fn build(
                 .with_context(|| format!("opening store {}", path.display()))?,
         ),
     };
+    metrics.watch_store(store.clone());
     let keys = match mode {
         Mode::Serve => KeyRing::open(&config.signing, clock.clone(), config.ceiling.max_ttl),
         Mode::ProxyOnly => {

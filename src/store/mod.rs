@@ -293,10 +293,32 @@ pub struct AuditStatus {
     pub last_checkpoint: Option<i64>,
 }
 
+/// What a store's writer has done since it started, for `/metrics`.
+/// Counters only ever grow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Write requests answered (including replays and failures).
+    pub requests: u64,
+    /// Transactions committed; `requests / commits` is the mean batch size.
+    pub commits: u64,
+    /// Batches whose transaction failed as a whole (every request in them
+    /// was refused).
+    pub failed_batches: u64,
+    /// Batches an audit sink failed to write (the sink misses them; with
+    /// `fail_closed` their requests were refused too).
+    pub sink_failures: u64,
+    /// Time spent running and committing batches, in nanoseconds: with
+    /// `commits`, the mean time a batch holds its requests.
+    pub batch_nanos: u64,
+}
+
 /// Where records go. All writes are durable when the future resolves
 /// (cistern answers the client only after that).
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
+    /// The writer's counters so far (cheap: read on every `/metrics` scrape).
+    fn stats(&self) -> StoreStats;
+
     /// Records a granted exchange atomically. Returns [`StoreError::Replay`]
     /// when `record.replay` names an ID token already consumed (and then
     /// writes nothing).

@@ -58,7 +58,7 @@ use crate::config::Synchronous;
 use crate::revoke::{Block, NewRevocation, RevocationRule, StoredBlock, StoredRevocation};
 use crate::store::{
     AuditEvent, AuditStatus, ExchangeRecord, Identity, IssuedToken, OutstandingDownstream,
-    ReplayEntry, Store, StoreError, StoredAudit, StoredIdentity,
+    ReplayEntry, Store, StoreError, StoreStats, StoredAudit, StoredIdentity,
 };
 
 /// Queued writes before callers wait: a few full batches, so the writer
@@ -84,19 +84,6 @@ impl std::fmt::Debug for SqliteStore {
             .field("stats", &self.stats())
             .finish_non_exhaustive()
     }
-}
-
-/// What the writer has done so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct WriterStats {
-    /// Write requests answered (including replays and failures).
-    pub requests: u64,
-    /// Transactions committed; `requests / commits` is the mean batch size.
-    pub commits: u64,
-    /// Batches whose transaction failed as a whole.
-    pub failed_batches: u64,
-    /// Batches an audit sink failed to write.
-    pub sink_failures: u64,
 }
 
 impl SqliteStore {
@@ -174,17 +161,6 @@ impl SqliteStore {
         }
     }
 
-    /// Counters of the writer: requests answered against transactions
-    /// committed.
-    pub fn stats(&self) -> WriterStats {
-        WriterStats {
-            requests: self.counters.requests.load(Ordering::Relaxed),
-            commits: self.counters.commits.load(Ordering::Relaxed),
-            failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
-            sink_failures: self.counters.sink_failures.load(Ordering::Relaxed),
-        }
-    }
-
     async fn write(&self, op: WriteOp) -> Result<u64, StoreError> {
         let (reply, outcome) = oneshot::channel();
         self.writer
@@ -217,6 +193,16 @@ fn db_err(context: &str, e: rusqlite::Error) -> StoreError {
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            requests: self.counters.requests.load(Ordering::Relaxed),
+            commits: self.counters.commits.load(Ordering::Relaxed),
+            failed_batches: self.counters.failed_batches.load(Ordering::Relaxed),
+            sink_failures: self.counters.sink_failures.load(Ordering::Relaxed),
+            batch_nanos: self.counters.batch_nanos.load(Ordering::Relaxed),
+        }
+    }
+
     async fn commit_exchange(&self, record: ExchangeRecord) -> Result<(), StoreError> {
         self.write(WriteOp::Exchange(Box::new(record)))
             .await

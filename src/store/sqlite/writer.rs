@@ -9,6 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use rusqlite::{Connection, params};
 use tokio::sync::{mpsc, oneshot};
@@ -112,6 +113,7 @@ pub(super) struct Counters {
     pub(super) commits: AtomicU64,
     pub(super) failed_batches: AtomicU64,
     pub(super) sink_failures: AtomicU64,
+    pub(super) batch_nanos: AtomicU64,
 }
 
 /// The writer loop. Returns when the channel is closed and drained.
@@ -174,6 +176,7 @@ pub(super) fn run(
         if let Some(l) = lines.as_mut() {
             l.buf.clear();
         }
+        let started = Instant::now();
         let mut outcomes = commit_batch(&mut conn, &batch, &mut replay, lines.as_mut());
         if let (Ok(_), Some(l)) = (&outcomes, lines.as_mut()) {
             l.through = l.end;
@@ -190,6 +193,8 @@ pub(super) fn run(
                 )));
             }
         }
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        counters.batch_nanos.fetch_add(nanos, Ordering::Relaxed);
         counters
             .requests
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
