@@ -142,8 +142,37 @@ pub struct CheckpointPayload {
 /// The JWS `typ` of a checkpoint.
 pub const CHECKPOINT_TYP: &str = "cistern-audit-checkpoint";
 
-/// RFC 3339 UTC with milliseconds; the epoch for times before it.
+/// The last instant RFC 3339 can write (9999-12-31T23:59:59.999Z), in ms.
+const RFC3339_MAX_MS: i64 = 253_402_300_799_999;
+
+/// RFC 3339 UTC with milliseconds; the epoch for times before it. A time
+/// past year 9999 (only an edited row holds one) is written as its number:
+/// the formatter would fail on it, and a record line must never panic.
 pub fn rfc3339_millis(at_ms: i64) -> String {
+    if at_ms > RFC3339_MAX_MS {
+        return format!("{at_ms} ms after the epoch (past year 9999)");
+    }
     let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(at_ms).unwrap_or(0));
     humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod time_tests {
+    use super::rfc3339_millis;
+
+    #[test]
+    fn every_instant_formats_without_panicking() {
+        assert_eq!(rfc3339_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339_millis(-5), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_millis(1_700_000_000_123),
+            "2023-11-14T22:13:20.123Z"
+        );
+        assert_eq!(
+            rfc3339_millis(253_402_300_799_999),
+            "9999-12-31T23:59:59.999Z"
+        );
+        assert!(rfc3339_millis(253_402_300_800_000).contains("past year 9999"));
+        assert!(rfc3339_millis(i64::MAX).starts_with(&i64::MAX.to_string()));
+    }
 }
