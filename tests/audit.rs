@@ -512,3 +512,97 @@ async fn records_the_cli_writes_directly_reach_the_servers_sink_running_or_not()
     assert!(v["report"]["head"].is_string(), "{v}");
     assert_eq!(v["report"]["head"], store["report"]["head"], "{v}\n{store}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_archives_the_oldest_records_while_the_server_runs_and_both_logs_verify() {
+    let dev = DevIssuer::start();
+    let c = start_with(&dev, &[]);
+    for _ in 0..6 {
+        grant(&c, &dev).await.unwrap();
+    }
+    // A signed checkpoint over them (every 200 ms while records arrive).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let config = c.config_path().to_str().unwrap().to_owned();
+    let archive = c.data_dir().join("audit-archive.jsonl");
+    let archive_arg = archive.to_str().unwrap().to_owned();
+    let prune = {
+        let (config, archive) = (config.clone(), archive_arg.clone());
+        move || {
+            cli(&[
+                "audit",
+                "prune",
+                "--config",
+                &config,
+                "--before",
+                "2999-01-01T00:00:00Z",
+                "--archive",
+                &archive,
+                "--json",
+            ])
+        }
+    };
+    // The server keeps serving while another process prunes its store.
+    let (out, during) = tokio::join!(
+        tokio::task::spawn_blocking(prune.clone()),
+        futures_join_all((0..4).map(|_| async {
+            grant(&c, &dev).await.unwrap();
+        }))
+    );
+    let () = during;
+    let out = out.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["pruned"], true, "{summary}");
+    let through = summary["detail"]["through_seq"].as_i64().unwrap();
+    assert!(through >= 7, "{summary}");
+    assert_eq!(summary["detail"]["first_seq"], 1, "{summary}");
+    assert_eq!(summary["deleted"].as_i64().unwrap(), through, "{summary}");
+    // Exchanges go on after it.
+    for _ in 0..2 {
+        grant(&c, &dev).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let (code, v) = verify_json(&["--config", &config]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["report"]["first_seq"].as_i64(), Some(through + 1), "{v}");
+    assert_eq!(v["report"]["pruned_through"].as_i64(), Some(through), "{v}");
+    let (code, v) = verify_json(&["--config", &config, "--file", &archive_arg]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["report"]["last_seq"].as_i64(), Some(through), "{v}");
+    assert!(
+        v["report"]["checkpoints_verified"].as_u64().unwrap() >= 1,
+        "{v}"
+    );
+    // The pruned store still exports the rest, audit_pruned record first.
+    let out = cli(&[
+        "audit",
+        "export",
+        "--config",
+        &config,
+        "--kind",
+        "audit_pruned",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(
+        text.contains(
+            &summary["detail"]["archive"]["sha256"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        ),
+        "{text}"
+    );
+
+    // An archive is never overwritten: one line saying why.
+    let out = prune();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exists"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -26,11 +26,16 @@ pub struct Filter {
     pub project_id: Option<String>,
     /// Role.
     pub role: Option<String>,
+    /// Records up to and including this sequence number. The only narrowing
+    /// that keeps an export verifiable on its own (a prefix of the chain, with
+    /// its checkpoints): `cistern audit prune` archives this way.
+    pub through_seq: Option<i64>,
 }
 
 impl Filter {
-    /// Whether the filter lets everything through.
-    pub fn is_empty(&self) -> bool {
+    /// Whether the export is the chain itself (everything, or a prefix of
+    /// it), so its checkpoints go along and it verifies on its own.
+    pub fn keeps_chain(&self) -> bool {
         self.since_ms.is_none()
             && self.until_ms.is_none()
             && self.kinds.is_empty()
@@ -80,6 +85,9 @@ pub fn export_connection(
     if let Some(t) = filter.until_ms {
         push("at_ms <", Value::Integer(t));
     }
+    if let Some(seq) = filter.through_seq {
+        push("seq <=", Value::Integer(seq));
+    }
     if let Some(v) = &filter.issuer {
         push("issuer =", Value::Text(v.clone()));
     }
@@ -99,11 +107,11 @@ pub fn export_connection(
     }
     sql.push_str(" ORDER BY seq");
 
-    let mut checkpoints = if filter.is_empty() {
+    let mut checkpoints = if filter.keeps_chain() {
         let mut stmt = conn.prepare(
-            "SELECT seq, at_ms, hash, kid, jws FROM audit_checkpoints ORDER BY seq DESC",
+            "SELECT seq, at_ms, hash, kid, jws FROM audit_checkpoints WHERE seq <= ?1 ORDER BY seq DESC",
         )?;
-        let rows = stmt.query_map([], |r| {
+        let rows = stmt.query_map([filter.through_seq.unwrap_or(i64::MAX)], |r| {
             Ok(CheckpointLine {
                 seq: r.get(0)?,
                 at_ms: r.get(1)?,

@@ -9,13 +9,16 @@
 //! rewritten with fresh hashes is caught too. [`verify`] walks a log (the
 //! store, or JSON Lines files) and names the first bad record; [`sink`]s
 //! copy each committed batch out of the store as JSON Lines ([`record`]);
-//! [`export`] streams a filtered range for a SIEM.
+//! [`export`] streams a filtered range for a SIEM; [`prune`] archives the
+//! oldest records and deletes them from the store, leaving a log that still
+//! verifies.
 //!
 //! Records never hold a token or a secret: `jti`s, hashes and claims only.
 
 pub mod chain;
 pub mod checkpoint;
 pub mod export;
+pub mod prune;
 pub mod record;
 pub mod sink;
 pub mod verify;

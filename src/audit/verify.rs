@@ -11,10 +11,12 @@ use std::path::Path;
 use rusqlite::Connection;
 
 use super::chain::{ChainFields, GENESIS, hash_from_slice, record_hash};
+use super::prune::PrunedDetail;
 use super::record::{
     CHECKPOINT_TYP, CheckpointLine, CheckpointPayload, CheckpointWrapper, RecordLineIn,
 };
 use crate::mint::{JwsError, PublishedKeys};
+use crate::store::AuditKind;
 
 /// The first thing found wrong. Each names a record (by `seq`) or, for a
 /// rewritten span, the checkpoint that exposes it.
@@ -74,6 +76,12 @@ pub enum Problem {
         /// The highest signed checkpoint.
         checkpoint: i64,
     },
+    /// The log starts after seq 1 and no `audit_pruned` record in it
+    /// vouches for the records before: they were deleted, not pruned.
+    PrefixDeleted {
+        /// The first record present.
+        first: i64,
+    },
     /// A line or row could not be read as a record.
     Malformed {
         /// Where (`line 12`, `seq 7`).
@@ -130,6 +138,10 @@ impl fmt::Display for Problem {
                     "truncated: a checkpoint signed seq {checkpoint} but the log is empty"
                 ),
             },
+            Problem::PrefixDeleted { first } => write!(
+                f,
+                "first bad record: seq 1: deleted (the log starts at seq {first} and no audit_pruned record in it covers the records before)"
+            ),
             Problem::Malformed { at, why } => write!(f, "{at}: unreadable record: {why}"),
         }
     }
@@ -158,6 +170,9 @@ pub struct Report {
     /// Records after the newest checkpoint: protected by the chain only
     /// until the next checkpoint (a cut there is not detectable).
     pub uncovered: u64,
+    /// The log's older records through this seq were pruned (archived by
+    /// `cistern audit prune`), as an `audit_pruned` record in it says.
+    pub pruned_through: Option<i64>,
 }
 
 impl fmt::Display for Report {
@@ -182,6 +197,9 @@ impl fmt::Display for Report {
         }
         if self.uncovered > 0 {
             write!(f, "; {} records after it", self.uncovered)?;
+        }
+        if let Some(p) = self.pruned_through {
+            write!(f, "; records through seq {p} pruned (archived)")?;
         }
         if let Some(h) = &self.head {
             write!(f, "; head {h}")?;
@@ -230,7 +248,9 @@ pub enum VerifyError {
 /// Where the chain must start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// At seq 1 from the genesis hash (the whole log, in the store).
+    /// At seq 1 from the genesis hash (the whole log, in the store), or
+    /// after the records an `audit_pruned` record in the log says were
+    /// pruned.
     Genesis,
     /// Wherever the first record is, trusting its `prev_hash` (an export or
     /// a sink file whose older part was rotated away).
@@ -257,6 +277,9 @@ pub struct Verifier<'k> {
     next_seq: Option<i64>,
     running: [u8; 32],
     last_good_checkpoint: Option<i64>,
+    /// A store log that starts after seq 1: its first seq and `prev_hash`,
+    /// trusted only once an `audit_pruned` record vouches for them.
+    unvouched_start: Option<(i64, [u8; 32])>,
     report: Report,
 }
 
@@ -285,6 +308,7 @@ impl<'k> Verifier<'k> {
             next_seq: None,
             running: GENESIS,
             last_good_checkpoint: None,
+            unvouched_start: None,
             report,
         }
     }
@@ -303,7 +327,9 @@ impl<'k> Verifier<'k> {
         };
         match (self.next_seq, self.start) {
             (None, Start::Genesis) if seq != 1 => {
-                return Err(Problem::Deleted { seq: 1, found: seq });
+                // A pruned log; `finish` refuses it unless vouched for.
+                self.unvouched_start = Some((seq, prev));
+                self.running = prev;
             }
             (None, Start::Anywhere) => self.running = prev,
             (None, Start::Genesis) => {}
@@ -322,6 +348,9 @@ impl<'k> Verifier<'k> {
         }
         self.running = computed;
         self.next_seq = Some(seq + 1);
+        if row.fields.kind == AuditKind::AuditPruned.as_str() {
+            self.note_pruned(row.fields.detail);
+        }
         self.report.records += 1;
         self.report.first_seq.get_or_insert(seq);
         self.report.last_seq = Some(seq);
@@ -333,6 +362,26 @@ impl<'k> Verifier<'k> {
             self.check_checkpoint(&cp, &computed)?;
         }
         Ok(())
+    }
+
+    /// An `audit_pruned` record vouches for a log starting right after its
+    /// cut (with the cut's hash as the first `prev_hash`), or anywhere at
+    /// or before it: a prune whose deletions are not finished.
+    fn note_pruned(&mut self, detail: &str) {
+        let Some(d) = PrunedDetail::parse(detail) else {
+            return;
+        };
+        let vouches = match self.unvouched_start {
+            Some((first, prev)) => {
+                d.through_seq >= first
+                    || (d.through_seq == first - 1 && d.through_hash == hex::encode(prev))
+            }
+            None => false,
+        };
+        if vouches {
+            self.unvouched_start = None;
+            self.report.pruned_through = Some(d.through_seq);
+        }
     }
 
     fn check_checkpoint(&mut self, cp: &Checkpoint, computed: &[u8; 32]) -> Result<(), Problem> {
@@ -379,11 +428,14 @@ impl<'k> Verifier<'k> {
     /// Ends the walk: a checkpoint beyond the last record means truncation.
     pub fn finish(mut self) -> Verdict {
         self.report.head = self.report.last_seq.map(|_| hex::encode(self.running));
-        let problem = match self.report.newest_checkpoint {
-            Some(cp) if self.report.last_seq.is_none_or(|l| cp > l) => Some(Problem::Truncated {
-                last: self.report.last_seq,
-                checkpoint: cp,
-            }),
+        let problem = match (self.unvouched_start, self.report.newest_checkpoint) {
+            (Some((first, _)), _) => Some(Problem::PrefixDeleted { first }),
+            (None, Some(cp)) if self.report.last_seq.is_none_or(|l| cp > l) => {
+                Some(Problem::Truncated {
+                    last: self.report.last_seq,
+                    checkpoint: cp,
+                })
+            }
             _ => None,
         };
         Verdict {

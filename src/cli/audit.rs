@@ -1,4 +1,4 @@
-//! `cistern audit verify` and `cistern audit export`.
+//! `cistern audit verify`, `cistern audit export` and `cistern audit prune`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -19,6 +19,28 @@ pub enum AuditCommand {
     Verify(VerifyArgs),
     /// Stream records as JSON Lines (for a SIEM), filtered by time, identity and kind.
     Export(ExportArgs),
+    /// Archive the records older than a cutoff to a file that verifies on
+    /// its own, then delete them from the store; the store's log still verifies.
+    Prune(PruneArgs),
+}
+
+/// `cistern audit prune`
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Config file: names the store, the key directory and the issuer.
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// Records older than this may go: an RFC 3339 instant or an age
+    /// (`400d`). The cut is the newest signed checkpoint before it.
+    #[arg(long)]
+    pub before: String,
+    /// The archive to create (JSON Lines with its checkpoints; check it with
+    /// `cistern audit verify --file`). Must not exist.
+    #[arg(long)]
+    pub archive: PathBuf,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `cistern audit verify`
@@ -97,6 +119,7 @@ const KINDS: &[&str] = &[
     "introspected",
     "proxy_request",
     "proxy_denied",
+    "audit_pruned",
 ];
 
 /// Runs `cistern audit verify`.
@@ -175,8 +198,101 @@ fn first_bad_seq(p: &verify::Problem) -> Option<i64> {
         | Unsealed { seq } => Some(*seq),
         Rewritten { since, .. } => Some(since.unwrap_or(0) + 1),
         Truncated { last, .. } => Some(last.unwrap_or(0) + 1),
+        PrefixDeleted { .. } => Some(1),
         BadCheckpoint { .. } | Malformed { .. } => None,
     }
+}
+
+/// Runs `cistern audit prune`.
+pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
+    use crate::audit::prune::{self, PruneError, PruneRequest};
+    use crate::store::sqlite::SqliteStore;
+
+    let config = load_config(&args.config)?;
+    let path = store_path(None, Some(&config))?;
+    let StoreConfig::Sqlite { synchronous, .. } = &config.store;
+    let keys = PublishedKeys::load(&config.signing.key_dir)
+        .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
+    let issuer = config
+        .server
+        .issuer
+        .as_str()
+        .trim_end_matches('/')
+        .to_owned();
+    let now_ms = now_millis();
+    let before_ms = instant_ms(&args.before, now_ms, "--before")?;
+    let store = SqliteStore::open(&path, *synchronous).map_err(|e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("opening store {}: {e}", path.display()),
+        )
+    })?;
+    let failed = |e: PruneError| {
+        let code = match &e {
+            PruneError::DoesNotVerify(_) | PruneError::BadArchive { .. } => exit::DENIED,
+            PruneError::ArchiveExists(_) => exit::USAGE,
+            _ => exit::UNAVAILABLE,
+        };
+        CliError::new(code, e.to_string())
+    };
+    // An earlier prune stopped half-way: its records go first.
+    let finished = prune::finish_pending(&store, &path).await.map_err(failed)?;
+    let outcome = prune::prune(
+        &store,
+        &PruneRequest {
+            db: &path,
+            before_ms,
+            archive: &args.archive,
+            keys: Some(&keys),
+            issuer: Some(&issuer),
+            now_ms,
+        },
+    )
+    .await;
+    store.close().await;
+    let outcome = outcome.map_err(failed)?;
+    if args.json {
+        let out = match &outcome {
+            Some(o) => serde_json::json!({
+                "pruned": true,
+                "record_seq": o.record_seq,
+                "deleted": o.deleted + finished,
+                "detail": o.detail,
+            }),
+            None => serde_json::json!({ "pruned": false, "deleted": finished }),
+        };
+        println!("{out}");
+        return Ok(());
+    }
+    if finished > 0 {
+        println!("finished an earlier prune: {finished} records deleted");
+    }
+    match outcome {
+        Some(o) => println!(
+            "pruned seq {}..={} ({} records, {} checkpoints) into {} (sha256 {}, {} bytes); \
+             audit_pruned record at seq {}; {} records deleted from the store",
+            o.detail.first_seq,
+            o.detail.through_seq,
+            o.detail.records,
+            o.detail.checkpoints,
+            args.archive.display(),
+            o.detail.archive.sha256,
+            o.detail.archive.bytes,
+            o.record_seq,
+            o.deleted,
+        ),
+        None => println!(
+            "nothing to prune: no signed checkpoint on a record before {}",
+            crate::audit::record::rfc3339_millis(before_ms)
+        ),
+    }
+    Ok(())
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Runs `cistern audit export`.
@@ -191,9 +307,7 @@ pub fn export(args: &ExportArgs) -> Result<(), CliError> {
             ));
         }
     }
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let now_ms = now_millis();
     let filter = Filter {
         since_ms: args
             .since
@@ -209,6 +323,7 @@ pub fn export(args: &ExportArgs) -> Result<(), CliError> {
         issuer: args.issuer.clone(),
         project_id: args.project.clone(),
         role: args.role.clone(),
+        through_seq: None,
     };
     let result = match &args.output {
         Some(out) => {
@@ -288,6 +403,7 @@ mod tests {
             AuditKind::Introspected,
             AuditKind::ProxyRequest,
             AuditKind::ProxyDenied,
+            AuditKind::AuditPruned,
         ];
         assert_eq!(all.len(), KINDS.len());
         for k in all {

@@ -390,6 +390,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Admin(AdminCommand::Bootstrap) => admin::bootstrap(),
         Command::Audit(audit::AuditCommand::Verify(args)) => audit::verify(&args),
         Command::Audit(audit::AuditCommand::Export(args)) => audit::export(&args),
+        Command::Audit(audit::AuditCommand::Prune(args)) => audit::prune(&args).await,
         Command::Provider(provider::ProviderCommand::SetCredential(args)) => {
             provider::set_credential(&args).await
         }

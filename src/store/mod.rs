@@ -25,6 +25,10 @@ pub enum StoreError {
     /// The database failed.
     #[error("database error: {0}")]
     Database(String),
+    /// The operation would break one of the store's invariants; nothing
+    /// was written.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 /// A consumed ID token: kept until it expires so it cannot be exchanged twice.
@@ -116,6 +120,10 @@ pub enum AuditKind {
     ProxyRequest,
     /// The proxy refused a request.
     ProxyDenied,
+    /// The log's oldest records were archived and are being deleted
+    /// (`cistern audit prune`); the record names the last one and its hash,
+    /// which vouches for the log starting after it.
+    AuditPruned,
 }
 
 impl AuditKind {
@@ -136,6 +144,7 @@ impl AuditKind {
             AuditKind::Introspected => "introspected",
             AuditKind::ProxyRequest => "proxy_request",
             AuditKind::ProxyDenied => "proxy_denied",
+            AuditKind::AuditPruned => "audit_pruned",
         }
     }
 }
@@ -330,6 +339,18 @@ pub trait Store: Send + Sync + 'static {
     /// Appends several audit records in one write (in order): for records
     /// nobody waits on one by one (the proxy's).
     async fn append_audits(&self, events: Vec<AuditEvent>) -> Result<(), StoreError>;
+
+    /// Deletes up to `limit` of the oldest audit records with `seq <=
+    /// through_seq`, and the signed checkpoints up to it; returns how many
+    /// records went (0 when none are left). Refused unless record
+    /// `vouched_by` is the `audit_pruned` record naming `through_seq`: the
+    /// log may only lose a prefix that record vouches for.
+    async fn prune_audit(
+        &self,
+        through_seq: i64,
+        vouched_by: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError>;
 
     /// Deletes replay entries that expired before `now_ms`; returns how many.
     async fn prune_replay(&self, now_ms: i64) -> Result<u64, StoreError>;

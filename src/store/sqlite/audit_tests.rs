@@ -282,7 +282,7 @@ async fn tampering_is_caught_and_the_first_bad_record_named() {
     drop(c);
     assert_eq!(
         verify(&w, &p).problem,
-        Some(Problem::Deleted { seq: 1, found: 2 })
+        Some(Problem::PrefixDeleted { first: 2 })
     );
 }
 
@@ -564,4 +564,284 @@ async fn every_expired_credential_gets_one_credential_expired_record() {
     );
     drop(c);
     ok(&verify(&w, &w.db));
+}
+
+mod prune {
+    use super::*;
+    use crate::audit::prune::{PruneError, PruneRequest, PrunedDetail, finish_pending, prune};
+
+    fn request<'a>(w: &'a World, keys: &'a PublishedKeys, archive: &'a Path) -> PruneRequest<'a> {
+        PruneRequest {
+            db: &w.db,
+            // 2096: after every record here.
+            before_ms: 4_000_000_000_000,
+            archive,
+            keys: Some(keys),
+            issuer: Some(ISSUER),
+            now_ms: 9_000_000,
+        }
+    }
+
+    fn count(db: &Path, sql: &str) -> i64 {
+        Connection::open(db)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_oldest_records_are_archived_then_deleted_and_both_logs_verify() {
+        let w = world();
+        filled(&w, 95).await;
+        let keys = PublishedKeys::load(&w.key_dir).unwrap();
+        let archive = w.db.with_file_name("archive-1.jsonl");
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        let out = prune(&store, &request(&w, &keys, &archive))
+            .await
+            .unwrap()
+            .unwrap();
+        // The newest checkpoint is at seq 90 (one per 10 records).
+        assert_eq!(out.detail.through_seq, 90);
+        assert_eq!(out.detail.first_seq, 1);
+        assert_eq!(out.detail.records, 90);
+        assert_eq!(out.detail.checkpoints, 9);
+        assert_eq!(out.deleted, 90);
+        assert_eq!(out.record_seq, 96);
+        store.close().await;
+
+        // The store keeps 91..=96 (96: the audit_pruned record) and no
+        // checkpoint at or below the cut.
+        assert_eq!(count(&w.db, "SELECT MIN(seq) FROM audit"), 91);
+        assert_eq!(count(&w.db, "SELECT COUNT(*) FROM audit"), 6);
+        assert_eq!(
+            count(
+                &w.db,
+                "SELECT COUNT(*) FROM audit_checkpoints WHERE seq <= 90"
+            ),
+            0
+        );
+        let v = verify(&w, &w.db);
+        ok(&v);
+        assert_eq!(v.report.first_seq, Some(91));
+        assert_eq!(v.report.pruned_through, Some(90));
+
+        // The archive verifies on its own, ends at the cut's hash, and is
+        // the file the record names.
+        let a = verify_files(&[archive.as_path()], Some(&keys), Some(ISSUER.into())).unwrap();
+        ok(&a);
+        assert_eq!((a.report.first_seq, a.report.last_seq), (Some(1), Some(90)));
+        assert_eq!(
+            a.report.head.as_deref(),
+            Some(out.detail.through_hash.as_str())
+        );
+        let bytes = std::fs::read(&archive).unwrap();
+        assert_eq!(out.detail.archive.bytes, bytes.len() as u64);
+        assert_eq!(
+            out.detail.archive.sha256,
+            hex::encode(aws_lc_rs::digest::digest(
+                &aws_lc_rs::digest::SHA256,
+                &bytes
+            ))
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&archive).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+
+        // A second prune, later: the first audit_pruned record goes with the
+        // records it covered, the new one vouches for the new start.
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        for i in 100..125 {
+            store.commit_exchange(record(i)).await.unwrap();
+            if i % 10 == 9 {
+                checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+                    .await
+                    .unwrap();
+            }
+        }
+        let archive2 = w.db.with_file_name("archive-2.jsonl");
+        let out2 = prune(&store, &request(&w, &keys, &archive2))
+            .await
+            .unwrap()
+            .unwrap();
+        store.close().await;
+        assert_eq!(out2.detail.first_seq, 91);
+        assert!(out2.detail.through_seq > 96, "{:?}", out2.detail);
+        let v = verify(&w, &w.db);
+        ok(&v);
+        assert_eq!(v.report.first_seq, Some(out2.detail.through_seq + 1));
+        ok(&verify_files(&[archive2.as_path()], Some(&keys), Some(ISSUER.into())).unwrap());
+        // Both archives and the store are one log, oldest first.
+        ok(&verify_files(
+            &[archive.as_path(), archive2.as_path()],
+            Some(&keys),
+            Some(ISSUER.into()),
+        )
+        .unwrap());
+    }
+
+    #[tokio::test]
+    async fn deleting_past_the_cut_or_without_a_prune_is_caught() {
+        let w = world();
+        filled(&w, 45).await;
+        // No prune at all: the head deleted.
+        let (p, c) = copy(&w, "no-prune.db");
+        c.execute("DELETE FROM audit WHERE seq <= 10", []).unwrap();
+        drop(c);
+        assert_eq!(
+            verify(&w, &p).problem,
+            Some(Problem::PrefixDeleted { first: 11 })
+        );
+
+        let keys = PublishedKeys::load(&w.key_dir).unwrap();
+        let archive = w.db.with_file_name("a.jsonl");
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        let out = prune(&store, &request(&w, &keys, &archive))
+            .await
+            .unwrap()
+            .unwrap();
+        store.close().await;
+        assert_eq!(out.detail.through_seq, 40);
+        ok(&verify(&w, &w.db));
+        // One record more than the prune covered.
+        let (p, c) = copy(&w, "past-the-cut.db");
+        c.execute("DELETE FROM audit WHERE seq = 41", []).unwrap();
+        drop(c);
+        assert_eq!(
+            verify(&w, &p).problem,
+            Some(Problem::PrefixDeleted { first: 42 })
+        );
+        // An audit_pruned record edited to cover more breaks the chain.
+        let (p, c) = copy(&w, "edited.db");
+        c.execute(
+            "UPDATE audit SET detail = replace(detail, '\"through_seq\":40', '\"through_seq\":41') WHERE kind = 'audit_pruned'",
+            [],
+        )
+        .unwrap();
+        c.execute("DELETE FROM audit WHERE seq = 41", []).unwrap();
+        drop(c);
+        assert!(verify(&w, &p).problem.is_some());
+    }
+
+    #[tokio::test]
+    async fn the_store_deletes_only_what_an_audit_pruned_record_vouches_for() {
+        let w = world();
+        filled(&w, 30).await;
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        // Record 5 is an exchange, not a prune; record 40 does not exist.
+        for vouched_by in [5, 40] {
+            let e = store.prune_audit(20, vouched_by, 100).await.unwrap_err();
+            assert!(matches!(e, StoreError::Refused(_)), "{e}");
+        }
+        // An audit_pruned record naming another cut.
+        let detail = PrunedDetail {
+            through_seq: 10,
+            through_hash: "00".repeat(32),
+            first_seq: 1,
+            records: 10,
+            checkpoints: 1,
+            before: "1970-01-01T00:00:00.000Z".into(),
+            archive: crate::audit::prune::ArchiveRef {
+                file: "x".into(),
+                sha256: "00".repeat(32),
+                bytes: 0,
+            },
+        };
+        store
+            .append_audit(AuditEvent {
+                at_ms: 9_000_000,
+                kind: AuditKind::AuditPruned,
+                issuer: None,
+                role: None,
+                project_id: None,
+                reason: None,
+                detail: crate::store::AuditDetail::from_serialize(&detail),
+            })
+            .await
+            .unwrap();
+        let e = store.prune_audit(20, 31, 100).await.unwrap_err();
+        assert!(matches!(e, StoreError::Refused(_)), "{e}");
+        assert_eq!(count(&w.db, "SELECT COUNT(*) FROM audit"), 31);
+        // The batch it ran in was not failed for it: the writer goes on.
+        store.commit_exchange(record(99)).await.unwrap();
+        // Interrupted half-way (20 of the 30 records it vouches for went):
+        // the store still verifies, and finishing deletes the rest.
+        let full = PrunedDetail {
+            through_seq: 30,
+            through_hash: hex::encode(
+                Connection::open(&w.db)
+                    .unwrap()
+                    .query_row("SELECT hash FROM audit WHERE seq = 30", [], |r| {
+                        r.get::<_, Vec<u8>>(0)
+                    })
+                    .unwrap(),
+            ),
+            ..detail
+        };
+        store
+            .append_audit(AuditEvent {
+                at_ms: 9_000_001,
+                kind: AuditKind::AuditPruned,
+                issuer: None,
+                role: None,
+                project_id: None,
+                reason: None,
+                detail: crate::store::AuditDetail::from_serialize(&full),
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.prune_audit(30, 33, 20).await.unwrap(), 20);
+        let v = verify(&w, &w.db);
+        ok(&v);
+        assert_eq!(v.report.first_seq, Some(21));
+        assert_eq!(finish_pending(&store, &w.db).await.unwrap(), 10);
+        store.close().await;
+        let v = verify(&w, &w.db);
+        ok(&v);
+        assert_eq!(v.report.first_seq, Some(31));
+        assert_eq!(v.report.pruned_through, Some(30));
+    }
+
+    #[tokio::test]
+    async fn nothing_is_archived_or_deleted_from_a_log_that_does_not_verify() {
+        let w = world();
+        filled(&w, 30).await;
+        let keys = PublishedKeys::load(&w.key_dir).unwrap();
+        let archive = w.db.with_file_name("a.jsonl");
+        // Nothing older than the cutoff: nothing to do.
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        let early = PruneRequest {
+            before_ms: 0,
+            ..request(&w, &keys, &archive)
+        };
+        assert!(prune(&store, &early).await.unwrap().is_none());
+        assert!(!archive.exists());
+        // An existing archive is never overwritten.
+        std::fs::write(&archive, b"keep me").unwrap();
+        let e = prune(&store, &request(&w, &keys, &archive))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PruneError::ArchiveExists(_)), "{e}");
+        assert_eq!(std::fs::read(&archive).unwrap(), b"keep me");
+        store.close().await;
+        // A modified record: refused before anything is written.
+        Connection::open(&w.db)
+            .unwrap()
+            .execute("UPDATE audit SET reason = 'edited' WHERE seq = 7", [])
+            .unwrap();
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        let fresh = w.db.with_file_name("b.jsonl");
+        let e = prune(&store, &request(&w, &keys, &fresh))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(e, PruneError::DoesNotVerify(Problem::Modified { seq: 7 })),
+            "{e}"
+        );
+        assert!(!fresh.exists());
+        store.close().await;
+        assert_eq!(count(&w.db, "SELECT COUNT(*) FROM audit"), 30);
+    }
 }

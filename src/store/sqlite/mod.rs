@@ -220,6 +220,20 @@ impl Store for SqliteStore {
         self.write(WriteOp::AuditBatch(events)).await.map(drop)
     }
 
+    async fn prune_audit(
+        &self,
+        through_seq: i64,
+        vouched_by: i64,
+        limit: u32,
+    ) -> Result<u64, StoreError> {
+        self.write(WriteOp::PruneAudit {
+            through_seq,
+            vouched_by,
+            limit,
+        })
+        .await
+    }
+
     async fn prune_replay(&self, now_ms: i64) -> Result<u64, StoreError> {
         self.write(WriteOp::PruneReplay { now_ms }).await
     }

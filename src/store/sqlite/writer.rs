@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::db_err;
@@ -19,7 +19,7 @@ use super::replay::ReplaySet;
 use crate::audit::chain::{ChainFields, GENESIS, OwnedFields, hash_from_slice, record_hash};
 use crate::audit::record::{CheckpointLine, CheckpointWrapper, RecordLine};
 use crate::audit::sink::Sink;
-use crate::store::{AuditEvent, ExchangeRecord, Identity, StoreError};
+use crate::store::{AuditEvent, AuditKind, ExchangeRecord, Identity, StoreError};
 
 /// Most requests committed in one transaction. Past ~256 rows the commit
 /// cost is already amortised (crates.md §C) and a larger batch only delays
@@ -41,6 +41,13 @@ pub(super) enum WriteOp {
     AuditBatch(Vec<AuditEvent>),
     PruneReplay {
         now_ms: i64,
+    },
+    /// Delete up to `limit` of the oldest audit records through
+    /// `through_seq`, vouched for by the `audit_pruned` record `vouched_by`.
+    PruneAudit {
+        through_seq: i64,
+        vouched_by: i64,
+        limit: u32,
     },
     /// Revocation rules and offboarding blocks (`lifecycle.rs`).
     Lifecycle(Box<super::lifecycle::LifecycleOp>),
@@ -366,6 +373,47 @@ fn rollback(conn: &Connection, replay: &mut ReplaySet) {
     }
 }
 
+/// Deletes up to `limit` of the oldest records through `through_seq` and
+/// the checkpoints up to it, once record `vouched_by` (kept: it comes after
+/// `through_seq`) is the `audit_pruned` record naming that very cut. A
+/// verifier accepts a log that starts after seq 1 only on that record's
+/// word, so no other deletion can pass for a prune.
+fn prune_audit(
+    conn: &Connection,
+    through_seq: i64,
+    vouched_by: i64,
+    limit: u32,
+) -> Result<u64, StoreError> {
+    let vouch: Option<(String, String)> = conn
+        .prepare_cached("SELECT kind, detail FROM audit WHERE seq = ?1")
+        .and_then(|mut s| {
+            s.query_row([vouched_by], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+        })
+        .map_err(|e| db_err("read the audit_pruned record", e))?;
+    let names_cut = vouch.is_some_and(|(kind, detail)| {
+        kind == AuditKind::AuditPruned.as_str()
+            && crate::audit::prune::PrunedDetail::parse(&detail)
+                .is_some_and(|d| d.through_seq == through_seq)
+    });
+    if vouched_by <= through_seq || !names_cut {
+        return Err(StoreError::Refused(format!(
+            "record {vouched_by} is not an audit_pruned record naming seq {through_seq}"
+        )));
+    }
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM audit WHERE seq IN
+                 (SELECT seq FROM audit WHERE seq <= ?1 ORDER BY seq LIMIT ?2)",
+        )
+        .and_then(|mut s| s.execute(params![through_seq, limit]))
+        .map_err(|e| db_err("delete pruned audit records", e))?;
+    conn.prepare_cached("DELETE FROM audit_checkpoints WHERE seq <= ?1")
+        .and_then(|mut s| s.execute([through_seq]))
+        .map_err(|e| db_err("delete pruned checkpoints", e))?;
+    Ok(deleted as u64)
+}
+
 /// `Err` only when the transaction as a whole must not commit.
 ///
 /// No savepoint per request (two more statements each; the writer's CPU per
@@ -385,6 +433,8 @@ fn run_requests(
     for request in batch {
         match apply(conn, &request.op, replay, chain) {
             Err(StoreError::Replay) => outcomes.push(Err(StoreError::Replay)),
+            // Checked before the op writes anything.
+            Err(StoreError::Refused(why)) => outcomes.push(Err(StoreError::Refused(why))),
             Err(e) => return Err(e),
             Ok(n) => {
                 if let WriteOp::Exchange(record) = &request.op {
@@ -553,6 +603,11 @@ fn apply(
             Ok(n as u64)
         }
         WriteOp::PruneReplay { now_ms } => replay.prune(conn, *now_ms),
+        WriteOp::PruneAudit {
+            through_seq,
+            vouched_by,
+            limit,
+        } => prune_audit(conn, *through_seq, *vouched_by, *limit),
         WriteOp::Lifecycle(op) => super::lifecycle::apply(conn, op, chain),
     }
 }
