@@ -582,6 +582,19 @@ mod prune {
         }
     }
 
+    /// An `audit_pruned` record, written by hand (as an attacker could).
+    fn pruned_event(detail: &PrunedDetail) -> AuditEvent {
+        AuditEvent {
+            at_ms: 9_000_000,
+            kind: AuditKind::AuditPruned,
+            issuer: None,
+            role: None,
+            project_id: None,
+            reason: None,
+            detail: crate::store::AuditDetail::from_serialize(detail),
+        }
+    }
+
     fn count(db: &Path, sql: &str) -> i64 {
         Connection::open(db)
             .unwrap()
@@ -749,18 +762,7 @@ mod prune {
                 bytes: 0,
             },
         };
-        store
-            .append_audit(AuditEvent {
-                at_ms: 9_000_000,
-                kind: AuditKind::AuditPruned,
-                issuer: None,
-                role: None,
-                project_id: None,
-                reason: None,
-                detail: crate::store::AuditDetail::from_serialize(&detail),
-            })
-            .await
-            .unwrap();
+        store.append_audit(pruned_event(&detail)).await.unwrap();
         let e = store.prune_audit(20, 31, 100).await.unwrap_err();
         assert!(matches!(e, StoreError::Refused(_)), "{e}");
         assert_eq!(count(&w.db, "SELECT COUNT(*) FROM audit"), 31);
@@ -780,18 +782,7 @@ mod prune {
             ),
             ..detail
         };
-        store
-            .append_audit(AuditEvent {
-                at_ms: 9_000_001,
-                kind: AuditKind::AuditPruned,
-                issuer: None,
-                role: None,
-                project_id: None,
-                reason: None,
-                detail: crate::store::AuditDetail::from_serialize(&full),
-            })
-            .await
-            .unwrap();
+        store.append_audit(pruned_event(&full)).await.unwrap();
         assert_eq!(store.prune_audit(30, 33, 20).await.unwrap(), 20);
         let v = verify(&w, &w.db);
         ok(&v);
