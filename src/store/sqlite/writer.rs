@@ -262,6 +262,19 @@ fn catch_up_sinks(conn: &Connection, sinks: &mut [Box<dyn Sink>], head: i64, cou
             );
             continue;
         }
+        // Records pruned (`cistern audit prune`) before the sink caught up
+        // are in the prune's archive, not here: say so, then go on.
+        let oldest: Option<i64> = conn
+            .query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))
+            .unwrap_or(None);
+        if let Some(oldest) = oldest.filter(|&o| o > from + 1) {
+            tracing::warn!(
+                sink = sink.name(),
+                missing_from = from + 1,
+                missing_through = oldest - 1,
+                "the audit sink misses records pruned from the store before it caught up; they are in the prune's archive"
+            );
+        }
         let mut after = from;
         while after < head {
             let through = head.min(after.saturating_add(CATCH_UP_CHUNK));
