@@ -7,14 +7,16 @@
 //! to a new archive file, synced, and that file must verify on its own and
 //! end at the cut's hash. Then an `audit_pruned` record, appended to the
 //! chain like any other, names the cut (`through_seq`, `through_hash`) and
-//! the archive's SHA-256, and only then are the records through the cut
-//! deleted, a chunk per transaction so a running server's writer never
-//! waits long for the lock.
+//! the archive's SHA-256, a signed checkpoint covers that record, and only
+//! then are the records through the cut deleted, a chunk per transaction so
+//! a running server's writer never waits long for the lock.
 //!
 //! Verification of the store accepts a log that starts after seq 1 only
-//! when such a record in it vouches for the start (see
-//! [`super::verify::Verifier`]); the store refuses to delete anything
-//! else. A prune interrupted half-way leaves a log that still verifies, and
+//! when such a record in it, covered by a signed checkpoint, vouches for
+//! the start (see [`super::verify::Verifier`]); the store refuses to delete
+//! anything else. Without the checkpoint anyone able to write the database
+//! could append a vouching record after the newest checkpoint and delete
+//! the log's head. A prune interrupted half-way leaves a log that still verifies, and
 //! running it again finishes the job.
 
 use std::io::{BufWriter, Read, Write};
@@ -23,10 +25,12 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use super::checkpoint::{CheckpointError, checkpoint_now};
 use super::export::{self, Filter};
 use super::record::rfc3339_millis;
 use super::verify::{Problem, Verdict, VerifyError, verify_connection, verify_files};
-use crate::mint::PublishedKeys;
+use crate::clock::Clock;
+use crate::mint::{KeyRing, PublishedKeys};
 use crate::store::{AuditDetail, AuditEvent, AuditKind, Store, StoreError};
 
 /// Records deleted per transaction: small enough that a server writing the
@@ -72,7 +76,7 @@ impl PrunedDetail {
 }
 
 /// What to prune.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct PruneRequest<'a> {
     /// The SQLite store file (read directly for verification and export).
     pub db: &'a Path,
@@ -82,10 +86,19 @@ pub struct PruneRequest<'a> {
     pub archive: &'a Path,
     /// Checkpoint signatures are checked with these (strongly advised).
     pub keys: Option<&'a PublishedKeys>,
-    /// The issuer the checkpoints must name.
-    pub issuer: Option<&'a str>,
-    /// When the prune happens (ms), for its record.
-    pub now_ms: i64,
+    /// How the checkpoint over the `audit_pruned` record is signed.
+    pub signing: Signing<'a>,
+}
+
+/// How a prune signs the checkpoint that covers its `audit_pruned` record.
+#[derive(Clone, Copy)]
+pub struct Signing<'a> {
+    /// Signs the covering checkpoint.
+    pub signer: &'a KeyRing,
+    /// cistern's issuer.
+    pub issuer: &'a str,
+    /// Time.
+    pub clock: &'a dyn Clock,
 }
 
 /// What a prune did.
@@ -137,6 +150,9 @@ pub enum PruneError {
     /// The store refused or failed a write.
     #[error("writing the store: {0}")]
     Store(#[from] StoreError),
+    /// The checkpoint over the `audit_pruned` record could not be written.
+    #[error("{0}; nothing deleted (run the prune again)")]
+    Checkpoint(#[from] CheckpointError),
 }
 
 impl From<VerifyError> for PruneError {
@@ -187,7 +203,7 @@ pub async fn prune(
     req: &PruneRequest<'_>,
 ) -> Result<Option<PruneOutcome>, PruneError> {
     let conn = super::open_read_only(req.db)?;
-    let issuer = req.issuer.map(str::to_owned);
+    let issuer = Some(req.signing.issuer.to_owned());
     let verdict = verify_connection(&conn, req.keys, issuer.clone())?;
     if let Some(problem) = verdict.problem {
         return Err(PruneError::DoesNotVerify(problem));
@@ -229,7 +245,7 @@ pub async fn prune(
     };
     store
         .append_audit(AuditEvent {
-            at_ms: req.now_ms,
+            at_ms: req.signing.clock.now_millis(),
             kind: AuditKind::AuditPruned,
             issuer: None,
             role: None,
@@ -238,6 +254,12 @@ pub async fn prune(
             detail: AuditDetail::from_serialize(&detail),
         })
         .await?;
+    let Signing {
+        signer,
+        issuer,
+        clock,
+    } = req.signing;
+    checkpoint_now(store, signer, clock, issuer).await?;
     let record_seq = pruned_record(&conn, through_seq)?.ok_or_else(|| {
         PruneError::Read("the audit_pruned record just written is not in the log".into())
     })?;
@@ -251,7 +273,11 @@ pub async fn prune(
 
 /// Finishes an interrupted prune: deletes what the newest `audit_pruned`
 /// record vouches for and is still in the store. Returns records deleted.
-pub async fn finish_pending(store: &dyn Store, db: &Path) -> Result<u64, PruneError> {
+pub async fn finish_pending(
+    store: &dyn Store,
+    db: &Path,
+    signing: Signing<'_>,
+) -> Result<u64, PruneError> {
     let conn = super::open_read_only(db)?;
     let newest: Option<(i64, String)> = conn
         .query_row(
@@ -266,6 +292,16 @@ pub async fn finish_pending(store: &dyn Store, db: &Path) -> Result<u64, PruneEr
     let Some(d) = PrunedDetail::parse(&detail) else {
         return Ok(0);
     };
+    let left: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM audit WHERE seq <= ?1",
+        [d.through_seq],
+        |r| r.get(0),
+    )?;
+    if left == 0 {
+        return Ok(0);
+    }
+    // The run that stopped may not have got as far as the checkpoint.
+    checkpoint_now(store, signing.signer, signing.clock, signing.issuer).await?;
     delete_through(store, d.through_seq, seq).await
 }
 

@@ -280,6 +280,9 @@ pub struct Verifier<'k> {
     /// A store log that starts after seq 1: its first seq and `prev_hash`,
     /// trusted only once an `audit_pruned` record vouches for them.
     unvouched_start: Option<(i64, [u8; 32])>,
+    /// The `audit_pruned` record (its seq, its cut) that vouches for the
+    /// start, waiting for a checkpoint to cover it.
+    pending_vouch: Option<(i64, i64)>,
     report: Report,
 }
 
@@ -309,6 +312,7 @@ impl<'k> Verifier<'k> {
             running: GENESIS,
             last_good_checkpoint: None,
             unvouched_start: None,
+            pending_vouch: None,
             report,
         }
     }
@@ -349,7 +353,7 @@ impl<'k> Verifier<'k> {
         self.running = computed;
         self.next_seq = Some(seq + 1);
         if row.fields.kind == AuditKind::AuditPruned.as_str() {
-            self.note_pruned(row.fields.detail);
+            self.note_pruned(seq, row.fields.detail);
         }
         self.report.records += 1;
         self.report.first_seq.get_or_insert(seq);
@@ -366,8 +370,12 @@ impl<'k> Verifier<'k> {
 
     /// An `audit_pruned` record vouches for a log starting right after its
     /// cut (with the cut's hash as the first `prev_hash`), or anywhere at
-    /// or before it: a prune whose deletions are not finished.
-    fn note_pruned(&mut self, detail: &str) {
+    /// or before it: a prune whose deletions are not finished. It counts
+    /// only once a checkpoint at or after it holds (see
+    /// [`Self::check_checkpoint`]): a record appended after the newest
+    /// checkpoint is protected by the chain alone, and anyone who can write
+    /// the database could append one.
+    fn note_pruned(&mut self, seq: i64, detail: &str) {
         let Some(d) = PrunedDetail::parse(detail) else {
             return;
         };
@@ -378,9 +386,8 @@ impl<'k> Verifier<'k> {
             }
             None => false,
         };
-        if vouches {
-            self.unvouched_start = None;
-            self.report.pruned_through = Some(d.through_seq);
+        if vouches && self.pending_vouch.is_none() {
+            self.pending_vouch = Some((seq, d.through_seq));
         }
     }
 
@@ -422,6 +429,13 @@ impl<'k> Verifier<'k> {
             self.report.checkpoints_verified += 1;
         }
         self.last_good_checkpoint = Some(seq);
+        // A checkpoint at or after the vouching record: the newest
+        // checkpoint must verify and reaches it through the chain.
+        if let Some((_, through)) = self.pending_vouch.filter(|(at, _)| seq >= *at) {
+            self.pending_vouch = None;
+            self.unvouched_start = None;
+            self.report.pruned_through = Some(through);
+        }
         Ok(())
     }
 

@@ -205,7 +205,9 @@ fn first_bad_seq(p: &verify::Problem) -> Option<i64> {
 
 /// Runs `cistern audit prune`.
 pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
-    use crate::audit::prune::{self, PruneError, PruneRequest};
+    use crate::audit::prune::{self, PruneError, PruneRequest, Signing};
+    use crate::clock::{Clock, SystemClock};
+    use crate::mint::KeyRing;
     use crate::store::sqlite::SqliteStore;
 
     let config = load_config(&args.config)?;
@@ -219,7 +221,11 @@ pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
         .as_str()
         .trim_end_matches('/')
         .to_owned();
-    let now_ms = now_millis();
+    let clock: std::sync::Arc<dyn Clock> = std::sync::Arc::new(SystemClock);
+    // Only checkpoints are signed here; keys are never generated or rotated.
+    let signer = KeyRing::open_existing(&config.signing, clock.clone(), config.ceiling.max_ttl)
+        .map_err(|e| CliError::new(exit::USAGE, format!("signing keys: {e}")))?;
+    let now_ms = clock.now_millis();
     let before_ms = instant_ms(&args.before, now_ms, "--before")?;
     let store = SqliteStore::open(&path, *synchronous).map_err(|e| {
         CliError::new(
@@ -236,7 +242,14 @@ pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
         CliError::new(code, e.to_string())
     };
     // An earlier prune stopped half-way: its records go first.
-    let finished = prune::finish_pending(&store, &path).await.map_err(failed)?;
+    let signing = Signing {
+        signer: &signer,
+        issuer: &issuer,
+        clock: &*clock,
+    };
+    let finished = prune::finish_pending(&store, &path, signing)
+        .await
+        .map_err(failed)?;
     let outcome = prune::prune(
         &store,
         &PruneRequest {
@@ -244,8 +257,7 @@ pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
             before_ms,
             archive: &args.archive,
             keys: Some(&keys),
-            issuer: Some(&issuer),
-            now_ms,
+            signing,
         },
     )
     .await;

@@ -568,7 +568,17 @@ async fn every_expired_credential_gets_one_credential_expired_record() {
 
 mod prune {
     use super::*;
-    use crate::audit::prune::{PruneError, PruneRequest, PrunedDetail, finish_pending, prune};
+    use crate::audit::prune::{
+        PruneError, PruneRequest, PrunedDetail, Signing, finish_pending, prune,
+    };
+
+    fn signing(w: &World) -> Signing<'_> {
+        Signing {
+            signer: &w.keys,
+            issuer: ISSUER,
+            clock: &SystemClock,
+        }
+    }
 
     fn request<'a>(w: &'a World, keys: &'a PublishedKeys, archive: &'a Path) -> PruneRequest<'a> {
         PruneRequest {
@@ -577,8 +587,7 @@ mod prune {
             before_ms: 4_000_000_000_000,
             archive,
             keys: Some(keys),
-            issuer: Some(ISSUER),
-            now_ms: 9_000_000,
+            signing: signing(w),
         }
     }
 
@@ -739,6 +748,57 @@ mod prune {
     }
 
     #[tokio::test]
+    async fn a_vouching_record_appended_after_the_newest_checkpoint_counts_for_nothing() {
+        // Someone who can write the database but holds no signing key
+        // appends an audit_pruned record naming seq 20 (the chain is only
+        // SHA-256: they can compute it) and deletes the head.
+        let w = world();
+        filled(&w, 30).await;
+        let hash20: Vec<u8> = Connection::open(&w.db)
+            .unwrap()
+            .query_row("SELECT hash FROM audit WHERE seq = 20", [], |r| r.get(0))
+            .unwrap();
+        let forged = PrunedDetail {
+            through_seq: 20,
+            through_hash: hex::encode(hash20),
+            first_seq: 1,
+            records: 20,
+            checkpoints: 2,
+            before: "2020-01-01T00:00:00.000Z".into(),
+            archive: crate::audit::prune::ArchiveRef {
+                file: "gone.jsonl".into(),
+                sha256: "00".repeat(32),
+                bytes: 0,
+            },
+        };
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        store.append_audit(pruned_event(&forged)).await.unwrap();
+        store.close().await;
+        let (p, c) = copy(&w, "forged-prune.db");
+        c.execute("DELETE FROM audit WHERE seq <= 20", []).unwrap();
+        c.execute("DELETE FROM audit_checkpoints WHERE seq <= 20", [])
+            .unwrap();
+        drop(c);
+        assert_eq!(
+            verify(&w, &p).problem,
+            Some(Problem::PrefixDeleted { first: 21 })
+        );
+        // Once a signed checkpoint covers it (as `audit prune` writes one),
+        // the same record vouches.
+        let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
+        checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+            .await
+            .unwrap();
+        store.close().await;
+        let (p, c) = copy(&w, "covered-prune.db");
+        c.execute("DELETE FROM audit WHERE seq <= 20", []).unwrap();
+        drop(c);
+        let v = verify(&w, &p);
+        ok(&v);
+        assert_eq!(v.report.pruned_through, Some(20));
+    }
+
+    #[tokio::test]
     async fn the_store_deletes_only_what_an_audit_pruned_record_vouches_for() {
         let w = world();
         filled(&w, 30).await;
@@ -783,11 +843,21 @@ mod prune {
             ..detail
         };
         store.append_audit(pruned_event(&full)).await.unwrap();
+        // Not before a signed checkpoint covers the record.
+        let e = store.prune_audit(30, 33, 20).await.unwrap_err();
+        assert!(matches!(e, StoreError::Refused(_)), "{e}");
+        checkpoint_now(&store, &w.keys, &SystemClock, ISSUER)
+            .await
+            .unwrap();
         assert_eq!(store.prune_audit(30, 33, 20).await.unwrap(), 20);
         let v = verify(&w, &w.db);
         ok(&v);
         assert_eq!(v.report.first_seq, Some(21));
-        assert_eq!(finish_pending(&store, &w.db).await.unwrap(), 10);
+        assert_eq!(
+            finish_pending(&store, &w.db, signing(&w)).await.unwrap(),
+            10
+        );
+        assert_eq!(finish_pending(&store, &w.db, signing(&w)).await.unwrap(), 0);
         store.close().await;
         let v = verify(&w, &w.db);
         ok(&v);

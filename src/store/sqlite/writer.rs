@@ -414,6 +414,17 @@ fn prune_audit(
             "record {vouched_by} is not an audit_pruned record naming seq {through_seq}"
         )));
     }
+    // Only a checkpoint at or after it puts the record beyond the reach of
+    // someone who can merely write the database.
+    let covered: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM audit_checkpoints WHERE seq >= ?1)")
+        .and_then(|mut s| s.query_row([vouched_by], |r| r.get(0)))
+        .map_err(|e| db_err("read checkpoints", e))?;
+    if !covered {
+        return Err(StoreError::Refused(format!(
+            "no signed checkpoint covers the audit_pruned record {vouched_by} yet"
+        )));
+    }
     let deleted = conn
         .prepare_cached(
             "DELETE FROM audit WHERE seq IN
