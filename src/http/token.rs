@@ -156,6 +156,25 @@ struct TokenResponse<'a> {
     cistern_credential_kind: &'a str,
 }
 
+/// The token response as JSON, written into a buffer sized for it once
+/// (`Json` starts at 128 bytes and grows several times around a ~1 KB
+/// token).
+fn token_json(body: &TokenResponse<'_>) -> Response {
+    let mut buf = Vec::with_capacity(192 + body.access_token.len() + body.scope.len());
+    match serde_json::to_writer(&mut buf, body) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            buf,
+        )
+            .into_response(),
+        // Strings and integers only: cannot fail; answered as `Json` would.
+        Err(_) => Json(body).into_response(),
+    }
+}
+
 fn no_store(mut res: Response) -> Response {
     let h = res.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -207,7 +226,7 @@ pub async fn token(
                 scope: &minted.scope,
                 cistern_credential_kind: minted.kind.as_str(),
             };
-            Ok(no_store(Json(body).into_response()))
+            Ok(no_store(token_json(&body)))
         }
         Err(e) => {
             log_failure(&e);

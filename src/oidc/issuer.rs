@@ -1,5 +1,6 @@
 //! The configured issuers, and the verification of one ID token.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -180,9 +181,10 @@ impl Issuers {
     /// Verifies a compact ID token; picks the issuer by exact equality of the
     /// unverified `iss` with a configured issuer URL.
     ///
-    /// Order: size → header (alg, crit, jwk/jku/x5u, typ) → `iss` peek →
-    /// issuer → key by `kid` → signature → claims (parsed once) → `iss`,
-    /// `aud`, `exp`, `nbf`, `iat`, maximum age.
+    /// Order: size → header (alg, crit, jwk/jku/x5u, typ) → `iss` (from
+    /// the claims, parsed once, or peeked when they do not parse) → issuer →
+    /// key by `kid` → signature → claims → `iss`, `aud`, `exp`, `nbf`,
+    /// `iat`, maximum age.
     pub async fn verify(&self, token: &str) -> Result<VerifiedIdToken, VerifyError> {
         if token.len() > self.max_token_bytes {
             return Err(VerifyError::TooLarge);
@@ -191,8 +193,17 @@ impl Issuers {
         let header_bytes = jws::decode_header(&compact)?;
         let header = Header::parse(&header_bytes)?;
         let payload = jws::decode(compact.payload_b64, "payload")?;
+        // One parse: the typed claims, read before the signature is checked
+        // but trusted only after. Their `iss` picks the issuer. A payload
+        // that does not parse as claims takes the old path (peek at `iss`,
+        // check the signature, then refuse the claims), so errors come in
+        // the same order as ever: a forged token is a bad signature first.
+        let parsed: Result<GitLabClaims, _> = serde_json::from_slice(&payload);
         let issuer = {
-            let iss = jws::peek_iss(&payload)?;
+            let iss = match &parsed {
+                Ok(claims) => Cow::Borrowed(&*claims.iss),
+                Err(_) => jws::peek_iss(&payload)?,
+            };
             self.issuers
                 .iter()
                 .find(|i| *i.issuer == *iss)
@@ -209,8 +220,7 @@ impl Issuers {
         key.verify_sig(compact.signing_input.as_bytes(), signature.as_bytes())
             .map_err(|_| VerifyError::BadSignature)?;
         drop(set);
-        let claims: GitLabClaims = serde_json::from_slice(&payload)
-            .map_err(|e| VerifyError::InvalidClaims(e.to_string()))?;
+        let claims = parsed.map_err(|e| VerifyError::InvalidClaims(e.to_string()))?;
         issuer.check(&claims, self.clock.now_secs())?;
         Ok(VerifiedIdToken {
             issuer: issuer.name.clone(),

@@ -118,6 +118,27 @@ async fn a_tampered_or_foreign_signature_is_refused() {
         issuers.verify(&foreign).await.unwrap_err(),
         VerifyError::BadSignature
     );
+
+    // Claims that do not parse (an id of the wrong type) under someone
+    // else's signature: the signature is refused first, as for claims that
+    // do parse; the claims are judged only under a good one.
+    let mistyped = tok(&s.base, |_, c| {
+        c.insert("project_id".into(), json!(43));
+    });
+    let forged = format!(
+        "{}.{}.{}",
+        t.split('.').next().unwrap(),
+        mistyped.split('.').nth(1).unwrap(),
+        t.split('.').nth(2).unwrap()
+    );
+    assert_eq!(
+        issuers.verify(&forged).await.unwrap_err(),
+        VerifyError::BadSignature
+    );
+    assert!(matches!(
+        issuers.verify(&mistyped).await.unwrap_err(),
+        VerifyError::InvalidClaims(_)
+    ));
 }
 
 #[tokio::test]
