@@ -82,6 +82,12 @@ async fn the_first_token_fetches_keys_when_start_up_could_not() {
     assert_eq!(s.hits(), (1, 1, 0));
 }
 
+/// `signed`'s header and signature around `other`'s payload.
+fn splice(signed: &str, other: &str) -> String {
+    let part = |t: &str, n: usize| t.split('.').nth(n).unwrap().to_owned();
+    format!("{}.{}.{}", part(signed, 0), part(other, 1), part(signed, 2))
+}
+
 #[tokio::test]
 async fn a_tampered_or_foreign_signature_is_refused() {
     let (s, issuers, _clock, _) = setup("").await;
@@ -99,12 +105,7 @@ async fn a_tampered_or_foreign_signature_is_refused() {
     let other = tok(&s.base, |_, c| {
         c.insert("project_id".into(), json!("43"));
     });
-    let spliced = format!(
-        "{}.{}.{}",
-        t.split('.').next().unwrap(),
-        other.split('.').nth(1).unwrap(),
-        t.split('.').nth(2).unwrap()
-    );
+    let spliced = splice(&t, &other);
     assert_eq!(
         issuers.verify(&spliced).await.unwrap_err(),
         VerifyError::BadSignature
@@ -125,12 +126,7 @@ async fn a_tampered_or_foreign_signature_is_refused() {
     let mistyped = tok(&s.base, |_, c| {
         c.insert("project_id".into(), json!(43));
     });
-    let forged = format!(
-        "{}.{}.{}",
-        t.split('.').next().unwrap(),
-        mistyped.split('.').nth(1).unwrap(),
-        t.split('.').nth(2).unwrap()
-    );
+    let forged = splice(&t, &mistyped);
     assert_eq!(
         issuers.verify(&forged).await.unwrap_err(),
         VerifyError::BadSignature

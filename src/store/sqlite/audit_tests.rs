@@ -103,6 +103,13 @@ async fn filled(w: &World, n: usize) {
     store.close().await;
 }
 
+/// A copy of the database with `sql` run on it.
+fn tampered(w: &World, name: &str, sql: &str) -> PathBuf {
+    let (p, c) = copy(w, name);
+    c.execute_batch(sql).unwrap();
+    p
+}
+
 /// A copy of the database to tamper with.
 fn copy(w: &World, name: &str) -> (PathBuf, Connection) {
     let path = w.db.with_file_name(name);
@@ -216,58 +223,51 @@ async fn tampering_is_caught_and_the_first_bad_record_named() {
     ok(&verify(&w, &w.db));
 
     // Modified: a field changed in place.
-    let (p, c) = copy(&w, "modified.db");
-    c.execute("UPDATE audit SET project_id = '43' WHERE seq = 12", [])
-        .unwrap();
-    drop(c);
+    let p = tampered(
+        &w,
+        "modified.db",
+        "UPDATE audit SET project_id = '43' WHERE seq = 12",
+    );
     assert_eq!(verify(&w, &p).problem, Some(Problem::Modified { seq: 12 }));
 
     // Modified detail text (a claim changed inside the JSON).
-    let (p, c) = copy(&w, "detail.db");
-    c.execute(
+    let p = tampered(
+        &w,
+        "detail.db",
         "UPDATE audit SET detail = replace(detail, '\"n\":5', '\"n\":6') WHERE seq = 6",
-        [],
-    )
-    .unwrap();
-    drop(c);
+    );
     assert_eq!(verify(&w, &p).problem, Some(Problem::Modified { seq: 6 }));
 
     // Deleted: one record removed.
-    let (p, c) = copy(&w, "deleted.db");
-    c.execute("DELETE FROM audit WHERE seq = 17", []).unwrap();
-    drop(c);
+    let p = tampered(&w, "deleted.db", "DELETE FROM audit WHERE seq = 17");
     assert_eq!(
         verify(&w, &p).problem,
         Some(Problem::Deleted { seq: 17, found: 18 })
     );
 
     // Reordered: two records swap places (sequence numbers swapped).
-    let (p, c) = copy(&w, "reordered.db");
-    c.execute_batch(
+    let p = tampered(
+        &w,
+        "reordered.db",
         "UPDATE audit SET seq = -1 WHERE seq = 21;
          UPDATE audit SET seq = 21 WHERE seq = 22;
          UPDATE audit SET seq = 22 WHERE seq = -1;",
-    )
-    .unwrap();
-    drop(c);
+    );
     assert_eq!(
         verify(&w, &p).problem,
         Some(Problem::BrokenLink { seq: 21 })
     );
 
     // Deleted and renumbered to hide the gap.
-    let (p, c) = copy(&w, "renumbered.db");
-    c.execute_batch(
+    let p = tampered(
+        &w,
+        "renumbered.db",
         "DELETE FROM audit WHERE seq = 9; UPDATE audit SET seq = seq - 1 WHERE seq > 9;",
-    )
-    .unwrap();
-    drop(c);
+    );
     assert_eq!(verify(&w, &p).problem, Some(Problem::BrokenLink { seq: 9 }));
 
     // Truncated: the tail cut off below the newest checkpoint (seq 30).
-    let (p, c) = copy(&w, "truncated.db");
-    c.execute("DELETE FROM audit WHERE seq > 25", []).unwrap();
-    drop(c);
+    let p = tampered(&w, "truncated.db", "DELETE FROM audit WHERE seq > 25");
     assert_eq!(
         verify(&w, &p).problem,
         Some(Problem::Truncated {
@@ -277,9 +277,7 @@ async fn tampering_is_caught_and_the_first_bad_record_named() {
     );
 
     // The first record deleted.
-    let (p, c) = copy(&w, "head.db");
-    c.execute("DELETE FROM audit WHERE seq = 1", []).unwrap();
-    drop(c);
+    let p = tampered(&w, "head.db", "DELETE FROM audit WHERE seq = 1");
     assert_eq!(
         verify(&w, &p).problem,
         Some(Problem::PrefixDeleted { first: 2 })
@@ -709,9 +707,7 @@ mod prune {
         let w = world();
         filled(&w, 45).await;
         // No prune at all: the head deleted.
-        let (p, c) = copy(&w, "no-prune.db");
-        c.execute("DELETE FROM audit WHERE seq <= 10", []).unwrap();
-        drop(c);
+        let p = tampered(&w, "no-prune.db", "DELETE FROM audit WHERE seq <= 10");
         assert_eq!(
             verify(&w, &p).problem,
             Some(Problem::PrefixDeleted { first: 11 })
@@ -728,22 +724,17 @@ mod prune {
         assert_eq!(out.detail.through_seq, 40);
         ok(&verify(&w, &w.db));
         // One record more than the prune covered.
-        let (p, c) = copy(&w, "past-the-cut.db");
-        c.execute("DELETE FROM audit WHERE seq = 41", []).unwrap();
-        drop(c);
+        let p = tampered(&w, "past-the-cut.db", "DELETE FROM audit WHERE seq = 41");
         assert_eq!(
             verify(&w, &p).problem,
             Some(Problem::PrefixDeleted { first: 42 })
         );
         // An audit_pruned record edited to cover more breaks the chain.
-        let (p, c) = copy(&w, "edited.db");
-        c.execute(
-            "UPDATE audit SET detail = replace(detail, '\"through_seq\":40', '\"through_seq\":41') WHERE kind = 'audit_pruned'",
-            [],
-        )
-        .unwrap();
-        c.execute("DELETE FROM audit WHERE seq = 41", []).unwrap();
-        drop(c);
+        let p = tampered(
+            &w,
+            "edited.db",
+            "UPDATE audit SET detail = replace(detail, '\"through_seq\":40', '\"through_seq\":41') WHERE kind = 'audit_pruned'; DELETE FROM audit WHERE seq = 41",
+        );
         assert!(verify(&w, &p).problem.is_some());
     }
 
@@ -774,11 +765,11 @@ mod prune {
         let store = SqliteStore::open(&w.db, Synchronous::Normal).unwrap();
         store.append_audit(pruned_event(&forged)).await.unwrap();
         store.close().await;
-        let (p, c) = copy(&w, "forged-prune.db");
-        c.execute("DELETE FROM audit WHERE seq <= 20", []).unwrap();
-        c.execute("DELETE FROM audit_checkpoints WHERE seq <= 20", [])
-            .unwrap();
-        drop(c);
+        let p = tampered(
+            &w,
+            "forged-prune.db",
+            "DELETE FROM audit WHERE seq <= 20; DELETE FROM audit_checkpoints WHERE seq <= 20",
+        );
         assert_eq!(
             verify(&w, &p).problem,
             Some(Problem::PrefixDeleted { first: 21 })
@@ -790,9 +781,7 @@ mod prune {
             .await
             .unwrap();
         store.close().await;
-        let (p, c) = copy(&w, "covered-prune.db");
-        c.execute("DELETE FROM audit WHERE seq <= 20", []).unwrap();
-        drop(c);
+        let p = tampered(&w, "covered-prune.db", "DELETE FROM audit WHERE seq <= 20");
         let v = verify(&w, &p);
         ok(&v);
         assert_eq!(v.report.pruned_through, Some(20));
