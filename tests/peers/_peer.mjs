@@ -1,3 +1,4 @@
+import crypto from 'node:crypto';
 import { createRequire } from 'node:module';
 // Small helpers shared by the peer servers: port parsing, lifetime bounds,
 // JSON responses and bounded body reading. Everything listens on 127.0.0.1.
@@ -64,4 +65,28 @@ export function readBody(req, limit = 1024 * 1024) {
 export async function readJson(req) {
   const text = await readBody(req);
   return text.trim() === '' ? {} : JSON.parse(text);
+}
+
+/**
+ * A fresh 2048-bit RSA key pair, as KeyObjects.
+ *
+ * Node 20's key generation can deadlock for good when a generated key is
+ * exported while the job that made it is being garbage-collected: the
+ * export holds the key's lock while it allocates, the allocation runs the
+ * collector, and the job's destructor waits on that same lock (seen here:
+ * `generateKeyPairSync` then `publicKey.export({ format: 'jwk' })`, main
+ * thread stuck in `~KeyGenJob`, about one run in 80 on a loaded machine;
+ * twice it hung a CI run). So the pair is generated straight to DER, inside
+ * the job, and re-imported: no key the job holds is ever exported.
+ */
+export function newRsaKeyPair() {
+  const der = crypto.generateKeyPairSync('rsa', {
+    modulusLength: 2048,
+    publicKeyEncoding: { type: 'spki', format: 'der' },
+    privateKeyEncoding: { type: 'pkcs8', format: 'der' },
+  });
+  return {
+    privateKey: crypto.createPrivateKey({ key: der.privateKey, format: 'der', type: 'pkcs8' }),
+    publicKey: crypto.createPublicKey({ key: der.publicKey, format: 'der', type: 'spki' }),
+  };
 }

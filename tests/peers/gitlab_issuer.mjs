@@ -26,7 +26,7 @@ import http from 'node:http';
 import { randomUUID } from 'node:crypto';
 import Provider from 'oidc-provider';
 import * as jose from 'jose';
-import { HOST, boundLifetime, listenPort, sendJson } from './_peer.mjs';
+import { HOST, boundLifetime, listenPort, newRsaKeyPair, sendJson } from './_peer.mjs';
 import { PROFILES, applyOverrides, gitlabTypeProblems, newJti, profileClaims } from './gitlab_profiles.mjs';
 
 const SELF_TEST = process.argv.includes('--self-test');
@@ -40,7 +40,7 @@ const INTERNAL = randomUUID();
 
 boundLifetime();
 
-const { privateKey } = await jose.generateKeyPair('RS256', { modulusLength: 2048, extractable: true });
+const { privateKey } = newRsaKeyPair();
 const privateJwk = await jose.exportJWK(privateKey);
 const kid = await jose.calculateJwkThumbprint(privateJwk, 'sha256');
 const signingJwk = { ...privateJwk, kid, alg: 'RS256', use: 'sig' };

@@ -32,7 +32,7 @@
 import http from 'node:http';
 import crypto from 'node:crypto';
 import * as jose from 'jose';
-import { HOST, boundLifetime, listenPort, readJson, sendJson } from './_peer.mjs';
+import { HOST, boundLifetime, listenPort, newRsaKeyPair, readJson, sendJson } from './_peer.mjs';
 import { applyOverrides, newJti, profileClaims } from './gitlab_profiles.mjs';
 
 const SELF_TEST = process.argv.includes('--self-test');
@@ -82,7 +82,7 @@ const b64u = (buf) => Buffer.from(buf).toString('base64url');
 
 /** An RS256 signing key with its public JWK (GitLab's JWKS key shape). */
 async function newKey() {
-  const { privateKey, publicKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  const { privateKey, publicKey } = newRsaKeyPair();
   const { kty, n, e } = publicKey.export({ format: 'jwk' });
   const kid = await jose.calculateJwkThumbprint({ kty, n, e }, 'sha256');
   return { privateKey, publicKey, kid, jwk: { kty, kid, e, n, use: 'sig', alg: 'RS256' } };

@@ -33,7 +33,7 @@ import http from 'node:http';
 import { randomUUID } from 'node:crypto';
 import Provider from 'oidc-provider';
 import * as jose from 'jose';
-import { HOST, boundLifetime, listenPort } from './_peer.mjs';
+import { HOST, boundLifetime, listenPort, newRsaKeyPair } from './_peer.mjs';
 
 boundLifetime();
 
@@ -115,7 +115,7 @@ await new Promise((resolve, reject) => {
 });
 const ISSUER = `http://${HOST}:${server.address().port}`;
 
-const { privateKey } = await jose.generateKeyPair('RS256', { modulusLength: 2048, extractable: true });
+const { privateKey } = newRsaKeyPair();
 const signingJwk = { ...(await jose.exportJWK(privateKey)), alg: 'RS256', use: 'sig' };
 
 const provider = new Provider(ISSUER, {
