@@ -37,10 +37,11 @@ fn the_jose_issuer_self_test_passes() {
         return;
     }
     // This checks the test peer, not cistern. Three times in about twenty
-    // full CI runs the peer hung (never reproduced alone or under load,
-    // ~2 s normally): once it reported where, twice it had to be killed.
-    // It now narrates its steps on stderr, and a hang of either kind is
-    // reported and retried once.
+    // full CI runs the peer hung. Reproduced under load (session 9): Node
+    // 20 deadlocked exporting a freshly generated RSA key while its keygen
+    // job was being collected (`_peer.mjs::newRsaKeyPair` has the story and
+    // the fix). The peer still narrates its steps on stderr, and a hang of
+    // either kind is still reported and retried once.
     let run = || try_run_node("jose_issuer.mjs", &["0", "--self-test"]);
     let hung = |run: &Result<(i32, Value), String>| match run {
         Err(_) => true,
