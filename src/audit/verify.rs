@@ -76,8 +76,9 @@ pub enum Problem {
         /// The highest signed checkpoint.
         checkpoint: i64,
     },
-    /// The log starts after seq 1 and no `audit_pruned` record in it
-    /// vouches for the records before: they were deleted, not pruned.
+    /// The log starts after seq 1 and no `audit_pruned` record in it,
+    /// covered by a checkpoint, vouches for the records before: they were
+    /// deleted, not pruned.
     PrefixDeleted {
         /// The first record present.
         first: i64,
@@ -140,7 +141,7 @@ impl fmt::Display for Problem {
             },
             Problem::PrefixDeleted { first } => write!(
                 f,
-                "first bad record: seq 1: deleted (the log starts at seq {first} and no audit_pruned record in it covers the records before)"
+                "first bad record: seq 1: deleted (the log starts at seq {first} and no audit_pruned record in it, under a signed checkpoint, covers the records before)"
             ),
             Problem::Malformed { at, why } => write!(f, "{at}: unreadable record: {why}"),
         }
