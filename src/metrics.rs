@@ -86,26 +86,34 @@ impl Collector for StoreCollector {
             return Ok(());
         };
         let s = store.stats();
-        let counters: [(&str, &str, u64); 4] = [
+        // Counts as f64: exact far beyond any count a store reaches, and
+        // the batch time is seconds.
+        #[allow(clippy::cast_precision_loss)]
+        let counters: [(&str, &str, f64); 5] = [
             (
                 "store_write_requests",
                 "Write requests the store's writer answered (exchanges, audit records, revocations, …)",
-                s.requests,
+                s.requests as f64,
             ),
             (
                 "store_commits",
                 "Transactions the store's writer committed (write requests / commits = the mean group-commit batch)",
-                s.commits,
+                s.commits as f64,
             ),
             (
                 "store_failed_batches",
                 "Batches whose transaction failed as a whole: every request in them was refused (alert on any)",
-                s.failed_batches,
+                s.failed_batches as f64,
             ),
             (
                 "audit_sink_failures",
                 "Batches an audit sink ([[audit.sinks]]) failed to write: the sink misses them (alert on any)",
-                s.sink_failures,
+                s.sink_failures as f64,
+            ),
+            (
+                "store_batch_seconds",
+                "Time the store's writer spent writing and committing batches (with cistern_store_commits_total: the mean time a batch holds its requests)",
+                s.batch_nanos as f64 / 1e9,
             ),
         ];
         for (name, help, value) in counters {
@@ -117,16 +125,6 @@ impl Collector for StoreCollector {
                 counter.metric_type(),
             )?)?;
         }
-        // Nanoseconds as seconds: f64 holds any realistic total exactly enough.
-        #[allow(clippy::cast_precision_loss)]
-        let secs = s.batch_nanos as f64 / 1e9;
-        let counter = ConstCounter::new(secs);
-        counter.encode(encoder.encode_descriptor(
-            "store_batch_seconds",
-            "Time the store's writer spent writing and committing batches (with cistern_store_commits_total: the mean time a batch holds its requests)",
-            None,
-            counter.metric_type(),
-        )?)?;
         Ok(())
     }
 }

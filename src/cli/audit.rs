@@ -1,7 +1,7 @@
 //! `cistern audit verify`, `cistern audit export` and `cistern audit prune`.
 
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
 
@@ -9,6 +9,7 @@ use super::inventory::load_config;
 use super::{CliError, exit};
 use crate::audit::export::{self, Filter};
 use crate::audit::verify::{self, Verdict};
+use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, StoreConfig};
 use crate::mint::PublishedKeys;
 
@@ -206,15 +207,12 @@ fn first_bad_seq(p: &verify::Problem) -> Option<i64> {
 /// Runs `cistern audit prune`.
 pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
     use crate::audit::prune::{self, PruneError, PruneRequest, Signing};
-    use crate::clock::{Clock, SystemClock};
     use crate::mint::KeyRing;
     use crate::store::sqlite::SqliteStore;
 
     let config = load_config(&args.config)?;
     let path = store_path(None, Some(&config))?;
     let StoreConfig::Sqlite { synchronous, .. } = &config.store;
-    let keys = PublishedKeys::load(&config.signing.key_dir)
-        .map_err(|e| CliError::new(exit::USAGE, e.to_string()))?;
     let issuer = config
         .server
         .issuer
@@ -225,6 +223,7 @@ pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
     // Only checkpoints are signed here; keys are never generated or rotated.
     let signer = KeyRing::open_existing(&config.signing, clock.clone(), config.ceiling.max_ttl)
         .map_err(|e| CliError::new(exit::USAGE, format!("signing keys: {e}")))?;
+    let keys = signer.published_keys();
     let now_ms = clock.now_millis();
     let before_ms = instant_ms(&args.before, now_ms, "--before")?;
     let store = SqliteStore::open(&path, *synchronous).map_err(|e| {
@@ -301,12 +300,6 @@ pub async fn prune(args: &PruneArgs) -> Result<(), CliError> {
     Ok(())
 }
 
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 /// Runs `cistern audit export`.
 pub fn export(args: &ExportArgs) -> Result<(), CliError> {
     let config = args.config.as_deref().map(load_config).transpose()?;
@@ -319,7 +312,7 @@ pub fn export(args: &ExportArgs) -> Result<(), CliError> {
             ));
         }
     }
-    let now_ms = now_millis();
+    let now_ms = SystemClock.now_millis();
     let filter = Filter {
         since_ms: args
             .since
